@@ -1,0 +1,42 @@
+"""twilight: a compiler and autotuner for sparse-attention decode pipelines.
+
+    import twilight as tw
+    pipe = tw.builtins.quest_twilight(budget=1024, p=0.9)
+    out, kept = tw.reference(pipe).run(q, cache, return_kept=True)
+"""
+
+from __future__ import annotations
+
+from .compiler.ir import PipelineIR, Shape
+from .compiler.verify import verify
+from .frontend import builtins
+from .frontend.dsl import (
+    Pipeline,
+    attention,
+    exact_keys,
+    fraction,
+    nothing,
+    page_summary,
+    quantized_keys,
+    score,
+    sink,
+    threshold,
+    tokens,
+    top_k,
+    top_p,
+    window,
+)
+from .frontend.errors import InputError, NonFiniteInputError, PipelineError, TwilightError
+from .frontend.ops import abs, absmax, dot, exp, max, maximum, mean, min, minimum, sum
+from .runtime.paged_cache import PagedKVCache
+from .runtime.reference import reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InputError", "NonFiniteInputError", "PagedKVCache", "Pipeline", "PipelineError",
+    "PipelineIR", "Shape", "TwilightError", "abs", "absmax", "attention", "builtins", "dot",
+    "exact_keys", "exp", "fraction", "max", "maximum", "mean", "min", "minimum", "nothing", "page_summary",
+    "quantized_keys", "reference", "score", "sink", "sum", "threshold", "tokens", "top_k", "top_p",
+    "verify", "window",
+]
