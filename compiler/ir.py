@@ -1,0 +1,258 @@
+"""twilight's one IR: frozen dataclasses, content-hashed, free of Python callables.
+
+The frontend (``twilight.frontend``) turns a user's pipeline into these objects; everything
+downstream (the reference executor, code generators, cache keys, tuning logs) is a pure function
+of them. ``key()`` is a sha256 of the canonical JSON of an object's content; the source location
+each node remembers for error messages (``loc``) is not content and is left out of the key.
+
+Score expressions are trees of ``Expr`` nodes. Their value kinds:
+
+* ``q`` — the query of one head, a vector over head_dim;
+* ``k`` — one key (per-token scores), a vector over head_dim;
+* ``page_k`` — the keys of one page (summaries only), a matrix tokens × head_dim;
+* ``summary`` (attr ``field``) — one field of a page summary, a vector;
+* ``const`` (attr ``value``) — a scalar.
+
+Ops: ``neg abs exp`` (elementwise), ``add sub mul div maximum minimum`` (elementwise, scalars
+broadcast), ``take`` (attr ``channels``: a tuple of channel ids, or one tuple per KV head),
+``reduce_sum reduce_max reduce_min reduce_mean`` (attr ``axis``: ``"channel"`` for head_dim,
+``"token"`` for a page's tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..frontend.errors import SourceLoc
+
+IR_VERSION = 1
+
+LEAF_OPS = ("q", "k", "page_k", "summary", "const")
+UNARY_OPS = ("neg", "abs", "exp")
+BINARY_OPS = ("add", "sub", "mul", "div", "maximum", "minimum")
+REDUCE_OPS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_mean")
+ALL_OPS = LEAF_OPS + UNARY_OPS + BINARY_OPS + REDUCE_OPS + ("take",)
+
+GROUP_MODES = ("none", "union", "mean", "max", "kv")
+"""How the query heads of one GQA group share a decision:
+``none`` each query head decides alone; ``union`` each decides, the group keeps the union;
+``mean``/``max`` per-head scores (or estimated weights) are merged, one decision per KV head;
+``kv`` one score (or estimate) per KV head from the group's mean query."""
+
+_LOC = dict(default=None, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Expr:
+    op: str
+    inputs: tuple[Expr, ...] = ()
+    attrs: tuple[tuple[str, Any], ...] = ()
+    loc: SourceLoc | None = field(**_LOC)
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return dict(self.attrs).get(name, default)
+
+    def walk(self):
+        """Every node of the tree, children before parents."""
+        for x in self.inputs:
+            yield from x.walk()
+        yield self
+
+    def key(self) -> str:
+        return content_key(self)
+
+
+@dataclass(frozen=True)
+class SummaryField:
+    name: str
+    expr: Expr
+    loc: SourceLoc | None = field(**_LOC)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the paged cache keeps per page and KV head: named reductions of the page's keys."""
+
+    name: str
+    fields: tuple[SummaryField, ...]
+    loc: SourceLoc | None = field(**_LOC)
+
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A score per page (over a summary) or per token (over the key)."""
+
+    name: str
+    per: str  # "page" | "token"
+    expr: Expr
+    summary: Summary | None = None
+    loc: SourceLoc | None = field(**_LOC)
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # "tokens" | "fraction"
+    value: float
+    loc: SourceLoc | None = field(**_LOC)
+
+    def tokens(self, context: int) -> int:
+        """The budget in tokens for a context of ``context`` tokens."""
+        if self.kind == "tokens":
+            return int(self.value)
+        return max(1, -(-int(round(self.value * context * 1e6)) // 1_000_000))
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """How a pruner estimates attention weights: exact keys or quantized keys.
+
+    ``granularity``: ``token`` — per-token asymmetric min-max over head_dim (Twilight's);
+    ``page`` — per channel within a page and KV head (robust to outlier channels).
+    """
+
+    kind: str  # "exact" | "quantized"
+    bits: int = 16
+    granularity: str = "token"
+    loc: SourceLoc | None = field(**_LOC)
+
+    @property
+    def name(self) -> str:
+        return "exact" if self.kind == "exact" else f"int{self.bits}_{self.granularity}"
+
+
+@dataclass(frozen=True)
+class Select:
+    """The base selector: a score and a budget rule (top-k or threshold), or ``none`` — no
+    candidates beyond the keep rules (StreamingLLM)."""
+
+    score: Score | None
+    rule: str  # "top_k" | "threshold" | "none"
+    budget: Budget | None = None
+    threshold: float | None = None
+    group: str = "max"
+    loc: SourceLoc | None = field(**_LOC)
+
+
+@dataclass(frozen=True)
+class Prune:
+    """A pruner over estimated attention weights of the candidates."""
+
+    rule: str  # "top_p" | "top_k" | "threshold"
+    estimator: Estimator
+    p: float | None = None
+    budget: Budget | None = None
+    threshold: float | None = None
+    group: str = "union"
+    loc: SourceLoc | None = field(**_LOC)
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Tokens always attended: the first ``sink`` and the last ``window`` of the context."""
+
+    sink: int = 0
+    window: int = 0
+    loc: SourceLoc | None = field(**_LOC)
+
+    def __or__(self, other: Keep) -> Keep:
+        """``tw.sink(4) | tw.window(64)``: keep both."""
+        return Keep(max(self.sink, other.sink), max(self.window, other.window), self.loc)
+
+
+@dataclass(frozen=True)
+class Attend:
+    scale: float | None = None  # None: 1/sqrt(head_dim)
+    softcap: float | None = None  # logits ← softcap·tanh(logits/softcap)
+    loc: SourceLoc | None = field(**_LOC)
+
+
+@dataclass(frozen=True)
+class PipelineIR:
+    name: str
+    page_size: int
+    select: Select | None
+    prune: tuple[Prune, ...]
+    keep: Keep
+    attend: Attend
+    loc: SourceLoc | None = field(**_LOC)
+
+    def key(self) -> str:
+        return content_key(self)
+
+    def summaries(self) -> tuple[Summary, ...]:
+        """The page summaries the cache must keep for this pipeline."""
+        s = self.select
+        return (s.score.summary,) if s and s.score and s.score.summary else ()
+
+    def estimators(self) -> tuple[Estimator, ...]:
+        """The distinct key estimators the pruners read (exact ones included)."""
+        seen: dict[Estimator, None] = {}
+        for p in self.prune:
+            seen.setdefault(p.estimator)
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The problem a kernel is built for (the reference needs none; code generators do)."""
+
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    page_size: int = 16
+    dtype: str = "float16"
+
+    @property
+    def group_size(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical form, key, and a JSON round trip (tuning logs and cache entries store IR as JSON).
+
+_CLASSES = {c.__name__: c for c in (Expr, SummaryField, Summary, Score, Budget, Estimator,
+                                    Select, Prune, Keep, Attend, PipelineIR, Shape)}
+
+
+def to_data(obj: Any) -> Any:
+    """Plain JSON-able data for an IR object; ``loc`` fields are dropped."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {"__ir__": type(obj).__name__}
+        for f in dataclasses.fields(obj):
+            if f.name != "loc":
+                out[f.name] = to_data(getattr(obj, f.name))
+        return out
+    if isinstance(obj, tuple | list):
+        return [to_data(x) for x in obj]
+    if isinstance(obj, float) and obj == int(obj) and abs(obj) < 2**53:
+        return {"__float__": repr(obj)}  # keep 1.0 distinct from 1 in the key
+    return obj
+
+
+def from_data(data: Any) -> Any:
+    """Inverse of ``to_data``."""
+    if isinstance(data, dict) and "__float__" in data:
+        return float(data["__float__"])
+    if isinstance(data, dict):
+        cls = _CLASSES[data["__ir__"]]
+        return cls(**{k: from_data(v) for k, v in data.items() if k != "__ir__"})
+    if isinstance(data, list):
+        return tuple(from_data(x) for x in data)
+    return data
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps({"ir_version": IR_VERSION, "ir": to_data(obj)}, sort_keys=True,
+                      separators=(",", ":"), allow_nan=False)
+
+
+def content_key(obj: Any) -> str:
+    """sha256 of the canonical JSON: stable across processes and machines."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
