@@ -1,0 +1,140 @@
+"""The built-in selectors and pipelines, written in the DSL itself.
+
+Selectors: ``quest`` (page min/max bound), ``double_sparsity`` (channel subsets, calibrated
+offline), ``oracle`` (exact q·k), streaming (sink + window) and dense. Pipelines are factories
+with the published defaults; ``PIPELINES`` maps the names the CLI accepts to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import ops as tw
+from .dsl import (
+    Pipeline,
+    ScoreDef,
+    nothing,
+    page_summary,
+    quantized_keys,
+    score,
+    sink,
+    tokens,
+    top_k,
+    top_p,
+    window,
+)
+
+
+@page_summary
+def minmax(k):
+    """Quest's page summary: per-channel min and max of the page's keys."""
+    return dict(kmin=tw.min(k, axis=0), kmax=tw.max(k, axis=0))
+
+
+@score(per="page", summary=minmax)
+def quest(q, page):
+    """Quest's page score: Σ_i max(q_i·M_i, q_i·m_i), an upper bound of q·k over the page."""
+    return tw.sum(tw.maximum(q * page.kmin, q * page.kmax))
+
+
+@score(per="token")
+def oracle(q, k):
+    """Exact q·k: the quality ceiling of any top-k selector."""
+    return tw.dot(q, k)
+
+
+def double_sparsity_score(channels) -> ScoreDef:
+    """Double Sparsity's token score over calibrated channels: a list shared by all KV heads or
+    a table with one list per KV head (see ``calibrate_channels``)."""
+    @score(per="token", name="double_sparsity")
+    def double_sparsity(q, k):
+        return tw.dot(q[channels], k[channels])
+    return double_sparsity
+
+
+def calibrate_channels(q: torch.Tensor, k: torch.Tensor, r: int = 16,
+                       mode: str = "qk") -> tuple[tuple[int, ...], ...]:
+    """Rank channels per KV head on sample queries ``q [N, Hq, D]`` and keys ``k [Hkv, T, D]``
+    and return the top ``r`` of each head, ascending (Double Sparsity's offline calibration).
+
+    ``mode``: ``"qk"`` ranks by mean |q_c·k_c| over all (query, key) pairs of the head's group,
+    which factorizes as mean|q_c| · mean|k_c|; ``"q"`` by mean |q_c|; ``"k"`` by mean |k_c|."""
+    hq, hkv, d = q.shape[1], k.shape[0], k.shape[-1]
+    if hq % hkv or q.shape[-1] != d or not 0 < r <= d:
+        raise ValueError(f"calibrate_channels: q {tuple(q.shape)}, k {tuple(k.shape)}, r={r}: "
+                         "expected q [N, Hq, D], k [Hkv, T, D], Hq a multiple of Hkv, 0 < r ≤ D")
+    qa = q.float().abs().mean(0).view(hkv, hq // hkv, d).mean(1)  # [Hkv, D]
+    ka = k.float().abs().mean(1)  # [Hkv, D]
+    weight = {"qk": qa * ka, "q": qa, "k": ka}[mode]
+    top = weight.topk(r, dim=-1).indices.sort(dim=-1).values
+    return tuple(tuple(int(c) for c in row) for row in top.tolist())
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """A pipeline that needs calibration data first: ``make(q, k) -> Pipeline`` with sample
+    queries ``[N, Hq, D]`` and keys ``[Hkv, T, D]`` of the layer it will serve."""
+
+    name: str
+    make: Callable[[torch.Tensor, torch.Tensor], Pipeline]
+
+
+# ---- pipelines ---------------------------------------------------------------------------------
+def dense() -> Pipeline:
+    """Every token: the baseline every other pipeline is measured against."""
+    return Pipeline(name="dense")
+
+
+def quest_top_k(budget: int = 1024, page_size: int = 16, sink_tokens: int = 0,
+                window_tokens: int = 0) -> Pipeline:
+    """Quest: the top ceil(budget/page_size) pages by the min/max bound."""
+    return Pipeline(select=top_k(quest, tokens(budget)), page_size=page_size,
+                    keep=sink(sink_tokens) | window(window_tokens), name="quest_top_k")
+
+
+def quest_twilight(budget: int = 8192, p: float = 0.9, bits: int = 4,
+                   granularity: str = "token", page_size: int = 16) -> Pipeline:
+    """Quest with a conservative budget, then Twilight's top-p over low-bit key estimates."""
+    return Pipeline(select=top_k(quest, tokens(budget)),
+                    prune=top_p(p, estimate=quantized_keys(bits, granularity)),
+                    page_size=page_size, name="quest_twilight")
+
+
+def oracle_top_k(budget: int = 1024) -> Pipeline:
+    """The exact top-k tokens by q·k (quality ceiling of top-k)."""
+    return Pipeline(select=top_k(oracle, tokens(budget)), name="oracle_top_k")
+
+
+def streaming(sink_tokens: int = 4, window_tokens: int = 1020) -> Pipeline:
+    """StreamingLLM: the first ``sink_tokens`` and the last ``window_tokens`` tokens."""
+    return Pipeline(select=nothing(), keep=sink(sink_tokens) | window(window_tokens),
+                    name="streaming")
+
+
+def double_sparsity(channels=None, budget: int = 1024, r: int = 16):
+    """Double Sparsity top-k; without ``channels`` it returns a ``Calibrated`` pipeline."""
+    if channels is None:
+        return Calibrated("double_sparsity", lambda q, k: double_sparsity(
+            calibrate_channels(q, k, r), budget))
+    return Pipeline(select=top_k(double_sparsity_score(channels), tokens(budget)),
+                    name="double_sparsity")
+
+
+def ds_twilight(channels=None, budget: int = 8192, p: float = 0.9, bits: int = 4, r: int = 16,
+                granularity: str = "token"):
+    """Double Sparsity with a conservative budget, then top-p over low-bit key estimates."""
+    if channels is None:
+        return Calibrated("ds_twilight", lambda q, k: ds_twilight(
+            calibrate_channels(q, k, r), budget, p, bits, r, granularity))
+    return Pipeline(select=top_k(double_sparsity_score(channels), tokens(budget)),
+                    prune=top_p(p, estimate=quantized_keys(bits, granularity)),
+                    name="ds_twilight")
+
+
+PIPELINES: dict[str, Callable] = {
+    f.__name__: f for f in (dense, quest_top_k, quest_twilight, oracle_top_k, streaming,
+                            double_sparsity, ds_twilight)
+}
