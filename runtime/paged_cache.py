@@ -1,0 +1,361 @@
+"""A paged KV cache for decode, one per layer, with the side data sparse attention reads.
+
+Beside K and V pages the cache keeps, per physical page and KV head, any number of page
+*summaries* (e.g. Quest's per-channel min and max) and any number of quantized-key formats
+(:class:`~twilight.runtime.quant.KeyCodeSpec`) for the top-p pruner's estimate. Every append
+recomputes the summaries (and the page-granularity codes) of each page it touched, over that
+page's valid tokens only, so the stored side data never depends on how a sequence was chunked.
+
+Layout (``cap`` = capacity in pages, ``ps`` = page size):
+
+* ``k_pages``, ``v_pages``: ``[cap, Hkv, ps, D]`` in the cache dtype;
+* ``page_table``: int32 ``[request_slots, max_pages]``, -1 padded; ``lengths``: int64 ``[slots]``;
+* ``summaries[name]``: ``[cap, Hkv, C]`` in the cache dtype;
+* ``key_codes[spec]``: :class:`KeyCodes`, ``packed`` uint8 ``[cap, Hkv, ps, nbytes]`` and float32
+  ``scale``/``zero`` ``[cap, Hkv, ps]`` ("token") or ``[cap, Hkv, D]`` ("page").
+
+Request ids are page-table rows; a freed id is reused by the next :meth:`PagedKVCache.add_request`.
+Keys holding NaN or inf are stored as they are; their summaries follow torch's arithmetic and
+their codes are unspecified (see :mod:`twilight.runtime.quant`).
+
+Example:
+    >>> import torch
+    >>> from twilight.runtime.quant import KeyCodeSpec
+    >>> quest = {"min": lambda k, valid: k.masked_fill(~valid[:, None, :, None], float("inf")).amin(2)}
+    >>> cache = PagedKVCache(2, 64, page_size=16, summaries=quest, key_codes=[KeyCodeSpec(4, "token")])
+    >>> a, b = cache.add_requests(2)
+    >>> cache.append(torch.randn(2, 40, 64, dtype=torch.float16), torch.randn(2, 40, 64, dtype=torch.float16), a)
+    >>> cache.append(torch.randn(2, 2, 1, 64, dtype=torch.float16), torch.randn(2, 2, 1, 64, dtype=torch.float16), [a, b])
+    >>> K, V, valid = cache.gather()
+    >>> K.shape, valid.sum(1).tolist()
+    (torch.Size([2, 2, 41, 64]), [41, 1])
+    >>> pages, page_valid = cache.gather_pages()
+    >>> cache.summaries["min"][pages.clamp(min=0)].shape  # [B, NP, Hkv, C]
+    torch.Size([2, 3, 2, 64])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..frontend.errors import InputError
+from .quant import KeyCodeSpec, packed_bytes, quantize_page, quantize_token
+
+__all__ = ["KeyCodes", "PagedKVCache", "SummaryFn"]
+
+SummaryFn = Callable[[Tensor, Tensor], Tensor]
+"""``(keys float32 [P, Hkv, ps, D], valid bool [P, ps]) -> [P, Hkv, C]``."""
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class KeyCodes:
+    """Quantized keys of one :class:`KeyCodeSpec`, indexed by physical page first."""
+
+    packed: Tensor
+    scale: Tensor
+    zero: Tensor
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.packed, self.scale, self.zero
+
+
+def _grow(t: Tensor, rows: int, fill: float | int = 0) -> Tensor:
+    """``t`` with its first dim extended to ``rows``, new rows set to ``fill``."""
+    extra = t.new_full((rows - t.shape[0], *t.shape[1:]), fill)
+    return torch.cat([t, extra])
+
+
+class PagedKVCache:
+    """Paged K/V storage of one layer, with page summaries and quantized keys kept beside it.
+
+    See the module docstring for the layout and an example.
+    """
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        page_size: int = 16,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str = "cpu",
+        summaries: Mapping[str, SummaryFn] | None = None,
+        key_codes: Sequence[KeyCodeSpec] = (),
+        initial_pages: int = 64,
+    ) -> None:
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two (1, 2, 4, ...), got {page_size}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
+        if num_kv_heads < 1 or head_dim < 1 or initial_pages < 1:
+            raise ValueError(
+                "num_kv_heads, head_dim and initial_pages must be positive, got "
+                f"{num_kv_heads}, {head_dim}, {initial_pages}"
+            )
+        self.num_kv_heads, self.head_dim, self.page_size = num_kv_heads, head_dim, page_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.summary_fns: dict[str, SummaryFn] = dict(summaries or {})
+        self.key_code_specs: tuple[KeyCodeSpec, ...] = tuple(dict.fromkeys(key_codes))
+        shape = (initial_pages, num_kv_heads, page_size, head_dim)
+        self.k_pages = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_pages = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.page_fill = torch.zeros(initial_pages, dtype=torch.int64, device=self.device)
+        self.page_table = torch.full((0, 1), -1, dtype=torch.int32, device=self.device)
+        self.lengths = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.summaries = {
+            n: self._new_summary(n, fn, initial_pages) for n, fn in self.summary_fns.items()
+        }
+        self.key_codes = {s: self._new_codes(s, initial_pages) for s in self.key_code_specs}
+        self._free_pages: list[int] = list(range(initial_pages - 1, -1, -1))
+        self._num_pages: list[int] = []  # pages held by each request slot
+        self._live: list[bool] = []
+
+    # ---- side-data allocation -------------------------------------------------------------
+
+    def _new_summary(self, name: str, fn: SummaryFn, pages: int) -> Tensor:
+        probe = torch.zeros(1, self.num_kv_heads, self.page_size, self.head_dim, device=self.device)
+        out = fn(probe, torch.ones(1, self.page_size, dtype=torch.bool, device=self.device))
+        if out.dim() != 3 or tuple(out.shape[:2]) != (1, self.num_kv_heads):
+            raise ValueError(
+                f"summary {name!r}: expected [P, num_kv_heads={self.num_kv_heads}, C] from pages "
+                f"[P, {self.num_kv_heads}, {self.page_size}, {self.head_dim}], got {tuple(out.shape)}"
+            )
+        return torch.zeros(
+            pages, self.num_kv_heads, out.shape[2], dtype=self.dtype, device=self.device
+        )
+
+    def _new_codes(self, spec: KeyCodeSpec, pages: int) -> KeyCodes:
+        h, ps, d = self.num_kv_heads, self.page_size, self.head_dim
+        side = (pages, h, ps) if spec.granularity == "token" else (pages, h, d)
+        return KeyCodes(
+            packed=torch.zeros(
+                pages, h, ps, packed_bytes(d, spec.bits), dtype=torch.uint8, device=self.device
+            ),
+            scale=torch.zeros(side, dtype=torch.float32, device=self.device),
+            zero=torch.zeros(side, dtype=torch.float32, device=self.device),
+        )
+
+    @property
+    def capacity_pages(self) -> int:
+        return self.k_pages.shape[0]
+
+    def _grow_pages(self, needed: int) -> None:
+        old = self.capacity_pages
+        new = max(2 * old, old + needed)
+        self.k_pages, self.v_pages = _grow(self.k_pages, new), _grow(self.v_pages, new)
+        self.page_fill = _grow(self.page_fill, new)
+        self.summaries = {n: _grow(t, new) for n, t in self.summaries.items()}
+        self.key_codes = {
+            s: KeyCodes(*(_grow(t, new) for t in c.tensors())) for s, c in self.key_codes.items()
+        }
+        self._free_pages = list(range(new - 1, old - 1, -1)) + self._free_pages
+
+    # ---- requests --------------------------------------------------------------------------
+
+    @property
+    def num_requests(self) -> int:
+        """Number of live requests."""
+        return sum(self._live)
+
+    @property
+    def request_ids(self) -> list[int]:
+        """Live request ids, ascending."""
+        return [r for r, live in enumerate(self._live) if live]
+
+    def add_request(self) -> int:
+        """A new empty request; returns its id (the lowest free page-table row)."""
+        for rid, live in enumerate(self._live):
+            if not live:
+                self._live[rid] = True
+                return rid
+        self._live.append(True)
+        self._num_pages.append(0)
+        self.page_table = _grow(self.page_table, len(self._live), -1)
+        self.lengths = _grow(self.lengths, len(self._live))
+        return len(self._live) - 1
+
+    def add_requests(self, n: int) -> list[int]:
+        return [self.add_request() for _ in range(n)]
+
+    def free_request(self, rid: int) -> None:
+        """Drop request ``rid``; its pages return to the free pool."""
+        self._check_ids([rid])
+        pages = self.page_table[rid, : self._num_pages[rid]].to(torch.int64)
+        self._free_pages.extend(pages.flip(0).tolist())
+        self.page_fill[pages] = 0
+        self.page_table[rid] = -1
+        self.lengths[rid] = 0
+        self._num_pages[rid] = 0
+        self._live[rid] = False
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        for r in ids:
+            if not isinstance(r, int) or not 0 <= r < len(self._live) or not self._live[r]:
+                raise InputError(f"unknown request id {r!r}; live ids are {self.request_ids}")
+
+    def resolve_ids(self, req: int | Sequence[int] | None) -> list[int]:
+        """Request ids as a list: ``None`` means every live request, in id order."""
+        ids = self.request_ids if req is None else [req] if isinstance(req, int) else list(req)
+        self._check_ids(ids)
+        return ids
+
+    # ---- append ----------------------------------------------------------------------------
+
+    def _check_kv(self, name: str, t: Tensor, req: int | Sequence[int]) -> Tensor:
+        h, d = self.num_kv_heads, self.head_dim
+        batched = not isinstance(req, int)
+        ok = t.dim() == (4 if batched else 3) and t.shape[-3] == h and t.shape[-1] == d
+        if ok and batched and t.shape[0] != len(req):
+            ok = False
+        if not ok:
+            want = (
+                f"[B={len(req)}, {h}, n, {d}]"
+                if batched
+                else f"[num_kv_heads={h}, n, head_dim={d}]"
+            )
+            alt = "" if batched else f" or [B, {h}, n, {d}] with a sequence of B request ids"
+            raise InputError(f"{name}: expected shape {want}{alt}, got {tuple(t.shape)}")
+        if t.dtype != self.dtype:
+            raise InputError(
+                f"{name}: expected dtype {self.dtype} (the cache dtype), got {t.dtype}"
+            )
+        if t.device != self.device:
+            raise InputError(f"{name}: expected device {self.device}, got {t.device}")
+        return t if batched else t[None]
+
+    def _reserve(self, ids: list[int], new_len: list[int]) -> None:
+        """Give every request enough pages for ``new_len`` tokens (a loop over requests only)."""
+        want = [math.ceil(n / self.page_size) for n in new_len]
+        short = sum(w - self._num_pages[r] for r, w in zip(ids, want, strict=True))
+        if short > len(self._free_pages):
+            self._grow_pages(short - len(self._free_pages))
+        if max(want, default=0) > self.page_table.shape[1]:
+            cols = max(2 * self.page_table.shape[1], max(want))
+            pad = self.page_table.new_full(
+                (self.page_table.shape[0], cols - self.page_table.shape[1]), -1
+            )
+            self.page_table = torch.cat([self.page_table, pad], dim=1)
+        for r, w in zip(ids, want, strict=True):
+            have = self._num_pages[r]
+            if w > have:
+                got = self._free_pages[len(self._free_pages) - (w - have) :][::-1]
+                del self._free_pages[len(self._free_pages) - (w - have) :]
+                self.page_table[r, have:w] = torch.tensor(
+                    got, dtype=torch.int32, device=self.device
+                )
+                self._num_pages[r] = w
+
+    def append(self, k: Tensor, v: Tensor, req: int | Sequence[int]) -> None:
+        """Append ``k``, ``v`` ``[Hkv, n, D]`` to request ``req``, or ``[B, Hkv, n, D]`` to the B
+        distinct requests in ``req``; both in the cache dtype. Updates summaries and key codes."""
+        kb, vb = self._check_kv("k", k, req), self._check_kv("v", v, req)
+        if kb.shape != vb.shape:
+            raise InputError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        ids = self.resolve_ids(req)
+        if len(set(ids)) != len(ids):
+            raise InputError(f"req: a batched append needs distinct request ids, got {ids}")
+        n = kb.shape[2]
+        if n == 0 or not ids:
+            return
+        idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        old = self.lengths[idx]
+        self._reserve(ids, (old + n).tolist())
+        pos = old[:, None] + torch.arange(n, device=self.device)  # [B, n]
+        phys = self.page_table[idx].to(torch.int64).gather(1, pos // self.page_size).flatten()
+        slot = (pos % self.page_size).flatten()
+        k_tok = kb.transpose(1, 2).reshape(-1, self.num_kv_heads, self.head_dim)  # [B*n, Hkv, D]
+        self.k_pages[phys, :, slot] = k_tok
+        self.v_pages[phys, :, slot] = vb.transpose(1, 2).reshape_as(k_tok)
+        self.page_fill.index_add_(0, phys, torch.ones_like(phys))
+        self.lengths[idx] = old + n
+        self._update_token_codes(k_tok, phys, slot)
+        self._update_pages(torch.unique(phys))
+
+    def _update_token_codes(self, k_tok: Tensor, phys: Tensor, slot: Tensor) -> None:
+        for spec, codes in self.key_codes.items():
+            if spec.granularity == "token":
+                packed, scale, zero = quantize_token(k_tok, spec.bits)
+                codes.packed[phys, :, slot] = packed
+                codes.scale[phys, :, slot] = scale
+                codes.zero[phys, :, slot] = zero
+
+    def _update_pages(self, pages: Tensor) -> None:
+        """Recompute summaries and page-granularity codes of ``pages`` over their valid tokens."""
+        keys = self.k_pages[pages].float()  # [P, Hkv, ps, D]
+        valid = torch.arange(self.page_size, device=self.device) < self.page_fill[pages, None]
+        for name, fn in self.summary_fns.items():
+            self.summaries[name][pages] = fn(keys, valid).to(self.dtype)
+        for spec, codes in self.key_codes.items():
+            if spec.granularity == "page":
+                packed, scale, zero = quantize_page(keys, valid[:, None, :], spec.bits)
+                codes.packed[pages], codes.scale[pages], codes.zero[pages] = packed, scale, zero
+
+    # ---- read ------------------------------------------------------------------------------
+
+    def gather_pages(self, req: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """Physical page ids ``int64 [B, NP]`` (-1 padded) of the requests (all live ones by
+        default) and the valid-token count of each page ``int64 [B, NP]`` (0 on padding).
+        Index any ``[cap, ...]`` tensor (summaries, codes) with ``pages.clamp(min=0)``."""
+        ids = self.resolve_ids(req)
+        idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        lengths = self.lengths[idx]
+        num_pages = math.ceil(int(lengths.max()) / self.page_size) if ids else 0
+        pages = self.page_table[idx, :num_pages].to(torch.int64)
+        start = torch.arange(num_pages, device=self.device) * self.page_size
+        page_valid = (lengths[:, None] - start).clamp(0, self.page_size)
+        return pages, page_valid
+
+    def gather_paged(self, t: Tensor, req: int | Sequence[int] | None = None) -> Tensor:
+        """``t [cap, Hkv, ...]`` (e.g. a summary, or codes' scale) gathered per request as
+        ``[B, Hkv, NP, ...]``, zero on padding pages."""
+        pages, page_valid = self.gather_pages(req)
+        out = t[pages.clamp(min=0)]  # [B, NP, Hkv, ...]
+        mask = (page_valid > 0).view(*pages.shape, *([1] * (t.dim() - 1)))
+        return out.masked_fill(~mask, 0).transpose(1, 2)
+
+    def gather_tokens(
+        self, t: Tensor, req: int | Sequence[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``t [cap, Hkv, ps, ...]`` (K, V, token codes) gathered densely as ``[B, Hkv, Tmax, ...]``,
+        zero past each request's length, with ``valid bool [B, Tmax]``."""
+        pages, page_valid = self.gather_pages(req)
+        lengths = page_valid.sum(1)
+        t_max = int(lengths.max()) if lengths.numel() else 0
+        out = t[pages.clamp(min=0)].transpose(1, 2)  # [B, Hkv, NP, ps, ...]
+        out = out.reshape(*out.shape[:2], pages.shape[1] * self.page_size, *t.shape[3:])
+        out = out[:, :, :t_max]
+        valid = torch.arange(t_max, device=self.device) < lengths[:, None]
+        mask = valid.view(valid.shape[0], 1, t_max, *([1] * (t.dim() - 3)))
+        return out.masked_fill(~mask, 0), valid
+
+    def gather(self, req: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Dense ``K, V [B, Hkv, Tmax, D]`` (cache dtype, zero past each length) and
+        ``valid bool [B, Tmax]`` of the requests (all live ones, by id, by default)."""
+        k, valid = self.gather_tokens(self.k_pages, req)
+        v, _ = self.gather_tokens(self.v_pages, req)
+        return k, v, valid
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes allocated by component (capacity, not use), with their ``"total"``."""
+        parts = {
+            "k_pages": self.k_pages,
+            "v_pages": self.v_pages,
+            "page_table": self.page_table,
+            "lengths": self.lengths,
+            "page_fill": self.page_fill,
+        }
+        parts |= {f"summary:{n}": t for n, t in self.summaries.items()}
+        out = {name: t.numel() * t.element_size() for name, t in parts.items()}
+        for spec, codes in self.key_codes.items():
+            out[f"key_codes:{spec.name}"] = sum(
+                t.numel() * t.element_size() for t in codes.tensors()
+            )
+        out["total"] = sum(out.values())
+        return out
