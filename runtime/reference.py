@@ -1,0 +1,258 @@
+"""The torch reference executor: runs any pipeline IR exactly, batched.
+
+Every code generator, the tuner's correctness gate and ``twilightc eval`` are checked against
+this. One decode step, for requests ``req`` of a :class:`PagedKVCache`:
+
+1. **select** — score pages or tokens (``runtime.expr_eval``), merge the GQA group as the
+   stage's ``group`` says, keep the top-k (ties: lower index first) or those ≥ a threshold;
+   pages expand to their valid tokens; the keep rules (sink, window) join the candidates;
+2. **prune** — per pruner: estimated weights ``softmax(scale · q·K̃)`` over the candidates, with
+   ``K̃`` the estimator's keys; top-p keeps the *minimal* set whose estimated mass (float64) is
+   ≥ p of the candidates' mass (ties: lower index first), top-k the heaviest, threshold those
+   ≥ a weight; the keep rules' tokens are always kept;
+3. **attend** — exact softmax attention over full-precision K/V at the kept tokens.
+
+There is no Python loop over requests, heads or tokens. An empty kept set (``tw.nothing()``
+with no keep rule) gives a zero output. A query holding NaN or inf raises
+``NonFiniteInputError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..compiler import ir
+from ..compiler.verify import verify
+from ..frontend.errors import InputError, NonFiniteInputError
+from .expr_eval import evaluate, summary_fn
+from .paged_cache import PagedKVCache
+from .quant import KeyCodeSpec, dequantize_page, dequantize_token
+
+
+@dataclass
+class Kept:
+    """What one step kept, per request and query head."""
+
+    mask: Tensor  # bool [B, Hq, T]
+    candidates: Tensor  # bool [B, Hq, T]: after select + keep rules, before pruning
+    est_mass: Tensor | None  # float32 [B, Hq]: first pruner's estimated mass of the kept set
+    lengths: Tensor  # int64 [B]
+
+    @property
+    def count(self) -> Tensor:
+        return self.mask.sum(-1)
+
+    def indices(self) -> tuple[Tensor, Tensor]:
+        """Ragged lists as ``(indices int64 [B, Hq, max_count] padded with -1, count [B, Hq])``,
+        ascending within a row."""
+        count = self.count
+        width = int(count.max()) if count.numel() else 0
+        pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
+        key = torch.where(self.mask, pos, pos.numel() + pos)  # kept first, in order
+        idx = key.sort(-1).values[..., :width]
+        return torch.where(idx < pos.numel(), idx, -1), count
+
+
+def as_ir(pipeline) -> ir.PipelineIR:
+    return pipeline if isinstance(pipeline, ir.PipelineIR) else pipeline.ir
+
+
+def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float16,
+               device="cpu", initial_pages: int = 64) -> PagedKVCache:
+    """A cache that keeps what ``pipeline`` reads: its page summaries and quantized keys."""
+    p = as_ir(pipeline)
+    verify(p, ir.Shape(num_kv_heads, num_kv_heads, head_dim, p.page_size))
+    sums = {f"{s.name}.{f.name}": summary_fn(f.expr) for s in p.summaries() for f in s.fields}
+    codes = [KeyCodeSpec(e.bits, e.granularity) for e in p.estimators() if e.kind == "quantized"]
+    return PagedKVCache(num_kv_heads, head_dim, page_size=p.page_size, dtype=dtype,
+                        device=device, summaries=sums, key_codes=codes,
+                        initial_pages=initial_pages)
+
+
+class ReferenceExecutor:
+    def __init__(self, pipeline):
+        self.ir = as_ir(pipeline)
+        verify(self.ir)
+
+    def run(self, q: Tensor, cache: PagedKVCache, req: int | Sequence[int] | None = None,
+            return_kept: bool = False):
+        """Attention output ``[B, Hq, D]`` (q's dtype) for queries ``q [B, Hq, D]`` of the
+        requests ``req`` (default: all live ones, by id); with ``return_kept`` also a ``Kept``."""
+        ids = cache.resolve_ids(req)
+        q = self._check_query(q, cache, len(ids))
+        p, g = self.ir, q.shape[1] // cache.num_kv_heads
+        verify(p, ir.Shape(q.shape[1], cache.num_kv_heads, cache.head_dim, cache.page_size))
+        k, v, valid = cache.gather(ids)
+        lengths = valid.sum(-1)
+        qg = q.float().view(q.shape[0], cache.num_kv_heads, g, -1)  # [B, Hkv, G, D]
+        scale = p.attend.scale or 1.0 / math.sqrt(cache.head_dim)
+
+        keep = _keep_mask(p.keep, valid, lengths)  # [B, T]
+        cand = _select(p, qg, k, valid, cache, ids) | keep[:, None, None]
+        first_w, kept = None, cand
+        for pr in p.prune:
+            w = _estimate(pr, qg, kept, cache, ids, k, scale, p.attend.softcap)
+            first_w = w if first_w is None else first_w
+            kept = _prune(pr, w, kept, lengths) | keep[:, None, None]
+
+        out = _attend(qg, k.float(), v.float(), kept, scale, p.attend.softcap)
+        out = out.reshape(q.shape).to(q.dtype)
+        if not return_kept:
+            return out
+        hq = q.shape[1]
+        est = None if first_w is None else (first_w.double() * kept).sum(-1).float()
+        return out, Kept(kept.reshape(q.shape[0], hq, -1), cand.reshape(q.shape[0], hq, -1),
+                         None if est is None else est.reshape(q.shape[0], hq), lengths)
+
+    @staticmethod
+    def _check_query(q: Tensor, cache: PagedKVCache, batch: int) -> Tensor:
+        if not isinstance(q, Tensor) or q.dim() != 3 or q.shape[0] != batch \
+                or q.shape[2] != cache.head_dim or q.shape[1] % cache.num_kv_heads:
+            raise InputError(f"q: expected [batch={batch}, q_heads (a multiple of "
+                             f"{cache.num_kv_heads}), head_dim={cache.head_dim}], got "
+                             f"{tuple(getattr(q, 'shape', ()))}")
+        if not q.is_floating_point():
+            raise InputError(f"q: expected a floating dtype, got {q.dtype}")
+        if not torch.isfinite(q).all():
+            raise NonFiniteInputError("q holds NaN or inf; twilight does not select tokens for a "
+                                      "non-finite query (check the model's activations)")
+        return q
+
+
+def reference(pipeline) -> ReferenceExecutor:
+    """The exact torch executor of ``pipeline`` (a ``tw.Pipeline`` or its IR)."""
+    return ReferenceExecutor(pipeline)
+
+
+# ---- stages -------------------------------------------------------------------------------------
+def _keep_mask(keep: ir.Keep, valid: Tensor, lengths: Tensor) -> Tensor:
+    pos = torch.arange(valid.shape[-1], device=valid.device)
+    return valid & ((pos < keep.sink) | (pos >= (lengths - keep.window)[:, None]))
+
+
+def _select(p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor, cache: PagedKVCache,
+            ids: list[int]) -> Tensor:
+    """Candidate mask ``[B, Hkv, G, T]``."""
+    s = p.select
+    b, hkv, g, _ = qg.shape
+    if s is None:
+        return valid[:, None, None].expand(b, hkv, g, -1)
+    if s.rule == "none":
+        return torch.zeros(b, hkv, g, valid.shape[-1], dtype=torch.bool, device=valid.device)
+    qs = qg.mean(2, keepdim=True) if s.group == "kv" else qg
+    if s.score.per == "token":
+        units_valid, leaves = valid, {"k": k.float()[:, :, None]}
+    else:
+        pages, page_valid = cache.gather_pages(ids)
+        units_valid = page_valid > 0
+        leaves = {f"summary.{f}": cache.gather_paged(cache.summaries[f"{s.score.summary.name}.{f}"],
+                                                     ids).float()[:, :, None]
+                  for f in s.score.summary.field_names()}
+    leaves["q"] = qs[:, :, :, None]
+    scores = evaluate(s.score.expr, leaves)  # [B, Hkv, G', N]
+    scores = scores.expand(b, hkv, scores.shape[2], units_valid.shape[-1])
+    unit = cache.page_size if s.score.per == "page" else 1
+    chosen = _decide(s.rule, s.group, scores, units_valid[:, None, None], s.budget,
+                     s.threshold, unit, valid.sum(-1))
+    if s.score.per == "page":
+        chosen = chosen.repeat_interleave(cache.page_size, -1)[..., :valid.shape[-1]]
+    return chosen.expand(b, hkv, g, -1) & valid[:, None, None]
+
+
+def _decide(rule: str, group: str, s: Tensor, ok: Tensor, budget: ir.Budget | None,
+            thresh: float | None, unit: int, lengths: Tensor) -> Tensor:
+    """Which units to keep from scores ``s [B, Hkv, G, N]`` (valid where ``ok``), merging the
+    group as ``group`` says; returns ``[B, Hkv, G or 1, N]``."""
+    s = torch.nan_to_num(s.float(), nan=-math.inf).masked_fill(~ok, -math.inf)
+    if group == "mean":
+        s = s.mean(2, keepdim=True)
+    elif group == "max":
+        s = s.amax(2, keepdim=True)
+    if rule == "top_k":
+        tokens = torch.tensor([budget.tokens(int(n)) for n in lengths.tolist()],
+                              device=s.device) if budget.kind == "fraction" else \
+            torch.full_like(lengths, int(budget.value))
+        k = (tokens + unit - 1) // unit
+        order = s.sort(dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(
+            s.shape[-1], device=s.device).expand_as(order))
+        keep = rank < k.view(-1, 1, 1, 1)
+    else:
+        keep = s >= thresh
+    keep = keep & ok
+    return keep.any(2, keepdim=True) if group == "union" else keep
+
+
+def _estimated_keys(e: ir.Estimator, cache: PagedKVCache, ids: list[int], k: Tensor) -> Tensor:
+    if e.kind == "exact":
+        return k.float()
+    spec = KeyCodeSpec(e.bits, e.granularity)
+    c = cache.key_codes[spec]
+    if e.granularity == "token":
+        packed, _ = cache.gather_tokens(c.packed, ids)
+        sc, _ = cache.gather_tokens(c.scale, ids)
+        zr, _ = cache.gather_tokens(c.zero, ids)
+        return dequantize_token(packed, sc, zr, e.bits, cache.head_dim)
+    pages = dequantize_page(c.packed, c.scale, c.zero, e.bits, cache.head_dim)
+    return cache.gather_tokens(pages, ids)[0]
+
+
+def _logits(qg: Tensor, k: Tensor, scale: float, softcap: float | None) -> Tensor:
+    logits = torch.einsum("bhgd,bhtd->bhgt", qg, k) * scale
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def _softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    w = torch.softmax(logits.masked_fill(~mask, -math.inf), -1)
+    return torch.nan_to_num(w, nan=0.0)  # a row with nothing to attend to stays zero
+
+
+def _estimate(pr: ir.Prune, qg: Tensor, cand: Tensor, cache: PagedKVCache, ids: list[int],
+              k: Tensor, scale: float, softcap: float | None) -> Tensor:
+    """Estimated attention weights ``[B, Hkv, G, T]`` over each head's candidates."""
+    kt = _estimated_keys(pr.estimator, cache, ids, k)
+    if pr.group == "kv":  # one estimate per KV head, from the group's mean query
+        w = _softmax(_logits(qg.mean(2, keepdim=True), kt, scale, softcap), cand.any(2, True))
+        return w.expand_as(cand) * cand
+    return _softmax(_logits(qg, kt, scale, softcap), cand)
+
+
+def _prune(pr: ir.Prune, w: Tensor, cand: Tensor, lengths: Tensor) -> Tensor:
+    if pr.group == "mean":
+        w = w.mean(2, keepdim=True)
+    elif pr.group == "max":
+        w = w.amax(2, keepdim=True)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1e-30)
+    if pr.rule == "top_p":
+        keep = top_p_mask(w, pr.p)
+    elif pr.rule == "top_k":
+        keep = _decide("top_k", "none", w, w > 0, pr.budget, None, 1, lengths)
+    else:
+        keep = w >= pr.threshold
+    if pr.group == "union":
+        keep = keep.any(2, keepdim=True)
+    return keep & cand
+
+
+def top_p_mask(w: Tensor, p: float) -> Tensor:
+    """The minimal set of each row of ``w`` whose mass is ≥ ``p`` of the row's total.
+
+    Sums in float64; among equal weights the lower index is kept first. Zero weights are never
+    kept (they add no mass)."""
+    wd = w.double()
+    sorted_w, order = wd.sort(dim=-1, descending=True, stable=True)
+    cum = sorted_w.cumsum(-1)
+    before = cum - sorted_w  # mass of the heavier ones
+    keep_sorted = (before < p * cum[..., -1:]) & (sorted_w > 0)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def _attend(qg: Tensor, k: Tensor, v: Tensor, kept: Tensor, scale: float,
+            softcap: float | None) -> Tensor:
+    w = _softmax(_logits(qg, k, scale, softcap), kept)
+    return torch.einsum("bhgt,bhtd->bhgd", w, v)
