@@ -1,0 +1,135 @@
+"""The stage ABI every backend implements, and the torch reference of each stage.
+
+A pipeline runs as four stages over torch tensors (DLPack-shareable, any device). Backends may
+fuse stages, but each stage's inputs and outputs are these, so stages from different backends
+can be mixed and every stage can be checked against the reference on its own.
+
+Inputs (from a :class:`~twilight.runtime.paged_cache.PagedKVCache` and the batch's ids):
+
+* ``q [B, Hq, D]`` (fp16/bf16/fp32); ``page_table int32 [B, NP]`` (-1 padded, the batch's rows);
+  ``lengths int32 [B]``; ``k_pages``/``v_pages [cap, Hkv, ps, D]``; summaries
+  ``[cap, Hkv, C]``; key codes ``packed uint8 [cap, Hkv, ps, nbytes]`` with float32
+  ``scale``/``zero`` ``[cap, Hkv, ps]`` (token granularity) or ``[cap, Hkv, D]`` (page).
+
+Stages (lists are per *query* head; a group that shares a decision repeats it):
+
+1. **select** → ``cand_idx int32 [B, Hq, C]`` ascending token positions, -1 padded, and
+   ``cand_cnt int32 [B, Hq]`` — the selector's choice plus the keep rules (sink, window);
+2. **estimate** → ``est_w float32 [B, Hq, C]``: softmax of ``scale · q·K̃`` over the row's
+   candidates (aligned with ``cand_idx``; 0 on padding);
+3. **prune** → ``kept_idx int32 [B, Hq, K]``, ``kept_cnt int32 [B, Hq]`` (keep-rule tokens are
+   always kept);
+4. **attend** → ``out [B, Hq, D]`` in q's dtype: exact attention over ``kept_idx``.
+
+The ``ref_*`` functions below give each stage's exact answer as dense masks/weights over
+``[B, Hq, T]``; ``lists_to_mask`` and ``rows_to_dense`` turn a backend's lists into that form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..runtime import reference as R
+from ..runtime.paged_cache import PagedKVCache
+from . import ir
+
+
+@dataclass
+class StageInputs:
+    """What every stage reads for one batch of requests of a cache."""
+
+    q: Tensor
+    page_table: Tensor  # int32 [B, NP]
+    lengths: Tensor  # int32 [B]
+    cache: PagedKVCache
+    ids: list[int]
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+
+def stage_inputs(q: Tensor, cache: PagedKVCache, req=None) -> StageInputs:
+    ids = cache.resolve_ids(req)
+    pages, page_valid = cache.gather_pages(ids)
+    return StageInputs(q, pages.to(torch.int32), page_valid.sum(1).to(torch.int32), cache, ids)
+
+
+# ---- conversions ----------------------------------------------------------------------------------
+def lists_to_mask(idx: Tensor, cnt: Tensor, t: int) -> Tensor:
+    """``bool [B, H, t]`` from -1 padded index lists ``[B, H, C]`` with counts ``[B, H]``."""
+    live = torch.arange(idx.shape[-1], device=idx.device) < cnt[..., None].long()
+    mask = torch.zeros(*idx.shape[:-1], t + 1, dtype=torch.bool, device=idx.device)
+    pos = torch.where(live, idx.long(), t)
+    return mask.scatter_(-1, pos, True)[..., :t]
+
+
+def mask_to_lists(mask: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Ascending ``int32`` index lists (-1 padded to ``width``) and counts of a bool mask."""
+    t = mask.shape[-1]
+    cnt = mask.sum(-1)
+    width = int(cnt.max()) if width is None else width
+    pos = torch.arange(t, device=mask.device)
+    key = torch.where(mask, pos, t + pos).sort(dim=-1).values[..., :width]
+    if key.shape[-1] < width:
+        key = torch.nn.functional.pad(key, (0, width - key.shape[-1]), value=2 * t)
+    return torch.where(key < t, key, -1).to(torch.int32), cnt.to(torch.int32)
+
+
+def rows_to_dense(values: Tensor, idx: Tensor, cnt: Tensor, t: int) -> Tensor:
+    """Scatter per-candidate values ``[B, H, C]`` to ``[B, H, t]`` (0 elsewhere)."""
+    live = torch.arange(idx.shape[-1], device=idx.device) < cnt[..., None].long()
+    out = torch.zeros(*idx.shape[:-1], t + 1, dtype=values.dtype, device=values.device)
+    return out.scatter_(-1, torch.where(live, idx.long(), t), values * live)[..., :t]
+
+
+# ---- the reference of each stage (dense [B, Hq, T] forms) ----------------------------------------
+def _qg(x: StageInputs) -> Tensor:
+    b, hq, d = x.q.shape
+    return x.q.float().view(b, x.cache.num_kv_heads, hq // x.cache.num_kv_heads, d)
+
+
+def softmax_scale(p: ir.PipelineIR, head_dim: int) -> float:
+    return p.attend.scale or 1.0 / math.sqrt(head_dim)
+
+
+def ref_select(p: ir.PipelineIR, x: StageInputs) -> Tensor:
+    """Candidates after the selector and the keep rules: ``bool [B, Hq, T]``."""
+    k, _, valid = x.cache.gather(x.ids)
+    keep = R._keep_mask(p.keep, valid, valid.sum(-1))
+    cand = R._select(p, _qg(x), k, valid, x.cache, x.ids) | keep[:, None, None]
+    return cand.flatten(1, 2)
+
+
+def ref_estimate(p: ir.PipelineIR, stage: int, x: StageInputs, cand: Tensor) -> Tensor:
+    """Estimated weights ``float32 [B, Hq, T]`` of pruner ``stage`` over candidates ``cand``."""
+    k, _, _ = x.cache.gather(x.ids)
+    qg = _qg(x)
+    c = cand.view(*qg.shape[:3], -1)
+    w = R._estimate(p.prune[stage], qg, c, x.cache, x.ids, k, softmax_scale(p, qg.shape[-1]),
+                    p.attend.softcap)
+    return w.flatten(1, 2)
+
+
+def ref_prune(p: ir.PipelineIR, stage: int, x: StageInputs, w: Tensor, cand: Tensor) -> Tensor:
+    """Kept set ``bool [B, Hq, T]`` of pruner ``stage`` given its weights and candidates."""
+    _, _, valid = x.cache.gather(x.ids)
+    lengths = valid.sum(-1)
+    hkv = x.cache.num_kv_heads
+    shape = (w.shape[0], hkv, w.shape[1] // hkv, -1)
+    kept = R._prune(p.prune[stage], w.view(shape), cand.view(shape), lengths)
+    keep = R._keep_mask(p.keep, valid, lengths)
+    return (kept | keep[:, None, None]).flatten(1, 2)
+
+
+def ref_attend(p: ir.PipelineIR, x: StageInputs, kept: Tensor) -> Tensor:
+    """Exact attention ``[B, Hq, D]`` (q's dtype) over the kept mask."""
+    k, v, _ = x.cache.gather(x.ids)
+    qg = _qg(x)
+    out = R._attend(qg, k.float(), v.float(), kept.view(*qg.shape[:3], -1),
+                    softmax_scale(p, qg.shape[-1]), p.attend.softcap)
+    return out.reshape(x.q.shape).to(x.q.dtype)
