@@ -77,6 +77,18 @@ class Backend(abc.ABC):
     def version_stamp(self) -> dict[str, str]:
         """Versions that change generated code (for cache keys)."""
 
+    def space(self, p: ir.PipelineIR, shape: ir.Shape, target: Target):
+        """The schedule space (``schedules.space.Space``) the tuner searches for ``p``;
+        by default ``twilight.schedules.<backend name>.space(p, shape, target)``."""
+        import importlib
+        return importlib.import_module(f"twilight.schedules.{self.name}").space(p, shape, target)
+
+    def check_schedule(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict,
+                       device) -> str | None:
+        """Why ``schedule`` cannot run on ``device`` (a ``DeviceProfile``: shared memory,
+        threads, registers), or None. Called before compiling, so it must be cheap."""
+        return None
+
 
 _REGISTRY: dict[str, Backend] = {}
 
