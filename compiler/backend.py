@@ -78,10 +78,14 @@ class Backend(abc.ABC):
         """Versions that change generated code (for cache keys)."""
 
     def space(self, p: ir.PipelineIR, shape: ir.Shape, target: Target):
-        """The schedule space (``schedules.space.Space``) the tuner searches for ``p``;
-        by default ``twilight.schedules.<backend name>.space(p, shape, target)``."""
+        """The schedule space (``schedules.space.Space``) the tuner searches for ``p``: by
+        default ``twilight.schedules.<name>.space(p, shape, target)`` if the module defines
+        it, else its constant ``<NAME>`` (e.g. ``schedules.tvm.TVM``)."""
         import importlib
-        return importlib.import_module(f"twilight.schedules.{self.name}").space(p, shape, target)
+        mod = importlib.import_module(f"twilight.schedules.{self.name}")
+        if hasattr(mod, "space"):
+            return mod.space(p, shape, target)
+        return getattr(mod, self.name.upper())
 
     def check_schedule(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict,
                        device) -> str | None:
