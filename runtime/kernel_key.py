@@ -1,0 +1,147 @@
+"""Kernel cache keys: the one place they are made, from data (STYLE.md habit 5).
+
+A key is the sha256 of the canonical JSON (``twilight.compiler.ir.canonical_json``) of every
+input that can change a compiled kernel: the IR key, the schedule, the target, the backend and
+its ``version_stamp()``, the toolchain's versions (``toolchain_stamps``), the codegen knobs
+(``knobs.codegen_knobs()``) and any ``extra`` plain data a backend keys on. Never a
+hand-written string of fields: two kernels could then share a slot.
+
+    >>> key = cache_key("ir0", {"BLOCK": 64}, "cuda:sm_90", "tvm", {"codegen": "3"})
+    >>> len(key), key.inputs["schedule"]
+    (64, {'BLOCK': 64})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..compiler import ir
+from . import knobs
+
+KEY_FORMAT = 1  # bump when the key's fields change meaning
+
+
+class CacheKey(str):
+    """A cache key (64 hex digits) that remembers its inputs, written to the manifest."""
+
+    inputs: dict[str, Any]
+
+    def __new__(cls, digest: str, inputs: dict[str, Any]) -> CacheKey:
+        self = super().__new__(cls, digest)
+        self.inputs = inputs
+        return self
+
+
+def cache_key(ir_key: str, schedule: dict, target: Any, backend: str, stamps: dict[str, str],
+              extra: dict | None = None) -> CacheKey:
+    """The key of one compiled kernel: sha256 of the canonical JSON of every input that can
+    change its code: the IR key, the schedule, the target, the backend and its
+    ``version_stamp()``, ``toolchain_stamps()``, ``knobs.codegen_knobs()`` and ``extra``
+    (plain data: anything else a backend keys on, e.g. the problem shape).
+
+    >>> a = cache_key("ir0", {"BLOCK": 64}, "cuda:sm_90", "triton", {"gen": "1"})
+    >>> a == cache_key("ir0", {"BLOCK": 64}, "cuda:sm_90", "triton", {"gen": "1"})
+    True
+    >>> a == cache_key("ir0", {"BLOCK": 128}, "cuda:sm_90", "triton", {"gen": "1"})
+    False
+    """
+    inputs = _plain({
+        "format": KEY_FORMAT, "ir_key": ir_key, "schedule": schedule, "target": str(target),
+        "backend": backend, "stamps": stamps, "toolchain": toolchain_stamps(backend, target),
+        "knobs": knobs.codegen_knobs(), "extra": extra or {},
+    }, "inputs")
+    return CacheKey(hashlib.sha256(ir.canonical_json(inputs).encode()).hexdigest(), inputs)
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """JSON-able data with str dict keys, or a TypeError naming the offending field."""
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, dict):
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"cache_key: {where} has non-str keys {bad!r}")
+        return {k: _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return ir.to_data(obj)
+    raise TypeError(f"cache_key: {where} is a {type(obj).__name__}; pass plain data "
+                    "(str, int, float, bool, None, lists, str-keyed dicts) or IR dataclasses")
+
+
+def toolchain_stamps(backend: str, target: Any = None) -> dict[str, str]:
+    """Versions of what turns generated code into kernels, for ``backend`` on ``target``:
+    twilight, Python and torch always; triton or TVM by backend (read from package metadata,
+    imported only as a fallback and only if installed); ``nvcc --version`` for a CUDA target
+    of a backend that calls nvcc (Triton ships its own ptxas, keyed by its version); the CPU
+    architecture for an ``llvm`` target.
+
+    >>> sorted(toolchain_stamps("triton", "interpret"))
+    ['python', 'torch', 'triton', 'twilight']
+    """
+    stamps = {"twilight": twilight_version(), "python": "{}.{}".format(*sys.version_info[:2]),
+              "torch": _dist_version("torch", "torch")}
+    if backend == "triton":
+        stamps["triton"] = _dist_version("triton", "triton")
+    elif backend == "tvm":
+        stamps["tvm"] = _dist_version("apache-tvm", "tvm")
+    kind = str(target or "").partition(":")[0]
+    if kind == "cuda" and backend != "triton":
+        stamps["nvcc"] = nvcc_version()
+    elif kind in ("llvm", "cpu"):
+        stamps["machine"] = platform.machine()
+    return stamps
+
+
+def twilight_version() -> str:
+    try:
+        from .. import __version__
+        return __version__
+    except ImportError:  # asked while twilight/__init__ is still importing
+        return importlib.metadata.version("twilightc")
+
+
+@functools.cache
+def _dist_version(dist: str, module: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if importlib.util.find_spec(module) is None:
+        return "absent"
+    return str(getattr(importlib.import_module(module), "__version__", "unknown"))
+
+
+def nvcc_version() -> str:
+    """The release and build lines of ``nvcc --version`` (``$CUDA_HOME/bin/nvcc`` or the one on
+    ``PATH``), ``"absent"`` without one; run once per nvcc per process."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    exe = Path(home, "bin", "nvcc") if home and Path(home, "bin", "nvcc").exists() \
+        else shutil.which("nvcc")
+    return _run_nvcc(str(exe)) if exe else "absent"
+
+
+@functools.cache
+def _run_nvcc(exe: str) -> str:
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unusable ({type(e).__name__})"
+    lines = [s.strip() for s in out.splitlines() if "release" in s or s.startswith("Build")]
+    return " / ".join(lines) or out.strip()[-200:]
+
+
