@@ -1,0 +1,54 @@
+"""Tuning logs: atomic JSON entries, replacement, nearest-bucket lookup, root precedence."""
+
+from __future__ import annotations
+
+import json
+
+import twilight as tw
+from twilight.runtime.measure import ShapeBucket
+from twilight.runtime.tuning_log import find_schedule, log_path, shape_dict, write_entry
+
+
+def _entry(pipe, shape, buckets, backend="tvm", latency=1.0):
+    return {"pipeline_key": pipe.key(), "backend": backend, "target": "llvm",
+            "shape": shape_dict(shape), "measured": True, "buckets": [
+                {"bucket": b.name, "batch": b.batch, "context": b.context,
+                 "schedule": {"tile": b.context}, "latency_ms": latency} for b in buckets]}
+
+
+def test_write_read_and_nearest_bucket(tmp_path):
+    pipe = tw.builtins.quest_twilight()
+    shape = tw.Shape(32, 8, 128)
+    write_entry(tmp_path, "cpu", pipe.name, _entry(pipe, shape, [ShapeBucket(1, 4096),
+                                                                ShapeBucket(4, 32768)]))
+    data = json.loads(log_path(tmp_path, "cpu", pipe.name).read_text())
+    assert data["format"] == 1 and len(data["entries"]) == 1
+    rec, entry = find_schedule(pipe.ir, "cpu", shape, ShapeBucket(2, 5000), roots=[tmp_path])
+    assert rec["bucket"] == "b1_t4096" and entry["backend"] == "tvm"
+    rec, _ = find_schedule(pipe.ir, "cpu", shape, ShapeBucket(8, 30000), roots=[tmp_path])
+    assert rec["bucket"] == "b4_t32768"
+
+
+def test_other_pipeline_key_or_shape_does_not_match(tmp_path):
+    pipe = tw.builtins.quest_twilight()
+    shape = tw.Shape(32, 8, 128)
+    write_entry(tmp_path, "cpu", pipe.name, _entry(pipe, shape, [ShapeBucket(1, 4096)]))
+    other = tw.builtins.quest_twilight(p=0.8)
+    assert find_schedule(other.ir, "cpu", shape, ShapeBucket(1, 4096), roots=[tmp_path]) is None
+    assert find_schedule(pipe.ir, "cpu", tw.Shape(32, 8, 64), ShapeBucket(1, 4096),
+                         roots=[tmp_path]) is None
+    assert find_schedule(pipe.ir, "h100", shape, ShapeBucket(1, 4096), roots=[tmp_path]) is None
+
+
+def test_rewrite_replaces_same_entry_and_user_root_wins(tmp_path):
+    pipe = tw.builtins.quest_top_k()
+    shape = tw.Shape(32, 8, 128)
+    b = [ShapeBucket(1, 4096)]
+    write_entry(tmp_path / "a", "cpu", pipe.name, _entry(pipe, shape, b, latency=2.0))
+    write_entry(tmp_path / "a", "cpu", pipe.name, _entry(pipe, shape, b, latency=1.5))
+    data = json.loads(log_path(tmp_path / "a", "cpu", pipe.name).read_text())
+    assert len(data["entries"]) == 1 and data["entries"][0]["buckets"][0]["latency_ms"] == 1.5
+    write_entry(tmp_path / "b", "cpu", pipe.name, _entry(pipe, shape, b, latency=9.0))
+    rec, _ = find_schedule(pipe.ir, "cpu", shape, b[0], roots=[tmp_path / "b", tmp_path / "a"])
+    assert rec["latency_ms"] == 9.0
+    assert not list((tmp_path / "a" / "cpu").glob("*.tmp"))
