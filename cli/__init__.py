@@ -7,13 +7,13 @@ one new file and one line in ``COMMANDS``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..frontend.errors import TwilightError
-from . import eval_cmd
+from ..runtime import knobs
+from . import cache_cmd, compile_cmd, eval_cmd, logs_cmd, tune_cmd
 
-COMMANDS = (eval_cmd,)
+COMMANDS = (eval_cmd, tune_cmd, compile_cmd, cache_cmd, logs_cmd)
 
 DESCRIPTION = """\
 twilightc compiles, tunes and evaluates sparse-attention decode pipelines: a token selector
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except TwilightError as e:
-        if os.environ.get("TWILIGHT_DEBUG"):
+        if knobs.debug():
             raise
         print(f"twilightc {args.command}: error: {e}", file=sys.stderr)
         return 1

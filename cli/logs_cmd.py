@@ -1,0 +1,121 @@
+"""``twilightc logs show|plot``: read tuning logs and draw their history."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "show tuning logs, or plot tuning history and best latency per shape"
+
+DESCRIPTION = """\
+Tuning logs hold the winning schedule of every shape bucket that 'twilightc tune' measured,
+with its latency, the default schedule's and the dense baseline's. User logs
+($TWILIGHT_TUNING_LOGS) take precedence over those shipped with twilight.
+
+  show   print every log entry (filter by --device and --pipeline)
+  plot   draw, to a PNG, each bucket's tuning history (latency of every trial and the best so
+         far, read back from the Optuna study) and the best latency per shape bucket against
+         the default schedule and dense attention
+"""
+
+EPILOG = """\
+examples:
+  twilightc logs show
+  twilightc logs show --device cpu --pipeline quest_twilight
+  twilightc logs plot --device cpu --pipeline quest_twilight --out tuning.png
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("logs", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("show", "plot"))
+    p.add_argument("--device", default=None, help="only this device's logs")
+    p.add_argument("--pipeline", default=None, help="only this pipeline's logs (its name)")
+    p.add_argument("--root", action="append", default=None, metavar="DIR",
+                   help="log roots to read (default: user logs, then shipped ones)")
+    p.add_argument("--out", default="tuning.png", type=Path, help="PNG to write (plot)")
+    p.set_defaults(run=run)
+
+
+def _entries(args):
+    from ..runtime.tuning_log import SHIPPED, read_log, user_root
+    roots = [Path(r) for r in args.root] if args.root else [user_root(), SHIPPED]
+    for root in roots:
+        for path in sorted(Path(root).glob("*/*.json")):
+            data = read_log(path)
+            if args.device and data["device"] != args.device:
+                continue
+            if args.pipeline and data["pipeline"] != args.pipeline:
+                continue
+            for entry in data["entries"]:
+                yield path, data, entry
+
+
+def run(args) -> int:
+    entries = list(_entries(args))
+    if not entries:
+        from ..frontend.errors import InputError
+        raise InputError("no tuning logs match (try 'twilightc logs show' without filters)")
+    return _show(entries) if args.action == "show" else _plot(entries, args.out)
+
+
+def _show(entries) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table("device", "pipeline", "key", "backend", "shape", "bucket", "best ms",
+                  "default ms", "dense ms", "trials", "schedule", "date")
+    for _path, data, e in entries:
+        s = e["shape"]
+        for r in e["buckets"]:
+            table.add_row(data["device"] + ("" if e.get("measured", True) else " (model)"),
+                          data["pipeline"], e["pipeline_key"][:10], e["backend"],
+                          f"{s['q_heads']}/{s['kv_heads']}×{s['head_dim']} {s['dtype']}",
+                          r["bucket"], str(r["latency_ms"]), str(r["default_latency_ms"]),
+                          str(r["dense_latency_ms"]), str(r["trials"]),
+                          ", ".join(f"{k}={v}" for k, v in (r["schedule"] or {}).items()),
+                          e.get("date", "")[:10])
+    Console().print(table)
+    return 0
+
+
+def _plot(entries, out: Path) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    from ..schedules.tuner import open_storage
+    buckets = [(data, e, r) for _p, data, e in entries for r in e["buckets"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    hist, bars = axes
+    for data, e, r in buckets:
+        label = f"{data['pipeline']} {r['bucket']}"
+        try:
+            study = optuna.load_study(study_name=r["study"],
+                                      storage=open_storage(e["storage"], Path(e["storage"])))
+        except Exception:  # the study's storage may be on another machine
+            continue
+        done = [t for t in study.trials if t.value is not None]
+        xs = [t.number for t in done]
+        ys = [t.value for t in done]
+        best = [min(ys[: i + 1]) for i in range(len(ys))]
+        line = hist.plot(xs, best, drawstyle="steps-post", label=f"{label} best")[0]
+        hist.scatter(xs, ys, s=12, alpha=0.5, color=line.get_color())
+    hist.set(xlabel="trial", ylabel="latency (ms)", title="tuning history", yscale="log")
+    hist.legend(fontsize=7)
+    names = [f"{d['pipeline']}\n{r['bucket']}" for d, _e, r in buckets]
+    xs = range(len(buckets))
+    for off, key, label in ((-0.27, "latency_ms", "tuned"), (0.0, "default_latency_ms",
+                                                            "default schedule"),
+                            (0.27, "dense_latency_ms", "dense SDPA")):
+        bars.bar([x + off for x in xs], [r[key] or 0 for _d, _e, r in buckets], width=0.27,
+                 label=label)
+    bars.set_xticks(list(xs), names, fontsize=7)
+    bars.set(ylabel="latency (ms)", title=f"best latency per shape ({buckets[0][0]['device']})",
+             yscale="log")
+    bars.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+    return 0

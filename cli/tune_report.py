@@ -1,0 +1,97 @@
+"""Drive a tune bucket by bucket with progress bars, then print and log the winners."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..compiler.backend import get_backend
+from ..runtime.kernel_key import toolchain_stamps
+from ..runtime.measure import make_problem, median_time
+from ..runtime.tuning_log import shape_dict, write_entry
+from ..schedules.tuner import (
+    TuneConfig,
+    best_trial,
+    default_trial,
+    open_storage,
+    tune_bucket,
+)
+
+
+def dense_sdpa_ms(cfg: TuneConfig, bucket) -> float:
+    """torch SDPA dense decode on contiguous K/V of the same problem: the dense baseline."""
+    prob = make_problem(cfg.pipeline, cfg.shape, bucket, seed=cfg.seed)
+    k, v, _ = prob.cache.gather(prob.ids)
+    q = prob.q[:, :, None]
+    fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    return median_time(fn, repeats=cfg.repeats) * 1e3
+
+
+def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, console: Console) -> list[dict]:
+    backend = get_backend(cfg.backend)
+    space = backend.space(cfg.pipeline, cfg.shape, cfg.target)
+    storage = open_storage(cfg.storage, Path(cfg.storage))
+    check = lambda s: backend.check_schedule(cfg.pipeline, cfg.shape, s, cfg.device)  # noqa: E731
+    records, start = [], time.monotonic()
+    console.print(f"tuning [bold]{cfg.pipeline.name}[/] ({cfg.pipeline.key()[:12]}) with "
+                  f"{cfg.backend} on {cfg.device.name}: {len(cfg.buckets)} shape buckets × "
+                  f"{cfg.trials} trials, space of {space.size()} schedules, storage {cfg.storage}")
+    cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+            "{task.total}"), TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
+    with Progress(*cols, console=console) as bar:
+        for i, bucket in enumerate(cfg.buckets):
+            left = None if cfg.timeout is None else max(
+                1.0, (cfg.timeout - (time.monotonic() - start)) / (len(cfg.buckets) - i))
+            task = bar.add_task(bucket.name, total=cfg.trials, best="—")
+
+            def progress(study, trial, task=task):
+                b = best_trial(study)
+                bar.update(task, completed=len(study.trials),
+                           best=f"{b.value:.3f} ms" if b else "—")
+            study = tune_bucket(cfg, bucket, space, storage, check, left, progress)
+            progress(study, None)
+            records.append(_record(cfg, bucket, study, space))
+    _print_table(console, records)
+    path = write_entry(log_root, cfg.device.name, cfg.pipeline.name, {
+        "pipeline_key": cfg.pipeline.key(), "backend": cfg.backend,
+        "target": str(cfg.target), "shape": shape_dict(cfg.shape), "measured": True,
+        "versions": {**toolchain_stamps(cfg.backend), "optuna": optuna.__version__}, "storage": cfg.storage, **meta,
+        "buckets": records})
+    console.print(f"tuning log: {path}")
+    return records
+
+
+def _record(cfg: TuneConfig, bucket, study, space) -> dict:
+    best, dflt = best_trial(study), default_trial(study, space.default())
+    states = [t.state.name for t in study.trials]
+    rec = {"bucket": bucket.name, "batch": bucket.batch, "context": bucket.context,
+           "study": study.study_name, "trials": len(states),
+           "failed": states.count("FAIL"), "pruned": states.count("PRUNED"),
+           "schedule": best.params if best else None,
+           "latency_ms": round(best.value, 4) if best else None,
+           "default_latency_ms": round(dflt.value, 4) if dflt else None,
+           "dense_latency_ms": round(dense_sdpa_ms(cfg, bucket), 4)}
+    return rec
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "—"
+
+
+def _print_table(console: Console, records: list[dict]) -> None:
+    table = Table("bucket", "best ms", "default ms", "dense SDPA ms", "vs default", "vs dense",
+                  "trials (failed/pruned)", "winning schedule")
+    for r in records:
+        sched = ", ".join(f"{k}={v}" for k, v in (r["schedule"] or {}).items())
+        table.add_row(r["bucket"], str(r["latency_ms"]), str(r["default_latency_ms"]),
+                      str(r["dense_latency_ms"]),
+                      _ratio(r["default_latency_ms"], r["latency_ms"]),
+                      _ratio(r["dense_latency_ms"], r["latency_ms"]),
+                      f"{r['trials']} ({r['failed']}/{r['pruned']})", sched or "none passed")
+    console.print(table)
