@@ -33,6 +33,8 @@ def _verify_select(s: ir.Select, where: str) -> None:
     elif s.rule != "threshold":
         raise StructureError(f"unknown selection rule {s.rule!r}{where}", s.loc)
     sc = s.score
+    if sc is None:
+        raise StructureError(f"a '{s.rule}' selector needs a score{where}", s.loc)
     if sc.per == "page" and sc.summary is None:
         raise StructureError(f"per-page score '{sc.name}' has no summary{where}", sc.loc)
     names = sc.summary.field_names() if sc.summary else ()

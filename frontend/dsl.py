@@ -73,7 +73,19 @@ class _PageView:
                 f"unknown summary field '{name}'; summary '{self._summary.name}' has: "
                 f"{', '.join(self._summary.field_names())}", user_location(),
                 hint="use one of the fields the @tw.page_summary function returns")
-        return leaf("summary", 1, "score", field=name)
+        fld = self._summary.fields[self._summary.field_names().index(name)]
+        # a field over a channel subset (k[:, chans]) keeps its width, so q[chans] can meet it
+        return dataclasses.replace(leaf("summary", 1, "score", field=name),
+                                   width=_width(fld.expr))
+
+
+def _width(e: ir.Expr) -> int | None:
+    """Channel count of a vector expression: its channel selection's, or None (head_dim)."""
+    for node in e.walk():
+        if node.op == "take":
+            chans = node.attr("channels")
+            return len(chans[0]) if isinstance(chans[0], tuple) else len(chans)
+    return None
 
 
 # ---- scores ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ channel subset).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
@@ -42,6 +43,12 @@ class Value:
     def __getitem__(self, index):
         return take(self, index)
 
+    def __lt__(self, o):
+        raise ExprTypeError("traced score values cannot be compared; use tw.maximum/tw.minimum "
+                            "instead of if/else, min() or max()", user_location())
+
+    __le__ = __gt__ = __ge__ = __lt__
+
     def __bool__(self):
         raise ExprTypeError("a traced score value has no truth value; use tw.maximum/tw.minimum "
                             "instead of if/else, min() or max()", user_location())
@@ -63,6 +70,9 @@ def _as_value(x, context: str) -> Value:
     if isinstance(x, Value):
         return x
     if isinstance(x, Real) and not isinstance(x, bool):
+        if not math.isfinite(x):  # the IR key (canonical JSON) has no inf/nan
+            raise ExprTypeError(f"constant {x!r} in a score expression must be finite",
+                                user_location())
         return const(x, context)
     raise ExprTypeError(f"cannot use a {type(x).__name__} in a score expression; only traced "
                         "values and Python numbers", user_location(),

@@ -111,7 +111,7 @@ class ReferenceExecutor:
 
     @staticmethod
     def _check_query(q: Tensor, cache: PagedKVCache, batch: int) -> Tensor:
-        if not isinstance(q, Tensor) or q.dim() != 3 or q.shape[0] != batch \
+        if not isinstance(q, Tensor) or q.dim() != 3 or q.shape[0] != batch or not q.shape[1] \
                 or q.shape[2] != cache.head_dim or q.shape[1] % cache.num_kv_heads:
             raise InputError(f"q: expected [batch={batch}, q_heads (a multiple of "
                              f"{cache.num_kv_heads}), head_dim={cache.head_dim}], got "
@@ -218,7 +218,8 @@ def _estimate(pr: ir.Prune, qg: Tensor, cand: Tensor, cache: PagedKVCache, ids: 
     kt = _estimated_keys(pr.estimator, cache, ids, k)
     if pr.group == "kv":  # one estimate per KV head, from the group's mean query
         w = _softmax(_logits(qg.mean(2, keepdim=True), kt, scale, softcap), cand.any(2, True))
-        return w.expand_as(cand) * cand
+        w = w.expand_as(cand) * cand  # heads may hold different candidates: renormalize each
+        return w / w.sum(-1, keepdim=True).clamp(min=1e-30)
     return _softmax(_logits(qg, kt, scale, softcap), cand)
 
 
@@ -243,12 +244,15 @@ def top_p_mask(w: Tensor, p: float) -> Tensor:
     """The minimal set of each row of ``w`` whose mass is ≥ ``p`` of the row's total.
 
     Sums in float64; among equal weights the lower index is kept first. Zero weights are never
-    kept (they add no mass)."""
+    kept (they add no mass); ``p >= 1`` keeps every positive weight, however small."""
     wd = w.double()
     sorted_w, order = wd.sort(dim=-1, descending=True, stable=True)
     cum = sorted_w.cumsum(-1)
     before = cum - sorted_w  # mass of the heavier ones
-    keep_sorted = (before < p * cum[..., -1:]) & (sorted_w > 0)
+    # p = 1: a weight below the float64 resolution of the running sum still holds mass; and
+    # the heaviest one is always needed (p · total may underflow to 0 on subnormal rows).
+    first = torch.arange(wd.shape[-1], device=wd.device) == 0
+    keep_sorted = ((before < p * cum[..., -1:]) | (p >= 1) | first) & (sorted_w > 0)
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
