@@ -1,0 +1,64 @@
+"""The TVM backend: pipeline IR → TIR (TVM 0.27) → llvm (runs here) or CUDA source.
+
+``get_backend("tvm").lower(ir, shape, schedule, Target.parse("llvm"))`` returns a
+:class:`~twilight.compiler.tvm.pipeline.TVMCompiled`; lowered pipelines are cached in-process by
+(IR key, shape, schedule, target), kernels by their source and target (``build.py``).
+
+Example::
+
+    import torch, twilight as tw
+    from twilight.compiler.backend import Target, get_backend
+    from twilight.runtime.reference import make_cache
+
+    pipe = tw.builtins.quest_twilight(budget=64)
+    cache = make_cache(pipe, num_kv_heads=2, head_dim=64)
+    rid = cache.add_request()
+    cache.append(torch.randn(2, 300, 64).half(), torch.randn(2, 300, 64).half(), rid)
+    k = get_backend("tvm").lower(pipe.ir, tw.Shape(8, 2, 64), {}, Target.parse("llvm"))
+    out = k.run(torch.randn(1, 8, 64).half(), cache)   # [1, 8, 64], no copy of the cache
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ...schedules.tvm import TVM
+from .. import ir
+from ..backend import Backend, Target, register_backend
+from ..verify import verify
+from .context import StageCtx
+from .dialect import Dialect
+
+_LOWERED: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+
+
+@register_backend
+class TVMBackend(Backend):
+    name = "tvm"
+
+    def supports(self, target: Target) -> bool:
+        return target.kind in ("llvm", "cuda")
+
+    def lower(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target):
+        from .pipeline import TVMCompiled  # noqa: PLC0415 - keeps `import twilight` light
+
+        if not self.supports(target):
+            raise ValueError(f"the tvm backend builds for llvm and cuda, not {target}")
+        verify(p, shape, stage="tvm.lower")
+        sched = TVM.complete(dict(schedule))
+        key = (p.key(), shape, tuple(sorted(sched.items())), str(target))
+        with _LOCK:
+            hit = _LOWERED.get(key)
+        if hit is not None:
+            return hit
+        dialect = Dialect(target.kind, int(sched["cuda_threads"]))
+        out = TVMCompiled(StageCtx(p, shape, sched, dialect), target)
+        with _LOCK:
+            _LOWERED[key] = out
+        return out
+
+    def version_stamp(self) -> dict[str, str]:
+        import tvm  # noqa: PLC0415
+
+        return {"tvm": tvm.__version__, "twilight_tvm_codegen": "1"}

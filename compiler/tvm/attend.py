@@ -1,0 +1,156 @@
+"""The attend stage: exact attention over ragged kept lists in the paged cache, split-KV.
+
+A row is (request, head, split): ``split`` takes an equal share of the row's kept list, so a
+batch of few heads still fills every core. When the heads of a GQA group share one list
+(``StageCtx.uniform_after``), a row carries the whole group and loads each K/V row once for its
+``G`` queries. Tokens go in blocks of ``attend_block_n``: the block's logits first, then one
+online-softmax rescale per block rather than per token. With one split the kernel writes the
+output directly; otherwise it writes ``(acc, max, sum)`` partials and ``combine`` merges them.
+"""
+
+from __future__ import annotations
+
+from .build import KernelSource
+from .context import StageCtx, f32, softcap_text
+from .dialect import NEG_INF, Src
+from .estimate import _split
+
+
+def attend_rows(ctx: StageCtx) -> tuple[int, int]:
+    """(rows per request before splitting, query heads per row)."""
+    if ctx.uniform_after(len(ctx.p.prune)) and ctx.G > 1:
+        return ctx.HKV, ctx.G
+    return ctx.HQ, 1
+
+
+def splits(ctx: StageCtx) -> int:
+    return int(ctx.sched.get("split_kv", 1))
+
+
+def gen_attend(ctx: StageCtx) -> KernelSource:
+    s = Src(ctx.dialect)
+    rows, gh = attend_rows(ctx)
+    ns, bn, d = splits(ctx), int(ctx.sched.get("attend_block_n", 16)), ctx.D
+    params = [("q", ("B", ctx.HQ, d), ctx.dtype), ("pt", ("B", "NP"), "int32"),
+              ("kidx", ("B", ctx.HQ, "K"), "int32"), ("kcnt", ("B", ctx.HQ), "int32"),
+              ("kp", ("CAP", ctx.HKV, ctx.PS, d), ctx.dtype),
+              ("vp", ("CAP", ctx.HKV, ctx.PS, d), ctx.dtype)]
+    if ns == 1:
+        params += [("out", ("B", ctx.HQ, d), ctx.dtype)]
+    else:
+        params += [("pacc", ("B", ctx.HQ, ns, d), "float32"),
+                   ("pml", ("B", ctx.HQ, ns, 2), "float32")]
+    _, vw = _split(d, ctx.vec)
+    with s.func("attend", params, ("B", "NP", "K", "CAP")):
+        with s.rows("r", f"B * {rows * ns}"):
+            s(f"b = r // {rows * ns}", f"hr = r % {rows * ns} // {ns}", f"sp = r % {ns}")
+            s(f"h0 = hr * {gh}", f"hkv = h0 // {ctx.G}", "n = kcnt[b, h0]")
+            s(f"chunk = (n + {ns - 1}) // {ns}", "lo = T.min(sp * chunk, n)",
+              "hi = T.min(lo + chunk, n)")
+            s.local("qv", (gh, d))
+            s.local("acc", (gh, d))
+            s.local("m", gh)
+            s.local("l", gh)
+            s.local("lg", (gh, bn))
+            s.local("mb", 1)
+            s.local("kr", d)
+            s.local("dot", vw)
+            with s.block(f"for g, c in T.grid({gh}, {d}):"):
+                s(f'qv[g, c] = T.Cast("float32", q[b, h0 + g, c]) * {f32(ctx.softmax_scale())}',
+                  "acc[g, c] = T.float32(0)")
+            with s.block(f"for g in range({gh}):"):
+                s(f"m[g] = {NEG_INF}", "l[g] = T.float32(0)")
+            with s.block(f"for blk in range((hi - lo + {bn - 1}) // {bn}):"):
+                _block(ctx, s, gh, bn, vw)
+            _finish(ctx, s, gh, ns)
+    return KernelSource("attend", "attend", s.text())
+
+
+def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int) -> None:
+    """One block of ``bn`` kept tokens: logits, then a rescale, then ``acc += p · V``."""
+    d = ctx.D
+    with s.block(f"for j in range({bn}):"):
+        s(f"i = lo + blk * {bn} + j")
+        with s.block("if i < hi:"):
+            s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
+            with s.block(f"for c in {s.d.vec(d)}:"):  # one fp16→fp32 conversion for G heads
+                s('kr[c] = T.Cast("float32", kp[phys, hkv, slot, c])')
+            with s.block(f"for g in range({gh}):"):
+                with s.block(f"for v in {s.d.vec(vw)}:"):
+                    s("dot[v] = T.float32(0)")
+                with s.block(f"for co in range({d // vw}):"):
+                    with s.block(f"for v in {s.d.vec(vw)}:"):
+                        s(f"dot[v] = dot[v] + qv[g, co * {vw} + v] * kr[co * {vw} + v]")
+                s(f"lg[g, j] = {softcap_text(ctx, tree_sum(s, 'dot', vw))}")
+        with s.block("else:"):
+            with s.block(f"for g in range({gh}):"):
+                s(f"lg[g, j] = {NEG_INF}")
+    with s.block(f"for g in range({gh}):"):
+        s("mb[0] = m[g]")
+        with s.block(f"for j in range({bn}):"):
+            s("mb[0] = T.max(mb[0], lg[g, j])")
+        s("corr = T.exp(m[g] - mb[0])", "l[g] = l[g] * corr", "m[g] = mb[0]")
+        with s.block(f"for c in {s.d.vec(d)}:"):
+            s("acc[g, c] = acc[g, c] * corr")
+        with s.block(f"for j in range({bn}):"):
+            s("lg[g, j] = T.exp(lg[g, j] - mb[0])", "l[g] = l[g] + lg[g, j]")
+    with s.block(f"for j in range({bn}):"):
+        s(f"i = lo + blk * {bn} + j")
+        with s.block("if i < hi:"):
+            s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
+            with s.block(f"for c in {s.d.vec(d)}:"):
+                s('kr[c] = T.Cast("float32", vp[phys, hkv, slot, c])')
+            with s.block(f"for g in range({gh}):"):
+                with s.block(f"for c in {s.d.vec(d)}:"):
+                    s("acc[g, c] = acc[g, c] + lg[g, j] * kr[c]")
+
+
+def tree_sum(s: Src, buf: str, n: int) -> str:
+    """Sum of ``buf[0:n]`` by vector halving (log2 steps of vector adds, not n scalar adds)."""
+    while n > 1 and n % 2 == 0:
+        n //= 2
+        with s.block(f"for c in {s.d.vec(n)}:"):
+            s(f"{buf}[c] = {buf}[c] + {buf}[c + {n}]")
+    return " + ".join(f"{buf}[{i}]" for i in range(n))
+
+
+def _finish(ctx: StageCtx, s: Src, gh: int, ns: int) -> None:
+    d = ctx.D
+    with s.block(f"for g in range({gh}):"):
+        if ns == 1:
+            s("inv = T.if_then_else(l[g] > T.float32(0), T.float32(1) / l[g], T.float32(0))")
+            with s.block(f"for c in {s.d.vec(d)}:"):
+                s(f'out[b, h0 + g, c] = T.Cast("{ctx.dtype}", acc[g, c] * inv)')
+        else:
+            with s.block(f"for c in {s.d.vec(d)}:"):
+                s("pacc[b, h0 + g, sp, c] = acc[g, c]")
+            s("pml[b, h0 + g, sp, 0] = m[g]", "pml[b, h0 + g, sp, 1] = l[g]")
+
+
+def gen_combine(ctx: StageCtx) -> KernelSource:
+    """Merge the splits' partials: ``out = Σ acc_s e^(m_s - M) / Σ l_s e^(m_s - M)``."""
+    s = Src(ctx.dialect)
+    ns, d = splits(ctx), ctx.D
+    params = [("pacc", ("B", ctx.HQ, ns, d), "float32"), ("pml", ("B", ctx.HQ, ns, 2), "float32"),
+              ("out", ("B", ctx.HQ, d), ctx.dtype)]
+    with s.func("combine", params, ("B",)):
+        with s.rows("r", f"B * {ctx.HQ}"):
+            s(f"b = r // {ctx.HQ}", f"h = r % {ctx.HQ}")
+            s.local("mm", 1)
+            s.local("den", 1)
+            s.local("o", d)
+            s(f"mm[0] = {NEG_INF}", "den[0] = T.float32(0)")
+            with s.block(f"for sp in range({ns}):"):
+                with s.block("if pml[b, h, sp, 1] > T.float32(0):"):
+                    s("mm[0] = T.max(mm[0], pml[b, h, sp, 0])")
+            with s.block(f"for c in {s.d.vec(d)}:"):
+                s("o[c] = T.float32(0)")
+            with s.block(f"for sp in range({ns}):"):
+                with s.block("if pml[b, h, sp, 1] > T.float32(0):"):
+                    s("f = T.exp(pml[b, h, sp, 0] - mm[0])", "den[0] = den[0] + pml[b, h, sp, 1] * f")
+                    with s.block(f"for c in {s.d.vec(d)}:"):
+                        s("o[c] = o[c] + pacc[b, h, sp, c] * f")
+            s("inv = T.if_then_else(den[0] > T.float32(0), T.float32(1) / den[0], T.float32(0))")
+            with s.block(f"for c in {s.d.vec(d)}:"):
+                s(f'out[b, h, c] = T.Cast("{ctx.dtype}", o[c] * inv)')
+    return KernelSource("attend", "combine", s.text())

@@ -1,0 +1,31 @@
+"""The TVM backend's schedule space (llvm and cuda), with the shared top-p strategies.
+
+llvm: rows (request × head × split) run under ``T.parallel`` on ``threads`` workers, channel
+loops are tiled by ``vector_width`` and vectorized (the head_dim tile), attention walks its kept
+tokens in blocks of ``attend_block_n`` and splits each row's list ``split_kv`` ways.
+cuda: rows bind to ``blockIdx.x × threadIdx.x`` with ``cuda_threads`` rows a block.
+"""
+
+from __future__ import annotations
+
+from .common import TOP_P
+from .space import Param, Space
+
+TVM_KERNELS = Space("tvm", (
+    Param("vector_width", (4, 8, 16, 32), 16,
+          doc="channel tile: vector lanes of every head_dim loop (float32 lanes)"),
+    Param("attend_block_n", (4, 8, 16, 32, 64), 16,
+          doc="kept tokens per online-softmax rescale in attention"),
+    Param("split_kv", (1, 2, 4, 8), 1,
+          doc="splits of each row's kept list (a combine kernel merges them)"),
+    Param("threads", (0, 1, 2, 4, 8, 16, 32), 0,
+          doc="llvm: CPU worker threads (0 = TVM's default, one per core)"),
+    Param("cuda_threads", (32, 64, 128, 256), 64, doc="cuda: rows (threads) per block"),
+))
+
+TVM = TVM_KERNELS + TOP_P
+"""The full space of ``get_backend("tvm")``: kernel knobs plus ``schedules.common.TOP_P``."""
+
+
+def default_schedule() -> dict:
+    return TVM.default()

@@ -1,0 +1,72 @@
+"""Top-p strategies of the TVM prune kernel against the exact reference on the set kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import twilight as tw
+from twilight.compiler import ir
+from twilight.compiler.backend import Target, get_backend
+from twilight.runtime.reference import top_p_mask
+
+HQ, C = 4, 300
+SCHEDULES = [{"top_p_strategy": "sort"}, {"top_p_strategy": "radix", "radix_bits": 4},
+             {"top_p_strategy": "radix", "radix_bits": 8},
+             {"top_p_strategy": "radix", "radix_bits": 11},
+             {"top_p_strategy": "bisect", "bisect_stop": "eps", "bisect_eps": 1e-6},
+             {"top_p_strategy": "bisect", "bisect_stop": "iters", "bisect_iters": 24}]
+
+
+def prune_kernel(p: float, sched: dict):
+    pipe = tw.Pipeline(prune=tw.top_p(p, estimate=tw.exact_keys(), group="none"))
+    return get_backend("tvm").lower(pipe.ir, ir.Shape(HQ, HQ, 64, 16, "float32"), sched,
+                                    Target.parse("llvm"))
+
+
+def rows(kind: str, seed: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "equal":
+        w = torch.ones(1, HQ, n)
+    elif kind == "peaked":
+        w = torch.randn(1, HQ, n, generator=g).mul(4).softmax(-1)
+    elif kind == "ties":
+        w = torch.randint(1, 4, (1, HQ, n), generator=g).float()
+    else:
+        w = torch.rand(1, HQ, n, generator=g)
+    w = w / w.sum(-1, keepdim=True)
+    return torch.nn.functional.pad(w, (0, C - n))
+
+
+def decide(k, w: torch.Tensor, n: int):
+    class X:  # what prune() reads of the stage inputs
+        q = torch.zeros(1, HQ, 64)
+        lengths = torch.full((1,), n, dtype=torch.int32)
+        max_len = n
+    idx = torch.where(torch.arange(C) < n, torch.arange(C), -1).int().expand(1, HQ, C).contiguous()
+    cnt = torch.full((1, HQ), n, dtype=torch.int32)
+    kidx, kcnt = k.prune(0, X(), w.contiguous(), idx, cnt)
+    return tw.compiler.stages.lists_to_mask(kidx, kcnt, C)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: "-".join(map(str, s.values())))
+@settings(max_examples=8, deadline=None)
+@given(kind=st.sampled_from(["uniform", "peaked", "ties", "equal"]), seed=st.integers(0, 999),
+       n=st.integers(1, C), p=st.sampled_from([0.5, 0.9, 0.95, 1.0]))
+def test_top_p_strategies(sched, kind, seed, n, p):
+    k = prune_kernel(p, sched)
+    w = rows(kind, seed, n)
+    kept = decide(k, w, n)
+    ref = top_p_mask(w, p)
+    mass = (w.double() * kept).sum(-1)
+    assert bool((mass >= p * w.double().sum(-1) * (1 - 1e-12)).all()), "kept less than p"
+    if sched["top_p_strategy"] in ("sort", "radix"):
+        assert torch.equal(kept, ref)
+    else:  # bisection: a superset, extra weights only within the final bracket of the cut
+        assert bool((kept | ~ref).all())
+        cut = torch.where(ref, w, torch.inf).amin(-1, keepdim=True)
+        extra = kept & ~ref
+        tol = sched.get("bisect_eps", 0) or 2.0 ** -sched.get("bisect_iters", 0)
+        assert bool((w[extra] >= (cut.expand_as(w)[extra] - tol - 1e-7)).all())
