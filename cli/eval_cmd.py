@@ -21,6 +21,8 @@ Reported per layer and overall:
   kept tokens      mean and max tokens attended, absolute and as a fraction of the context
   est. mass        the pruner's estimated attention mass of the kept set (top-p pipelines)
   true mass        the exact attention mass of the kept set: what the estimate promises
+  true in cand.    the same, relative to the selector's candidates (the pruner's fidelity)
+  rank agreement   Spearman correlation of estimated and exact weights over the candidates
   rel. L2 error    ||out - dense|| / ||dense|| of each head's output
 
 A pipeline whose true mass falls far below its estimated mass is being fooled by its key
@@ -32,9 +34,11 @@ json output (--json): one object with keys
   pipeline, pipeline_key, snapshot, model, context_max,
   overall: {kept_tokens_mean, kept_tokens_max, kept_fraction_mean, kept_fraction_max,
             est_mass_mean, est_mass_min, true_mass_mean, true_mass_min,
+            true_mass_in_candidates_mean, true_mass_in_candidates_min,
+            rank_agreement_mean, rank_agreement_min,
             rel_l2_error_mean, rel_l2_error_max, heads},
   layers: [{layer, <the same keys>}, ...]
-est_mass_* are null for pipelines without a pruner.
+est_mass_* and rank_agreement_* are null for pipelines without a pruner.
 
 examples:
   twilightc eval --pipeline quest_twilight --snapshot tests/fixtures/smollm2_2k.npz
@@ -94,23 +98,30 @@ def _parse_layers(text: str | None, num_layers: int) -> list[int] | None:
     return idx
 
 
-def _fmt(x, pct: bool = False) -> str:
+def _fmt(x, digits: int = 3) -> str:
     if x is None:
         return "—"
-    return f"{100 * x:.1f}%" if pct else f"{x:.4g}" if isinstance(x, float) else str(x)
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+COLUMNS = (("kept", "kept_tokens_mean", 1), ("max", "kept_tokens_max", 0),
+           ("kept%", "kept_fraction_mean", None), ("est", "est_mass_mean", 3),
+           ("est min", "est_mass_min", 3), ("true", "true_mass_mean", 3),
+           ("true min", "true_mass_min", 3), ("in-cand min", "true_mass_in_candidates_min", 3),
+           ("rank", "rank_agreement_mean", 3), ("err", "rel_l2_error_mean", 3),
+           ("err max", "rel_l2_error_max", 3))
 
 
 def _print_tables(data: dict, description: str) -> None:
-    out = Console()
+    out = Console(width=max(Console().width, 110))
     out.print(f"[bold]{data['pipeline']}[/] ({data['pipeline_key'][:12]}) on {description}")
-    table = Table("layer", "kept mean", "kept max", "kept %", "est. mass mean/min",
-                  "true mass mean/min", "rel. L2 err mean/max")
+    table = Table("layer", *(c[0] for c in COLUMNS))
     rows = [(str(r["layer"]), r) for r in data["layers"]] + [("all", data["overall"])]
     for name, r in rows:
-        table.add_row(name, _fmt(r["kept_tokens_mean"]), _fmt(r["kept_tokens_max"]),
-                      _fmt(r["kept_fraction_mean"], True),
-                      f"{_fmt(r['est_mass_mean'])} / {_fmt(r['est_mass_min'])}",
-                      f"{_fmt(r['true_mass_mean'])} / {_fmt(r['true_mass_min'])}",
-                      f"{_fmt(r['rel_l2_error_mean'])} / {_fmt(r['rel_l2_error_max'])}",
-                      end_section=name == rows[-2][0])
+        cells = [f"{100 * r[key]:.1f}%" if d is None else _fmt(r[key], d)
+                 for _h, key, d in COLUMNS]
+        table.add_row(name, *cells, end_section=name == rows[-2][0])
     out.print(table)
+    out.print("kept: tokens attended · est: estimated mass of the kept set · true: its exact "
+              "attention mass · in-cand: true mass relative to the candidates · rank: Spearman "
+              "of estimated vs exact weights · err: relative L2 error of the output vs dense")

@@ -7,6 +7,12 @@ reference and reports what was kept and what it cost in fidelity:
 ``est_mass``         the first pruner's estimated mass of the kept set (null without a pruner);
 ``true_mass``        the exact attention mass (dense softmax over the whole context) of the
                      kept set — what the estimate is supposed to guarantee;
+``true_mass_in_candidates``  the same relative to the selector's candidates: the pruner's own
+                     fidelity (top-p promises ≥ p of the candidates' mass), apart from what the
+                     selector missed;
+``rank_agreement``   Spearman correlation of estimated vs exact weights over the candidates
+                     (1 = the estimate orders tokens exactly as attention does; null without a
+                     pruner);
 ``rel_l2_error``     ‖out − dense‖₂ / ‖dense‖₂ of each head's output.
 
 ``EvalReport.to_json()`` has the stable keys documented in ``METRIC_KEYS``.
@@ -28,6 +34,8 @@ from .snapshot import Snapshot
 
 METRIC_KEYS = ("kept_tokens_mean", "kept_tokens_max", "kept_fraction_mean", "kept_fraction_max",
                "est_mass_mean", "est_mass_min", "true_mass_mean", "true_mass_min",
+               "true_mass_in_candidates_mean", "true_mass_in_candidates_min",
+               "rank_agreement_mean", "rank_agreement_min",
                "rel_l2_error_mean", "rel_l2_error_max", "heads")
 
 
@@ -39,6 +47,8 @@ class LayerResult:
     est_mass: torch.Tensor | None  # [Nq, Hq]
     true_mass: torch.Tensor  # [Nq, Hq]
     rel_err: torch.Tensor  # [Nq, Hq]
+    true_in_cand: torch.Tensor  # [Nq, Hq]
+    rank_agreement: torch.Tensor | None  # [Nq, Hq]
 
 
 @dataclass
@@ -64,11 +74,17 @@ def summarize(rows: list[LayerResult]) -> dict:
     true = torch.cat([r.true_mass.flatten() for r in rows])
     err = torch.cat([r.rel_err.flatten() for r in rows])
     est = None if rows[0].est_mass is None else torch.cat([r.est_mass.flatten() for r in rows])
+    rank = None if rows[0].rank_agreement is None else \
+        torch.cat([r.rank_agreement.flatten() for r in rows])
+    rel = torch.cat([r.true_in_cand.flatten() for r in rows])
     out = {"kept_tokens_mean": kept.mean(), "kept_tokens_max": kept.max(),
            "kept_fraction_mean": frac.mean(), "kept_fraction_max": frac.max(),
            "est_mass_mean": None if est is None else est.mean(),
            "est_mass_min": None if est is None else est.min(),
            "true_mass_mean": true.mean(), "true_mass_min": true.min(),
+           "true_mass_in_candidates_mean": rel.mean(), "true_mass_in_candidates_min": rel.min(),
+           "rank_agreement_mean": None if rank is None else rank.mean(),
+           "rank_agreement_min": None if rank is None else rank.min(),
            "rel_l2_error_mean": err.mean(), "rel_l2_error_max": err.max(), "heads": kept.numel()}
     return {k: (None if v is None else v if isinstance(v, int) else round(float(v), 6))
             for k, v in out.items()}
@@ -112,9 +128,30 @@ def evaluate_layer(p: ir.PipelineIR, snap: Snapshot, i: int) -> LayerResult:
     out, kept = reference(p).run(q, cache, ids, return_kept=True)
     dense_w, dense_out = _dense(q, k, v, snap.q_pos, p.attend.scale, p.attend.softcap)
     true_mass = (dense_w * kept.mask).sum(-1)
+    in_cand = true_mass / (dense_w * kept.candidates).sum(-1).clamp(min=1e-30)
     rel_err = (out.float() - dense_out).norm(dim=-1) / dense_out.norm(dim=-1).clamp(min=1e-30)
+    rank = None if kept.est_weights is None else \
+        spearman(kept.est_weights, dense_w, kept.candidates)
     return LayerResult(snap.layers[i], kept.count, kept.lengths, kept.est_mass, true_mass,
-                       rel_err)
+                       rel_err, in_cand, rank)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of ``a`` and ``b`` over ``mask`` along the last dim (rows with
+    fewer than two masked entries give 1). Ties get distinct ranks by position."""
+    def ranks(x):
+        x = x.double().masked_fill(~mask, float("inf"))  # unmasked entries rank last
+        r = torch.empty_like(x)
+        r.scatter_(-1, x.argsort(dim=-1, stable=True), torch.arange(
+            x.shape[-1], dtype=x.dtype, device=x.device).expand_as(x))
+        return r
+    n = mask.sum(-1, keepdim=True).double()
+    ra, rb = ranks(a), ranks(b)
+    mean = (n - 1) / 2
+    da, db = (ra - mean) * mask, (rb - mean) * mask
+    cov = (da * db).sum(-1)
+    var = (da.square().sum(-1) * db.square().sum(-1)).sqrt()
+    return torch.where(n.squeeze(-1) > 1, cov / var.clamp(min=1e-30), 1.0).float()
 
 
 def _dense(q, k, v, q_pos, scale: float, softcap: float | None):

@@ -42,6 +42,7 @@ class Kept:
     candidates: Tensor  # bool [B, Hq, T]: after select + keep rules, before pruning
     est_mass: Tensor | None  # float32 [B, Hq]: first pruner's estimated mass of the kept set
     lengths: Tensor  # int64 [B]
+    est_weights: Tensor | None = None  # float32 [B, Hq, T]: first pruner's estimate over cand.
 
     @property
     def count(self) -> Tensor:
@@ -107,7 +108,8 @@ class ReferenceExecutor:
         hq = q.shape[1]
         est = None if first_w is None else (first_w.double() * kept).sum(-1).float()
         return out, Kept(kept.reshape(q.shape[0], hq, -1), cand.reshape(q.shape[0], hq, -1),
-                         None if est is None else est.reshape(q.shape[0], hq), lengths)
+                         None if est is None else est.reshape(q.shape[0], hq), lengths,
+                         None if first_w is None else first_w.reshape(q.shape[0], hq, -1))
 
     @staticmethod
     def _check_query(q: Tensor, cache: PagedKVCache, batch: int) -> Tensor:
