@@ -1,0 +1,51 @@
+"""The Triton backend: generated kernels for every stage of any pipeline the DSL expresses.
+
+``get_backend("triton").lower(ir, shape, schedule, target)`` returns a
+:class:`~twilight.compiler.triton.pipeline.TritonCompiled`:
+
+* ``Target("interpret")`` runs every kernel under Triton's interpreter on CPU tensors (needs
+  ``TRITON_INTERPRET=1`` before ``import triton``);
+* ``Target("cuda", "sm_90")`` runs on a GPU. ``lower`` itself never compiles ahead of time:
+  :func:`twilight.compiler.triton.aot.compile_artifacts` turns a lowered pipeline into
+  artifacts with ttir/ttgir/llir/ptx/cubin and registers/spills/shared, with or without a GPU.
+
+Example::
+
+    import twilight as tw
+    from twilight.compiler.backend import Target, get_backend
+    pipe = tw.builtins.quest_twilight(budget=256)
+    shape = tw.Shape(q_heads=8, kv_heads=2, head_dim=64, page_size=16, dtype="float16")
+    kern = get_backend("triton").lower(pipe.ir, shape, {}, Target("interpret"))
+    out = kern.run(q, cache)
+"""
+
+from __future__ import annotations
+
+import triton
+
+from ...schedules.triton import TRITON
+from .. import ir
+from ..backend import Backend, Target, register_backend
+from ..verify import verify
+
+CODEGEN_VERSION = "1"
+
+
+@register_backend
+class TritonBackend(Backend):
+    name = "triton"
+
+    def supports(self, target: Target) -> bool:
+        return target.kind in ("interpret", "cuda")
+
+    def lower(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict | None,
+              target: Target):
+        from .pipeline import TritonCompiled
+        if not self.supports(target):
+            raise ValueError(f"the Triton backend runs on 'interpret' or 'cuda:sm_XX', not "
+                             f"{target}")
+        verify(p, shape, stage="triton")
+        return TritonCompiled(p, shape, TRITON.complete(dict(schedule or {})), target)
+
+    def version_stamp(self) -> dict[str, str]:
+        return {"triton": triton.__version__, "twilight_triton_codegen": CODEGEN_VERSION}

@@ -1,0 +1,48 @@
+"""A generated kernel as data: source, argument types, constexprs, launch options.
+
+Stage generators (``select``, ``estimate``, ``top_p``, ``attend``, ``append``) return
+``KernelSpec``s; the pipeline launches them from the imported module, and ``aot`` compiles the
+same spec for a ``GPUTarget`` from its argument types and constexprs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    stage: str
+    name: str
+    source: str
+    args: tuple[tuple[str, str], ...]  # runtime arguments: (name, Triton type)
+    constexprs: tuple[tuple[str, Any], ...]
+    num_warps: int = 4
+    num_stages: int = 1
+
+    @property
+    def const_dict(self) -> dict[str, Any]:
+        return dict(self.constexprs)
+
+
+def make_kernel(stage: str, name: str, args: list[tuple[str, str]], consts: dict[str, Any],
+                body: list[str], num_warps: int = 4, num_stages: int = 1) -> KernelSpec:
+    """A ``@triton.jit`` function from its body lines (indented here)."""
+    params = [a for a, _ in args] + [f"{c}: tl.constexpr" for c in consts]
+    head = f"@triton.jit\ndef {name}(\n        " + ",\n        ".join(params) + "):\n"
+    src = head + "\n".join("    " + ln if ln else "" for ln in body) + "\n"
+    return KernelSpec(stage, name, src, tuple(args), tuple(consts.items()), num_warps,
+                      num_stages)
+
+
+def launch(mod, spec: KernelSpec, grid: tuple[int, ...], *args, **extra_consts) -> None:
+    """Run ``spec`` from the imported module ``mod`` (interpreter or GPU alike)."""
+    fn = getattr(mod, spec.name)
+    fn[grid](*args, **{**spec.const_dict, **extra_consts}, num_warps=spec.num_warps,
+             num_stages=spec.num_stages)

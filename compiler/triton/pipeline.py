@@ -1,0 +1,230 @@
+"""``TritonCompiled``: the stage ABI of ``compiler/stages.py`` on generated Triton kernels.
+
+Each stage is a method taking ``StageInputs`` and returning exactly the ABI tensors; ``run``
+chains them. Buffers are planned once per shape (``_buf`` keeps them keyed by name, shape and
+dtype, so a decode loop with a stable batch allocates nothing after the first step); there is no
+Python loop over requests, heads or tokens — the only loop is over the pipeline's pruners.
+Stage outputs are these planned buffers: valid until the same stage runs again (``run`` returns
+a fresh output tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from .. import ir
+from ..backend import Artifact, Compiled, Target
+from ..stages import StageInputs, stage_inputs
+from . import loader
+from .attend import shared_lists
+from .expr import next_pow2
+from .generate import generate, module_source
+from .kernels import launch
+from .select import select_rows
+from .top_p import prune_rows
+
+
+def _units(budget: ir.Budget, lengths: Tensor, unit: int) -> Tensor:
+    """Per-request budget in units (``Budget.tokens`` vectorized, then ceil(tokens / unit))."""
+    if budget.kind == "tokens":
+        tok = torch.full_like(lengths, int(budget.value), dtype=torch.int64)
+    else:
+        scaled = torch.round(budget.value * lengths.double() * 1e6).long()
+        tok = (-(-scaled // 1_000_000)).clamp(min=1)
+    return ((tok + unit - 1) // unit).to(torch.int32)
+
+
+class TritonCompiled(Compiled):
+    def __init__(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target):
+        self.p, self.shape, self.schedule, self.target = p, shape, schedule, target
+        self.specs, tables = generate(p, shape, schedule)
+        self.chan_table = tables.tensor()
+        self.source = module_source(self.specs)
+        self.artifacts = [Artifact(k.stage, k.name, k.source,
+                                   metadata={"constexprs": k.const_dict,
+                                             "num_warps": k.num_warps,
+                                             "num_stages": k.num_stages})
+                          for k in self.specs.values()]
+        self._mod = None
+        self._bufs: dict[tuple, Tensor] = {}
+
+    # ---- plumbing ----------------------------------------------------------------------------
+    @property
+    def interpret(self) -> bool:
+        return self.target.kind == "interpret"
+
+    @property
+    def module(self):
+        if self._mod is None:
+            self._mod = loader.load(self.source, self.interpret)
+        return self._mod
+
+    def _launch(self, name: str, grid, *args, **consts) -> None:
+        if self.interpret:
+            mode = loader.interpreter_launch()
+        else:  # a GPU launch in a process that also interprets needs JIT library functions
+            ready = loader.interpreter_ready()
+            mode = loader.jit_library() if ready else contextlib.nullcontext()
+        with mode:
+            launch(self.module, self.specs[name], grid, *args, **consts)
+
+    def _buf(self, name: str, shape: tuple, dtype, device, fill=None) -> Tensor:
+        key = (name, tuple(shape), dtype, str(device))
+        if key not in self._bufs:
+            self._bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+        t = self._bufs[key]
+        return t if fill is None else t.fill_(fill)
+
+    def _table(self, dev) -> Tensor:
+        if self.chan_table.device != torch.device(dev):
+            self.chan_table = self.chan_table.to(dev)
+        return self.chan_table
+
+    def cand_width(self, t_max: int) -> int:
+        """Width of the candidate lists for contexts up to ``t_max`` tokens."""
+        s, keep = self.p.select, self.p.keep
+        if s is None or s.rule == "threshold":
+            return max(1, t_max)
+        extra = keep.sink + keep.window
+        if s.rule == "none":
+            return max(1, min(t_max, extra))
+        unit = self.p.page_size if s.score.per == "page" else 1
+        units = -(-s.budget.tokens(t_max) // unit)
+        heads = self.shape.group_size if s.group == "union" else 1  # a union of G choices
+        return max(1, min(t_max, heads * units * unit + extra))
+
+    # ---- stages ------------------------------------------------------------------------------
+    def select(self, x: StageInputs) -> tuple[Tensor, Tensor]:
+        """``cand_idx int32 [B, Hq, C]`` (ascending, -1 padded) and ``cand_cnt int32 [B, Hq]``."""
+        b, hq, _ = x.q.shape
+        np_ = x.page_table.shape[1]
+        # a bound of the longest context from the page table's width: no device sync
+        dev, s, t_max = x.q.device, self.p.select, np_ * self.p.page_size
+        width = self.cand_width(t_max)
+        idx = self._buf("cand_idx", (b, hq, width), torch.int32, dev)
+        cnt = self._buf("cand_cnt", (b, hq), torch.int32, dev)
+        flags, numax = self._buf("sel_dummy", (1,), torch.int8, dev), 1
+        if s is not None and s.score is not None:
+            flags, numax = self._score_and_decide(x, np_, t_max)
+        self._launch("select_compact", (b * hq,), flags, x.lengths, idx, cnt, numax, width)
+        return idx, cnt
+
+    def _score_and_decide(self, x: StageInputs, np_: int, t_max: int) -> tuple[Tensor, int]:
+        s, b, dev, cache = self.p.select, x.q.shape[0], x.q.device, x.cache
+        per_page = s.score.per == "page"
+        numax = max(1, np_ if per_page else t_max)
+        rows = select_rows(s, self.shape)
+        scores = self._buf("scores", (b, rows, numax), torch.float32, dev)
+        if per_page:
+            data = [cache.summaries[f"{s.score.summary.name}.{f}"]
+                    for f in s.score.summary.field_names()]
+        else:
+            data = [cache.k_pages]
+        bn = self.schedule["select_block_n"]
+        self._launch("select_score", (b * rows, -(-numax // bn)), x.q, x.page_table, x.lengths,
+                     *data, self._table(dev), scores, np_, numax)
+        unit = self.p.page_size if per_page else 1
+        kunits = (_units(s.budget, x.lengths, unit) if s.rule == "top_k"
+                  else torch.zeros_like(x.lengths)).to(dev)
+        hist = self._buf("sel_hist", (b * rows, 1 << self.schedule["select_radix_bits"]),
+                         torch.float64, dev)
+        flags = self._buf("sel_flags", (b, rows, numax), torch.int8, dev)
+        thresh = float(s.threshold) if s.rule == "threshold" else 0.0
+        self._launch("select_decide", (b * rows,), scores, x.lengths, kunits, hist, flags,
+                     numax, thresh)
+        return flags, numax
+
+    def estimate(self, stage: int, x: StageInputs, cand_idx: Tensor, cand_cnt: Tensor) -> Tensor:
+        """``est_w float32 [B, Hq, C]``: softmax of ``scale · q·K̃`` over each row's candidates."""
+        from ...runtime.quant import KeyCodeSpec
+        b, hq, _ = x.q.shape
+        width, dev = cand_idx.shape[-1], x.q.device
+        e = self.p.prune[stage].estimator
+        if e.kind == "exact":
+            keys = [x.cache.k_pages]
+        else:
+            keys = list(x.cache.key_codes[KeyCodeSpec(e.bits, e.granularity)].tensors())
+        w = self._buf(f"est_w{stage}", (b, hq, width), torch.float32, dev)
+        self._launch(f"estimate{stage}", (b * hq,), x.q, x.page_table, cand_idx, cand_cnt, *keys,
+                     w, x.page_table.shape[1], width)
+        return w
+
+    def prune(self, stage: int, x: StageInputs, est_w: Tensor, cand_idx: Tensor,
+              cand_cnt: Tensor) -> tuple[Tensor, Tensor]:
+        """``kept_idx int32 [B, Hq, C]`` and ``kept_cnt int32 [B, Hq]`` (keep rules included)."""
+        pr, (b, hq, width), dev = self.p.prune[stage], est_w.shape, est_w.device
+        rows = prune_rows(pr, self.shape)
+        bits = self.schedule.get("radix_bits", 8) if pr.rule == "top_p" \
+            else self.schedule["select_radix_bits"]
+        kunits = (_units(pr.budget, x.lengths, 1) if pr.rule == "top_k"
+                  else torch.zeros_like(x.lengths)).to(dev)
+        scr = self._buf(f"prune_scr{stage}", (b * rows, width), torch.float32, dev)
+        hist = self._buf(f"prune_hist{stage}", (b * rows, 1 << bits), torch.float64, dev)
+        flags = self._buf(f"prune_flags{stage}", (b * rows, width), torch.int8, dev)
+        self._launch(f"prune{stage}_decide", (b * rows,), est_w, cand_cnt, kunits, scr, hist,
+                     flags, width, ROWB=max(16, next_pow2(width)))
+        idx = self._buf(f"kept_idx{stage}", (b, hq, width), torch.int32, dev)
+        cnt = self._buf(f"kept_cnt{stage}", (b, hq), torch.int32, dev)
+        self._launch(f"prune{stage}_compact", (b * hq,), flags, cand_idx, cand_cnt, x.lengths,
+                     idx, cnt, width)
+        return idx, cnt
+
+    def attend(self, x: StageInputs, kept_idx: Tensor, kept_cnt: Tensor) -> Tensor:
+        """``out [B, Hq, D]`` in q's dtype: exact attention over each head's kept list."""
+        b, hq, d = x.q.shape
+        dev, splits = x.q.device, self.schedule["attend_splits"]
+        out = torch.empty_like(x.q)
+        pacc = self._buf("pacc", (b, hq, splits, d), torch.float32, dev)
+        pml = self._buf("pml", (b, hq, splits, 2), torch.float32, dev)
+        groups = hq // self.shape.group_size if shared_lists(self.p) else hq
+        self._launch("attend", (b * groups, splits), x.q, x.cache.k_pages, x.cache.v_pages,
+                     x.page_table, kept_idx, kept_cnt, out, pacc, pml, x.page_table.shape[1],
+                     kept_idx.shape[-1])
+        if splits > 1:
+            self._launch("attend_combine", (b * hq,), pacc, pml, out)
+        return out
+
+    def run(self, q, cache, req=None, return_lists: bool = False):
+        return self.run_stages(stage_inputs(q, cache, req), return_lists)
+
+    def run_stages(self, x: StageInputs, return_lists: bool = False):
+        """The four stages on prepared inputs (what a decode loop times: no host sync)."""
+        idx, cnt = self.select(x)
+        for i in range(len(self.p.prune)):
+            w = self.estimate(i, x, idx, cnt)
+            idx, cnt = self.prune(i, x, w, idx, cnt)
+        out = self.attend(x, idx, cnt)
+        return (out, (idx, cnt)) if return_lists else out
+
+    # ---- cache side --------------------------------------------------------------------------
+    def update_pages(self, cache, pages: Tensor) -> None:
+        """Recompute summaries and page-granularity codes of ``pages`` (int64 physical ids)
+        with the generated append kernels (what ``PagedKVCache._update_pages`` does in torch)."""
+        from ...runtime.quant import KeyCodeSpec
+        pages = pages.to(torch.int64)
+        grid = (pages.numel(), self.shape.kv_heads)
+        for summ in self.p.summaries():
+            outs = [cache.summaries[f"{summ.name}.{f}"] for f in summ.field_names()]
+            self._launch(f"append_summary_{summ.name}", grid, cache.k_pages, pages,
+                         cache.page_fill, self._table(pages.device), *outs)
+        for e in self.p.estimators():
+            if e.kind == "quantized" and e.granularity == "page":
+                codes = cache.key_codes[KeyCodeSpec(e.bits, "page")]
+                self._launch(f"append_codes_page{e.bits}", grid, cache.k_pages, pages,
+                             cache.page_fill, *codes.tensors())
+
+    def update_token_codes(self, cache, phys: Tensor, slot: Tensor) -> None:
+        """Quantize the keys at ``(phys, slot)`` (int64 ``[N]``) into every token-granularity
+        code format the pipeline reads."""
+        from ...runtime.quant import KeyCodeSpec
+        grid = (phys.numel(), self.shape.kv_heads)
+        for e in self.p.estimators():
+            if e.kind == "quantized" and e.granularity == "token":
+                codes = cache.key_codes[KeyCodeSpec(e.bits, "token")]
+                self._launch(f"append_codes_token{e.bits}", grid, cache.k_pages,
+                             phys.to(torch.int64), slot.to(torch.int64), *codes.tensors())
+
+

@@ -1,0 +1,196 @@
+"""Prune: top-p (sort / bisect / radix), top-k and threshold decisions, then kept lists.
+
+``prune_decide`` runs one program per decision row (a query head, or a KV head when the group
+is merged with ``mean``/``max``; the merged weights are written to a scratch row first). It
+writes one flag per candidate. The top-p strategies, each a schedule choice:
+
+* ``sort`` — the exact path: int64 keys ``(weight bits << 32) | (2**31-1 - position)`` sorted
+  descending in one block (weight desc, position asc — the reference's stable order), float64
+  cumsum, keep the prefix whose mass *before* each element is < p·total; the last kept key is
+  the threshold on the unsorted row.
+* ``bisect`` — threshold ``t`` in ``[0, 2·max w]``: ``lo`` always holds mass ≥ p, ``hi`` never;
+  stop when the bracket is < eps or every weight in ``[lo, hi)`` is one value (``eps`` stop),
+  or after a fixed count (``iters``); keep ``w ≥ lo``. Extra tokens over the minimal set all lie
+  within the bracket of the threshold.
+* ``radix`` — the exact threshold key by mass histograms over the weights' float32 bits,
+  ``radix_bits`` per pass (fixed pass count); ties at the threshold resolved lowest index first
+  with the count ``ceil((p·total - mass above) / t)``.
+
+``prune_compact`` (one program per query head) ORs a ``union`` group's flags and the keep rules
+and writes the ascending, -1 padded ``kept_idx`` and ``kept_cnt``.
+"""
+
+from __future__ import annotations
+
+from .. import ir
+from .kernels import KernelSpec, make_kernel
+from .library import radix_passes
+from .select import Ctx
+
+
+def prune_rows(pr: ir.Prune, shape: ir.Shape) -> int:
+    return shape.kv_heads if pr.group in ("mean", "max") else shape.q_heads
+
+
+def _merge_lines(pr: ir.Prune) -> list[str]:
+    """Merge a group's weight rows into the scratch row (mean, or max renormalized)."""
+    if pr.group not in ("mean", "max"):
+        return ["n = tl.load(ccnt_ptr + pid)", "row_ptr = w_ptr + pid.to(tl.int64) * C"]
+    mean = pr.group == "mean"
+    lines = ["h0 = (pid % ROWS) * G", "n = tl.load(ccnt_ptr + b * HQ + h0)",
+             "row_ptr = scr_ptr + pid.to(tl.int64) * C",
+             "tot = tl.zeros([1], tl.float32).sum(0)",
+             "for start in range(0, n, BLOCK):",
+             "    offs = start + tl.arange(0, BLOCK)", "    m = offs < n",
+             "    acc = tl.zeros([BLOCK], tl.float32)" if mean else
+             "    acc = tl.full([BLOCK], float('-inf'), tl.float32)",
+             "    for gi in tl.static_range(G):",
+             "        v = tl.load(w_ptr + (b * HQ + h0 + gi).to(tl.int64) * C + offs, mask=m, "
+             "other=0.0)",
+             "        acc = acc + v" if mean else "        acc = tl.maximum(acc, v)",
+             "    acc = tl.where(m, acc / G, 0.0)" if mean else "    acc = tl.where(m, acc, 0.0)",
+             "    tl.store(row_ptr + offs, acc, mask=m)",
+             "    tot += tl.sum(acc, 0)",
+             "tl.debug_barrier()"]
+    if not mean:  # the reference renormalizes the max-merged row
+        lines += ["inv = 1.0 / tl.maximum(tot, 1e-30)",
+                  "for start in range(0, n, BLOCK):",
+                  "    offs = start + tl.arange(0, BLOCK)",
+                  "    v = tl.load(row_ptr + offs, mask=offs < n, other=0.0)",
+                  "    tl.store(row_ptr + offs, v * inv, mask=offs < n)",
+                  "tl.debug_barrier()"]
+    return lines
+
+
+def _total_lines() -> list[str]:
+    return ["tot64 = tl.zeros([1], tl.float64).sum(0)",
+            "wmax = tl.zeros([1], tl.float32).sum(0)",
+            "for start in range(0, n, BLOCK):",
+            "    offs = start + tl.arange(0, BLOCK)",
+            "    v = tl.load(row_ptr + offs, mask=offs < n, other=0.0)",
+            "    tot64 += tl.sum(v.to(tl.float64), 0)",
+            "    wmax = tl.maximum(wmax, tl.max(v, 0))",
+            "P = tot64 * PMASS"]
+
+
+def _top_p_lines(strategy: str, p: float) -> list[str]:
+    keep_all = p >= 1.0  # every positive weight (the reference's p >= 1 rule)
+    if strategy == "sort":
+        return [
+            "offs = tl.arange(0, ROWB)", "m = offs < n",
+            "v = tl.load(row_ptr + offs, mask=m, other=0.0)",
+            "key = tl.where(m, (v.to(tl.int32, bitcast=True).to(tl.int64) << 32) | "
+            "(2147483647 - offs).to(tl.int64), -1)",
+            "srt = tl.sort(key, 0, descending=True)",
+            "ws = tl.where(srt >= 0, (srt >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)"
+            ".to(tl.float64)",
+            "cum = tl.cumsum(ws, 0)",
+            "P = tl.sum(ws, 0) * PMASS",
+            "keep_s = ws > 0" if keep_all else "keep_s = (ws > 0) & ((cum - ws) < P)",
+            "last = tl.min(tl.where(keep_s, srt, 9223372036854775807), 0)",
+            "tl.store(flag_row + offs, (m & (key >= last)).to(tl.int8), mask=m)"]
+    if strategy == "bisect":
+        return _total_lines() + [
+            "lo = tl.zeros([1], tl.float32).sum(0)",
+            "hi = wmax * 2.0 + 1e-30",  # strictly above every weight: hi never holds mass p
+            "go = hi < lo" if keep_all else "go = hi > lo",
+            "it = tl.zeros([1], tl.int32).sum(0)",
+            "while go:",
+            "    mid = (lo + hi) * 0.5",
+            "    mass = tl.zeros([1], tl.float64).sum(0)",
+            "    vmin_a = hi + 0.0", "    vmax_a = lo - 1.0",
+            "    vmin_b = hi + 0.0", "    vmax_b = lo - 1.0",
+            "    for start in range(0, n, BLOCK):",
+            "        offs = start + tl.arange(0, BLOCK)",
+            "        v = tl.load(row_ptr + offs, mask=offs < n, other=0.0)",
+            "        mass += tl.sum(tl.where(v >= mid, v, 0.0).to(tl.float64), 0)",
+            "        ina = (v >= lo) & (v < mid) & (offs < n)",
+            "        inb = (v >= mid) & (v < hi) & (offs < n)",
+            "        vmin_a = tl.minimum(vmin_a, tl.min(tl.where(ina, v, float('inf')), 0))",
+            "        vmax_a = tl.maximum(vmax_a, tl.max(tl.where(ina, v, float('-inf')), 0))",
+            "        vmin_b = tl.minimum(vmin_b, tl.min(tl.where(inb, v, float('inf')), 0))",
+            "        vmax_b = tl.maximum(vmax_b, tl.max(tl.where(inb, v, float('-inf')), 0))",
+            "    up = mass >= P",
+            "    lo = tl.where(up, mid, lo)", "    hi = tl.where(up, hi, mid)",
+            "    single = tl.where(up, vmin_b >= vmax_b, vmin_a >= vmax_a)",
+            "    it += 1",
+            "    go = (hi - lo > EPS) & (it < ITERS)",
+            "    if EARLY:", "        go = go & (single == 0)",
+            "for start in range(0, n, BLOCK):",
+            "    offs = start + tl.arange(0, BLOCK)", "    m = offs < n",
+            "    v = tl.load(row_ptr + offs, mask=m, other=0.0)",
+            "    tl.store(flag_row + offs, (m & (v >= lo) & (v > 0)).to(tl.int8), mask=m)"]
+    return _total_lines() + [
+        "thr, above = _tw_radix(row_ptr, n, P, hist_ptr + pid * (1 << BITS), False, True, True, "
+        "BITS, NPASS, PAD, BLOCK)",
+        "t = _tw_key_value(thr, PAD).to(tl.float64)",
+        "mt = tl.where(t > 0, tl.ceil((P - above) / tl.where(t > 0, t, 1.0)), 0.0)",
+        "mt = tl.minimum(mt, 2147483647.0).to(tl.int32)",
+    ] + (["thr = thr * 0", "mt = mt * 0 + 2147483647"] if keep_all else []) + [
+        "_tw_flag_ranked(row_ptr, n, thr, mt, flag_row, False, True, PAD, BLOCK)"]
+
+
+def gen_decide(c: Ctx, stage: int, row_block: int) -> KernelSpec:
+    pr, sh, sc = c.p.prune[stage], c.shape, c.schedule
+    strategy = sc["top_p_strategy"]
+    bits = sc.get("radix_bits", 8) if pr.rule == "top_p" else sc["select_radix_bits"]
+    npass, pad = radix_passes(bits)
+    args = [("w_ptr", "*fp32"), ("ccnt_ptr", "*i32"), ("kunits_ptr", "*i32"),
+            ("scr_ptr", "*fp32"), ("hist_ptr", "*fp64"), ("flag_ptr", "*i8"), ("C", "i32")]
+    body = ["pid = tl.program_id(0)", "b = pid // ROWS"] + _merge_lines(pr)
+    body.append("flag_row = flag_ptr + pid.to(tl.int64) * C")
+    if pr.rule == "top_p":
+        body += _top_p_lines(strategy, pr.p)
+    elif pr.rule == "top_k":
+        body += ["k = tl.load(kunits_ptr + b)",
+                 "thr, above = _tw_radix(row_ptr, n, k.to(tl.float64), hist_ptr + pid * "
+                 "(1 << BITS), False, False, True, BITS, NPASS, PAD, BLOCK)",
+                 "_tw_flag_ranked(row_ptr, n, thr, k - above.to(tl.int32), flag_row, False, "
+                 "True, PAD, BLOCK)"]
+    else:
+        body += ["for start in range(0, n, BLOCK):",
+                 "    offs = start + tl.arange(0, BLOCK)", "    m = offs < n",
+                 "    v = tl.load(row_ptr + offs, mask=m, other=0.0)",
+                 f"    tl.store(flag_row + offs, (m & (v >= {float(pr.threshold)!r})).to(tl.int8),"
+                 " mask=m)"]
+    stop = sc.get("bisect_stop", "eps")
+    consts = dict(HQ=sh.q_heads, G=sh.group_size, ROWS=prune_rows(pr, sh),
+                  PMASS=float(pr.p or 1.0),
+                  EPS=float(sc.get("bisect_eps", 0.0)) if stop == "eps" else 0.0,
+                  ITERS=int(sc.get("bisect_iters", 64)) if stop == "iters" else 64,
+                  EARLY=int(stop == "eps"), BITS=bits, NPASS=npass, PAD=pad,
+                  BLOCK=sc["scan_block"], ROWB=row_block)
+    return make_kernel("prune", f"prune{stage}_decide", args, consts, body, sc["scan_warps"], 1)
+
+
+def gen_compact(c: Ctx, stage: int) -> KernelSpec:
+    pr, sh, keep = c.p.prune[stage], c.shape, c.p.keep
+    frow = {"mean": "(b * ROWS + h // G)", "max": "(b * ROWS + h // G)",
+            "union": "(b * ROWS + h // G * G + gi)"}.get(pr.group, "(b * ROWS + h)")
+    load = (f"tl.load(flag_ptr + {frow}.to(tl.int64) * C + j, mask=m, other=0) != 0")
+    args = [("flag_ptr", "*i8"), ("cidx_ptr", "*i32"), ("ccnt_ptr", "*i32"), ("len_ptr", "*i32"),
+            ("idx_ptr", "*i32"), ("cnt_ptr", "*i32"), ("C", "i32")]
+    body = ["pid = tl.program_id(0)", "b = pid // HQ", "h = pid % HQ",
+            "n = tl.load(ccnt_ptr + pid)", "L = tl.load(len_ptr + b)",
+            "run = tl.zeros([1], tl.int32).sum(0)",
+            "out_row = idx_ptr + pid.to(tl.int64) * C",
+            "for start in range(0, n, BLOCK):",
+            "    j = start + tl.arange(0, BLOCK)", "    m = j < n",
+            "    tok = tl.load(cidx_ptr + pid.to(tl.int64) * C + j, mask=m, other=0)",
+            "    keep = (tok < SINK) | (tok >= L - WINDOW)"]
+    if pr.group == "union":
+        body += ["    for gi in tl.static_range(G):", f"        keep = keep | ({load})"]
+    else:
+        body.append(f"    keep = keep | ({load})")
+    body += ["    keep = keep & m",
+             "    pos = run + tl.cumsum(keep.to(tl.int32), 0) - 1",
+             "    tl.store(out_row + pos, tok, mask=keep)",
+             "    run += tl.sum(keep.to(tl.int32), 0)",
+             "tl.store(cnt_ptr + pid, run)",
+             "for start in range(run, C, BLOCK):",
+             "    j = start + tl.arange(0, BLOCK)",
+             "    tl.store(out_row + j, tl.full([BLOCK], -1, tl.int32), mask=j < C)"]
+    consts = dict(HQ=sh.q_heads, G=sh.group_size, ROWS=prune_rows(pr, sh), SINK=keep.sink,
+                  WINDOW=keep.window, BLOCK=c.schedule["scan_block"])
+    return make_kernel("prune", f"prune{stage}_compact", args, consts, body,
+                       c.schedule["scan_warps"], 1)
