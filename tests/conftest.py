@@ -12,6 +12,15 @@ may use them too.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Triton decides per function, at decoration time, whether to interpret: the interpreter must be
+# on before anything (a backend lookup at collection, say) imports triton. GPU tests in the
+# same session launch compiled kernels all the same (see compiler/triton/loader.py).
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
