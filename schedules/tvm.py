@@ -29,3 +29,12 @@ TVM = TVM_KERNELS + TOP_P
 
 def default_schedule() -> dict:
     return TVM.default()
+
+
+def space(p, shape, target) -> Space:
+    """The parameters that matter for ``p`` on ``target``: no CPU thread count on cuda, no
+    thread-block size on llvm, no top-p knobs without a top-p pruner."""
+    drop = {"cuda_threads"} if target.kind == "llvm" else {"threads"}
+    if not any(pr.rule == "top_p" for pr in p.prune):
+        drop |= {q.name for q in TOP_P.params}
+    return Space(f"tvm:{target.kind}", tuple(q for q in TVM.params if q.name not in drop))
