@@ -94,24 +94,26 @@ def run(args) -> int:
 
     args.dump.mkdir(parents=True, exist_ok=True)
     (args.dump / "ir.json").write_text(canonical_json(pipe.ir))
-    resources = write_artifacts(compiled.artifacts, args.dump)
+    resources = write_artifacts(backend.dump_artifacts(compiled, target), args.dump,
+                                source_ext=getattr(backend, "source_ext", "src"))
     (args.dump / "resources.json").write_text(json.dumps(resources, indent=1))
     table = Table("stage", "kernel", "files", "registers", "spills", "shared bytes")
     for r in resources:
-        table.add_row(r["stage"], r["name"], " ".join(r["files"]), *(
+        exts = " ".join(f.removeprefix(r["name"] + ".") for f in r["files"])
+        table.add_row(r["stage"], r["name"], exts, *(
             str(r["metadata"].get(k, "—")) for k in ("registers", "spills", "shared")))
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
     Console().print(f"wrote {len(resources)} kernels to {args.dump}")
     return 0
 
 
-def write_artifacts(artifacts, root: Path) -> list[dict]:
+def write_artifacts(artifacts, root: Path, source_ext: str = "src") -> list[dict]:
     out = []
     for a in artifacts:
         folder = root / a.stage
         folder.mkdir(parents=True, exist_ok=True)
         names = []
-        for ext, data in {"src": a.source, **a.files}.items():
+        for ext, data in {source_ext: a.source, **a.files}.items():
             path = folder / f"{a.name}.{ext}"
             if isinstance(data, bytes):
                 path.write_bytes(data)

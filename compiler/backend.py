@@ -87,6 +87,11 @@ class Backend(abc.ABC):
             return mod.space(p, shape, target)
         return getattr(mod, self.name.upper())
 
+    def dump_artifacts(self, compiled: Compiled, target: Target) -> list[Artifact]:
+        """Every kernel of ``compiled`` with all its intermediates, for ``twilightc compile
+        --dump`` (a backend that compiles lazily does the work here)."""
+        return list(compiled.artifacts)
+
     def check_schedule(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict,
                        device) -> str | None:
         """Why ``schedule`` cannot run on ``device`` (a ``DeviceProfile``: shared memory,

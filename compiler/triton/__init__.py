@@ -34,6 +34,7 @@ CODEGEN_VERSION = "1"
 @register_backend
 class TritonBackend(Backend):
     name = "triton"
+    source_ext = "py"  # what the generated source is, for --dump
 
     def supports(self, target: Target) -> bool:
         return target.kind in ("interpret", "cuda")
@@ -49,3 +50,10 @@ class TritonBackend(Backend):
 
     def version_stamp(self) -> dict[str, str]:
         return {"triton": triton.__version__, "twilight_triton_codegen": CODEGEN_VERSION}
+
+    def dump_artifacts(self, compiled, target: Target):
+        """On a cuda target, AOT-compile every kernel (ttir … cubin, registers, spills)."""
+        if target.kind != "cuda":
+            return list(compiled.artifacts)
+        from .aot import compile_artifacts
+        return compile_artifacts(compiled, target)
