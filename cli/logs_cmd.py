@@ -63,19 +63,19 @@ def run(args) -> int:
 def _show(entries) -> int:
     from rich.console import Console
     from rich.table import Table
-    table = Table("device", "pipeline", "key", "backend", "shape", "bucket", "best ms",
+    table = Table("device", "pipeline", "key", "backend", "heads×dim", "bucket", "best ms",
                   "default ms", "dense ms", "trials", "schedule", "date")
     for _path, data, e in entries:
         s = e["shape"]
         for r in e["buckets"]:
             table.add_row(data["device"] + ("" if e.get("measured", True) else " (model)"),
                           data["pipeline"], e["pipeline_key"][:10], e["backend"],
-                          f"{s['q_heads']}/{s['kv_heads']}×{s['head_dim']} {s['dtype']}",
+                          f"{s['q_heads']}/{s['kv_heads']}×{s['head_dim']}",
                           r["bucket"], str(r["latency_ms"]), str(r["default_latency_ms"]),
                           str(r["dense_latency_ms"]), str(r["trials"]),
                           ", ".join(f"{k}={v}" for k, v in (r["schedule"] or {}).items()),
                           e.get("date", "")[:10])
-    Console().print(table)
+    Console(width=max(Console().width, 180)).print(table)
     return 0
 
 

@@ -65,6 +65,9 @@ def register(sub) -> None:
     p.add_argument("--sampler", default="tpe", choices=("tpe", "grid", "random"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=10, help="timed runs per trial (median)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="trials run at once in this process (compiles overlap; on the CPU "
+                        "timings then disturb each other). Many machines: share --storage.")
     p.add_argument("--log-dir", default=None, metavar="DIR",
                    help="tuning log root (default: $TWILIGHT_TUNING_LOGS)")
     p.set_defaults(run=run)
@@ -109,5 +112,5 @@ def run(args) -> int:
     root = Path(args.log_dir) if args.log_dir else user_root()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host_cpu": platform.processor() or platform.machine()}
-    run_tune(cfg, root, meta, Console())
+    run_tune(cfg, root, meta, Console(width=max(Console().width, 120)), workers=args.workers)
     return 0

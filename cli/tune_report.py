@@ -33,7 +33,8 @@ def dense_sdpa_ms(cfg: TuneConfig, bucket) -> float:
     return median_time(fn, repeats=cfg.repeats) * 1e3
 
 
-def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, console: Console) -> list[dict]:
+def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, console: Console,
+             workers: int = 1) -> list[dict]:
     backend = get_backend(cfg.backend)
     space = backend.space(cfg.pipeline, cfg.shape, cfg.target)
     storage = open_storage(cfg.storage, Path(cfg.storage))
@@ -54,10 +55,11 @@ def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, console: Console) -> l
                 b = best_trial(study)
                 bar.update(task, completed=len(study.trials),
                            best=f"{b.value:.3f} ms" if b else "—")
-            study = tune_bucket(cfg, bucket, space, storage, check, left, progress)
+            study = tune_bucket(cfg, bucket, space, storage, check, left, progress,
+                                workers=workers)
             progress(study, None)
             records.append(_record(cfg, bucket, study, space))
-    _print_table(console, records)
+    _print_table(console, records, space.default())
     path = write_entry(log_root, cfg.device.name, cfg.pipeline.name, {
         "pipeline_key": cfg.pipeline.key(), "backend": cfg.backend,
         "target": str(cfg.target), "shape": shape_dict(cfg.shape), "measured": True,
@@ -84,14 +86,19 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "—"
 
 
-def _print_table(console: Console, records: list[dict]) -> None:
+def _print_table(console: Console, records: list[dict], default: dict) -> None:
     table = Table("bucket", "best ms", "default ms", "dense SDPA ms", "vs default", "vs dense",
-                  "trials (failed/pruned)", "winning schedule")
+                  "trials (failed/pruned)", "winner: changes from the default schedule")
     for r in records:
-        sched = ", ".join(f"{k}={v}" for k, v in (r["schedule"] or {}).items())
+        changes = {k: v for k, v in (r["schedule"] or {}).items() if default.get(k) != v}
+        sched = ", ".join(f"{k}={v}" for k, v in changes.items()) if r["schedule"] else \
+            "no schedule passed the gate"
         table.add_row(r["bucket"], str(r["latency_ms"]), str(r["default_latency_ms"]),
                       str(r["dense_latency_ms"]),
                       _ratio(r["default_latency_ms"], r["latency_ms"]),
                       _ratio(r["dense_latency_ms"], r["latency_ms"]),
-                      f"{r['trials']} ({r['failed']}/{r['pruned']})", sched or "none passed")
+                      f"{r['trials']} ({r['failed']}/{r['pruned']})", sched or "(the default)")
     console.print(table)
+    for r in records:
+        if r["schedule"] is not None and r["latency_ms"] == r["default_latency_ms"]:
+            console.print(f"{r['bucket']}: the default schedule was already the best found.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,10 +131,22 @@ def recover_stale_trials(study: optuna.Study) -> int:
     return n
 
 
+def _counts(t: optuna.trial.FrozenTrial) -> bool:
+    return t.user_attrs.get("error") != "worker died; retried" and \
+        "duplicate_of" not in t.user_attrs
+
+
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count toward the budget: finished ones, less those retried after a crash."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
-               if t.user_attrs.get("error") != "worker died; retried")
+    """Trials that count toward the budget: finished ones, less those retried after a crash
+    and proposals that merely repeated an earlier schedule."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if _counts(t))
+
+
+def _duplicate_of(study: optuna.Study, schedule: dict, number: int) -> int | None:
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        if t.number != number and _counts(t) and t.params == schedule:
+            return t.number
+    return None
 
 
 # ---- the objective ----------------------------------------------------------------------------------
@@ -159,6 +172,10 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", _WORKER)
         schedule = suggest(trial, self.space)
+        dup = _duplicate_of(trial.study, schedule, trial.number)
+        if dup is not None:  # measured already: do not spend the budget twice
+            trial.set_user_attr("duplicate_of", dup)
+            raise optuna.TrialPruned(f"same schedule as trial {dup}")
         illegal = self.check(schedule)
         if illegal:
             trial.set_user_attr("illegal", illegal)
@@ -184,21 +201,30 @@ class Objective:
 def tune_bucket(cfg: TuneConfig, bucket: ShapeBucket, space: Space, storage,
                 check: Callable[[dict], str | None] = lambda s: None,
                 timeout: float | None = None,
-                callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) \
-        -> optuna.Study:
-    """Run (or resume) the study of one bucket until it has ``cfg.trials`` finished trials."""
-    study = optuna.create_study(study_name=study_name(cfg, bucket), storage=storage,
-                                direction="minimize", load_if_exists=True,
-                                sampler=make_sampler(cfg.sampler, cfg.seed, space))
+                callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+                workers: int = 1) -> optuna.Study:
+    """Run (or resume) the study of one bucket until it has ``cfg.trials`` finished trials.
+
+    ``workers`` > 1 runs trials in threads (compiles overlap; on a CPU device the timings of
+    concurrent trials disturb each other — use one machine per worker with an RDB storage)."""
+    name = study_name(cfg, bucket)
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                                load_if_exists=True)
+    # a resumed study continues a fresh random stream instead of replaying the first one
+    study.sampler = make_sampler(cfg.sampler, cfg.seed + len(study.trials), space)
     recover_stale_trials(study)
     for schedule in [space.default(), *cfg.warm_start]:
         study.enqueue_trial(space.complete(schedule), skip_if_exists=True)
-    remaining = cfg.trials - finished_count(study)
-    if remaining > 0:
-        problem = make_problem(cfg.pipeline, cfg.shape, bucket, seed=cfg.seed)
-        study.optimize(Objective(cfg, space, problem, check), n_trials=remaining,
-                       timeout=timeout, catch=(Exception,),
-                       callbacks=[callback] if callback else None)
+    objective, deadline = None, None if timeout is None else time.monotonic() + timeout
+    for _ in range(space.size()):  # duplicates do not count; a small space can run dry
+        remaining = min(cfg.trials - finished_count(study), space.size() - finished_count(study))
+        left = None if deadline is None else deadline - time.monotonic()
+        if remaining <= 0 or (left is not None and left <= 0):
+            break
+        objective = objective or Objective(cfg, space, make_problem(
+            cfg.pipeline, cfg.shape, bucket, seed=cfg.seed), check)
+        study.optimize(objective, n_trials=remaining, timeout=left, catch=(Exception,),
+                       n_jobs=workers, callbacks=[callback] if callback else None)
     return study
 
 

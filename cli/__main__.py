@@ -1,0 +1,7 @@
+"""``python -m twilight.cli``: the same as the ``twilightc`` console script."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

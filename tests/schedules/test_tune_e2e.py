@@ -1,0 +1,136 @@
+"""`twilightc tune` end to end on the CPU with the TVM backend, at toy sizes: a real study on
+real storage, the gate, the tuning log, and resumption after a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import twilight as tw
+from twilight.cli import main
+from twilight.compiler.backend import Backend, get_backend, register_backend
+from twilight.runtime import knobs
+from twilight.runtime.measure import ShapeBucket
+from twilight.runtime.tuning_log import find_schedule
+from twilight.schedules.devices import PROFILES
+from twilight.schedules.tuner import TuneConfig, best_trial, open_storage, tune_bucket
+
+HEADS = "q_heads=4,kv_heads=2,head_dim=32,dtype=float32"
+PIPE = "quest_twilight(budget=128)"
+
+
+@pytest.fixture()
+def dirs(tmp_path):
+    with knobs.scope(data_dir=tmp_path / "data", tuning_logs=tmp_path / "logs",
+                     cache_dir=tmp_path / "cache"):
+        yield tmp_path
+
+
+def _tune_args(extra=()):
+    return ["tune", "--gpu", "cpu", "--pipeline", PIPE, "--head-shape", HEADS,
+            "--shapes", "1x512", "--repeats", "3", *extra]
+
+
+def test_tune_writes_a_log_that_load_finds(dirs, capsys):
+    assert main(_tune_args(["--trials", "4"])) == 0
+    out = capsys.readouterr().out
+    assert "b1_t512" in out and "tuning log" in out
+    pipe = tw.builtins.quest_twilight(budget=128)
+    shape = tw.Shape(4, 2, 32, 16, "float32")
+    rec, entry = find_schedule(pipe.ir, "cpu", shape, ShapeBucket(1, 600),
+                               roots=[dirs / "logs"])
+    assert entry["measured"] and entry["backend"] == "tvm" and rec["trials"] == 4
+    assert rec["latency_ms"] <= rec["default_latency_ms"] and rec["dense_latency_ms"] > 0
+    study = optuna.load_study(study_name=rec["study"], storage=open_storage(
+        entry["storage"], dirs / "x"))
+    assert study.trials[0].params == get_backend("tvm").space(
+        pipe.ir, shape, tw.compiler.backend.Target("llvm")).default()  # default tried first
+
+
+class _WrongWhenSplit(Backend):
+    """The TVM backend with a fault injected: split_kv=2 schedules return a wrong answer."""
+
+    name = "tvm_faulty"
+
+    def supports(self, target):
+        return get_backend("tvm").supports(target)
+
+    def lower(self, p, shape, schedule, target):
+        compiled = get_backend("tvm").lower(p, shape, schedule, target)
+        if schedule.get("split_kv") != 2:
+            return compiled
+        run = compiled.run
+
+        def wrong(*a, **k):
+            res = run(*a, **k)
+            return (res[0] * 1.5, res[1]) if isinstance(res, tuple) else res * 1.5
+        compiled.run = wrong
+        return compiled
+
+    def version_stamp(self):
+        return {}
+
+    def space(self, p, shape, target):
+        from twilight.schedules.space import Space
+        full = get_backend("tvm").space(p, shape, target)
+        return Space("small", tuple(q for q in full.params if q.name in ("split_kv",)))
+
+
+def test_gate_failures_are_recorded_and_never_win(dirs):
+    register_backend(_WrongWhenSplit)
+    pipe = tw.builtins.quest_twilight(budget=128)
+    cfg = TuneConfig(pipe.ir, tw.Shape(4, 2, 32, 16, "float32"), [ShapeBucket(1, 256)],
+                     "tvm_faulty", PROFILES["cpu"], trials=4, sampler="grid", repeats=2)
+    space = _WrongWhenSplit().space(pipe.ir, cfg.shape, cfg.target)
+    study = tune_bucket(cfg, cfg.buckets[0], space,
+                        open_storage(str(dirs / "s.db"), dirs / "x"))
+    failed = [t for t in study.trials if t.params.get("split_kv") == 2]
+    assert failed and all(t.state == TrialState.FAIL for t in failed)
+    assert "differs from the reference" in failed[0].user_attrs["gate"]
+    assert best_trial(study).params["split_kv"] != 2
+
+
+def test_killed_tune_resumes_without_losing_or_repeating_trials(dirs):
+    env = {**os.environ, "TWILIGHT_DATA_DIR": str(dirs / "data"),
+           "TWILIGHT_TUNING_LOGS": str(dirs / "logs"), "TWILIGHT_CACHE_DIR": str(dirs / "c")}
+    args = [sys.executable, "-m", "twilight.cli", *_tune_args(["--trials", "8", "--repeats",
+                                                                "200"])]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    journal = dirs / "data" / "studies" / "cpu" / "quest_twilight.journal"
+    deadline = time.monotonic() + 120
+    done = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if journal.exists():
+            try:
+                study = optuna.load_study(study_name=None, storage=open_storage(str(journal),
+                                                                               journal))
+            except ValueError:  # the study is not created yet
+                continue
+            done = sum(t.state == TrialState.COMPLETE for t in study.trials)
+            if done >= 2:
+                break
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = optuna.load_study(study_name=None, storage=open_storage(str(journal), journal))
+    finished_before = [t.params for t in before.trials if t.state == TrialState.COMPLETE]
+    assert 2 <= len(finished_before) < 8
+
+    subprocess.run(args[:-2], env=env, check=True, capture_output=True)  # quick repeats
+    after = optuna.load_study(study_name=None, storage=open_storage(str(journal), journal))
+    complete = [t for t in after.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 8  # the budget, exactly: nothing lost
+    assert [t.params for t in complete[: len(finished_before)]] == finished_before
+    keys = [json.dumps(t.params, sort_keys=True) for t in complete]
+    retried = [t for t in after.trials if t.user_attrs.get("retry_of") is not None]
+    assert len(keys) - len(set(keys)) <= len(retried)  # only a cut-off trial runs again
+    assert not [t for t in after.trials if t.state == TrialState.RUNNING]
