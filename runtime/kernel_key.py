@@ -103,7 +103,42 @@ def toolchain_stamps(backend: str, target: Any = None) -> dict[str, str]:
         stamps["nvcc"] = nvcc_version()
     elif kind in ("llvm", "cpu"):
         stamps["machine"] = platform.machine()
+        if not str(target).partition(":")[2]:  # code for "the host CPU": key on its features
+            stamps["host_cpu"] = host_cpu_stamp()
     return stamps
+
+
+@functools.cache
+def host_cpu_stamp() -> str:
+    """A short hash of this CPU's model and instruction-set flags (``/proc/cpuinfo``), so a
+    cache shared between machines never hands AVX-512 code to a CPU without it; without
+    ``/proc/cpuinfo``, the platform's processor string."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    lines = sorted({line.split(":", 1)[1].strip() for line in text.splitlines()
+                    if line.split(":", 1)[0].strip() in ("model name", "flags", "Features",
+                                                         "CPU part")})
+    basis = "\n".join(lines) or f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(basis.encode()).hexdigest()[:16]
+
+
+def source_stamp(*paths: str | os.PathLike[str]) -> str:
+    """sha256 (16 hex digits) of the ``.py`` files at ``paths`` (files, or directories taken
+    non-recursively), by relative name and content: a backend keys its entries on its own
+    code generators with it, so editing a generator invalidates what it generated.
+
+    >>> len(source_stamp(Path(__file__)))
+    16
+    """
+    h = hashlib.sha256()
+    for base in map(Path, paths):
+        files = sorted(base.glob("*.py")) if base.is_dir() else [base]
+        for f in files:
+            h.update(f"{f.parent.name}/{f.name}\0".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def twilight_version() -> str:

@@ -20,7 +20,9 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import threading
+from pathlib import Path
 
 from ...schedules.tvm import TVM
 from .. import ir
@@ -36,6 +38,7 @@ _LOCK = threading.Lock()
 @register_backend
 class TVMBackend(Backend):
     name = "tvm"
+    source_ext = "tvmscript.py"  # what the generated source is, for --dump
 
     def supports(self, target: Target) -> bool:
         return target.kind in ("llvm", "cuda")
@@ -59,6 +62,15 @@ class TVMBackend(Backend):
         return out
 
     def version_stamp(self) -> dict[str, str]:
-        import tvm  # noqa: PLC0415
+        """TVM's version (from package metadata: no 4 s import) and a hash of this backend's
+        own generators, so that editing one invalidates the kernel cache entries it made."""
+        return _version_stamp()
 
-        return {"tvm": tvm.__version__, "twilight_tvm_codegen": "1"}
+
+@functools.cache
+def _version_stamp() -> dict[str, str]:
+    from ...runtime.kernel_key import _dist_version, source_stamp  # noqa: PLC0415
+
+    here = Path(__file__).resolve().parent
+    return {"tvm": _dist_version("apache-tvm", "tvm"), "twilight_tvm_codegen": "1",
+            "codegen_sources": source_stamp(here, here.parent / "ir.py")}

@@ -65,7 +65,10 @@ class KernelSource:
 
 @dataclass
 class Kernel:
-    """A compiled kernel: call it with torch tensors (zero copy through DLPack)."""
+    """A compiled kernel: call it with torch tensors (zero copy through DLPack).
+
+    ``executable`` is a ``tvm.runtime.Executable`` when built here, or a ``tvm_ffi`` module
+    loaded from an exported library (``library.py``; then ``prim_func`` is None)."""
 
     source: KernelSource
     target: Target
@@ -82,6 +85,10 @@ class Kernel:
         self._fn(*args)
 
     def artifact(self) -> Artifact:
+        if self.prim_func is None:  # loaded from an exported library: only the source is here
+            return Artifact(self.source.stage, self.source.name, self.source.text,
+                            files={"tir": self.source.text},
+                            metadata={"target": str(self.target), "loaded": True})
         return Artifact(self.source.stage, self.source.name, self.source.text,
                         files=artifact_files(self), metadata={"target": str(self.target)})
 

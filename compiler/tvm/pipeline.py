@@ -37,12 +37,15 @@ class Plan:
 
 
 class TVMCompiled(Compiled, AppendMixin):
-    def __init__(self, ctx: StageCtx, target):
+    def __init__(self, ctx: StageCtx, target, kernels: dict[str, Kernel] | None = None):
+        """Builds every stage kernel, or takes ``kernels`` (name → Kernel, e.g. loaded from an
+        exported library by ``library.load_pipeline``) as they are."""
         ctx.check_supported()
         self.ctx, self.target, self.p = ctx, target, ctx.p
-        self.kernels: dict[str, Kernel] = {}
-        for src in self._sources():
-            self.kernels[src.name] = build(src, target, int(ctx.sched.get("threads", 0)))
+        self.kernels: dict[str, Kernel] = dict(kernels or {})
+        if kernels is None:
+            for src in self._sources():
+                self.kernels[src.name] = build(src, target, int(ctx.sched.get("threads", 0)))
         sel = self.p.select
         exprs = [sel.score.expr] if sel and sel.score else []
         self.tables = [aligned(torch.tensor(table_rows(t, ctx.HKV), dtype=torch.int32))
@@ -54,23 +57,7 @@ class TVMCompiled(Compiled, AppendMixin):
         self._artifacts: list[Artifact] | None = None
 
     def _sources(self):
-        ctx, sel = self.ctx, self.p.select
-        if sel is not None and sel.score is not None:
-            yield gen_score(ctx)
-            yield gen_rank(ctx)
-        yield gen_candidates(ctx)
-        for i, _ in enumerate(self.p.prune):
-            yield gen_estimate(ctx, i)
-            yield gen_decide(ctx, i)
-            yield gen_kept(ctx, i)
-        yield gen_attend(ctx)
-        if splits(ctx) > 1:
-            yield gen_combine(ctx)
-        for summ in self.p.summaries():
-            yield gen_summaries(ctx, summ)
-        for e in self.p.estimators():
-            if e.kind == "quantized":
-                yield (gen_token_codes if e.granularity == "token" else gen_page_codes)(ctx, e.bits)
+        return pipeline_sources(self.ctx)
 
     @property
     def artifacts(self) -> list[Artifact]:
@@ -213,6 +200,28 @@ class TVMCompiled(Compiled, AppendMixin):
             self.kernels["attend"](*args, bufs["pacc"], bufs["pml"])
             self.kernels["combine"](bufs["pacc"], bufs["pml"], out)
         return out
+
+
+def pipeline_sources(ctx: StageCtx):
+    """The TVMScript of every kernel a pipeline needs, in call order (text only: cheap)."""
+    p = ctx.p
+    sel = p.select
+    if sel is not None and sel.score is not None:
+        yield gen_score(ctx)
+        yield gen_rank(ctx)
+    yield gen_candidates(ctx)
+    for i, _ in enumerate(p.prune):
+        yield gen_estimate(ctx, i)
+        yield gen_decide(ctx, i)
+        yield gen_kept(ctx, i)
+    yield gen_attend(ctx)
+    if splits(ctx) > 1:
+        yield gen_combine(ctx)
+    for summ in p.summaries():
+        yield gen_summaries(ctx, summ)
+    for e in p.estimators():
+        if e.kind == "quantized":
+            yield (gen_token_codes if e.granularity == "token" else gen_page_codes)(ctx, e.bits)
 
 
 def _fit(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

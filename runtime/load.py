@@ -1,0 +1,333 @@
+"""``twilight.load``: a tuned, compiled decode pipeline in one call.
+
+``load(pipeline, device, shape, backend)`` picks the schedule from the tuning logs (the user's
+over the shipped ones, nearest shape bucket; the backend's default where none matches, said
+once), gets the kernels through the :class:`~twilight.runtime.kernel_cache.KernelCache` (built
+on a miss, under a per-key file lock, so many processes asking at once build once) and returns a
+:class:`DecodePipeline` with ``plan()`` (once per batch shape) and ``run()`` (every step).
+
+How each backend's kernels live in the cache:
+
+* **tvm** (llvm target): one entry per (pipeline, shape, schedule, target): a shared library per
+  kernel (``export_library``) and an index of the TVMScript each was built from
+  (``twilight.compiler.tvm.library``). A warm load opens the libraries with ``tvm_ffi``: no
+  TVMScript parse, no ``tvm.compile``, not even ``import tvm``.
+* **triton**: lowered in process (Triton keeps its own compiled-kernel cache);
+  TODO: put Triton's cache dir and the generated sources in a KernelCache entry once the
+  backend has landed.
+
+An entry that fails its checksums is rebuilt with a warning (``KernelCache``); one whose
+libraries do not match the pipeline's generated sources, or do not load, likewise. With
+``TWILIGHT_DISABLE_COMPILE=1`` a miss raises ``CacheMissError``.
+
+Example::
+
+    >>> import torch, twilight as tw
+    >>> pipe = tw.load(tw.builtins.quest_twilight(budget=64), shape=tw.Shape(8, 2, 64, 16,
+    ...                "float32"), backend="tvm")                     # doctest: +SKIP
+    >>> cache = pipe.make_cache()                                      # doctest: +SKIP
+    >>> rid = cache.add_request()                                      # doctest: +SKIP
+    >>> cache.append(torch.randn(2, 300, 64), torch.randn(2, 300, 64), rid)  # doctest: +SKIP
+    >>> pipe.plan(batch=1, max_context=4096)                           # doctest: +SKIP
+    >>> pipe.run(torch.randn(1, 8, 64), cache).shape                   # doctest: +SKIP
+    torch.Size([1, 8, 64])
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..compiler import ir
+from ..compiler.backend import Compiled, Target, get_backend
+from ..compiler.stages import StageInputs
+from ..compiler.verify import verify
+from ..frontend.errors import InputError
+from ..schedules.devices import DeviceProfile, resolve_device
+from . import tuning_log
+from .kernel_cache import CorruptEntryWarning, KernelCache, cache_key, default_cache
+from .measure import DTYPES, ShapeBucket
+from .paged_cache import PagedKVCache
+from .reference import as_ir, make_cache
+
+__all__ = ["DecodePipeline", "DefaultScheduleWarning", "kernel_key", "load", "pick_schedule"]
+
+log = logging.getLogger("twilight.load")
+
+
+class DefaultScheduleWarning(UserWarning):
+    """No tuning log matched: the backend's default schedule is used (said once per pipeline)."""
+
+
+_TOLD: set[tuple] = set()
+
+
+def pick_schedule(p: ir.PipelineIR, device: DeviceProfile, shape: ir.Shape, bucket: ShapeBucket,
+                  backend: str) -> tuple[dict, str]:
+    """``(schedule, where it came from)``: the nearest bucket of a tuning log (user logs first,
+    then shipped ones), else ``{}`` — the backend's defaults — with a one-time warning."""
+    found = tuning_log.find_schedule(p, device.name, shape, bucket, backend)
+    if found is not None:
+        rec, _ = found
+        return dict(rec["schedule"]), f"tuning log {device.name}/{p.name} bucket {rec['bucket']}"
+    told = (p.key(), device.name, shape, backend)
+    if told not in _TOLD:
+        _TOLD.add(told)
+        msg = (f"twilight.load: no tuning log for pipeline {p.name!r} on {device.name} "
+               f"({backend}, {shape}); using the default schedule. 'twilightc tune' writes one.")
+        log.info(msg)
+        warnings.warn(msg, DefaultScheduleWarning, stacklevel=3)
+    return {}, "default"
+
+
+def full_schedule(backend: str, schedule: dict) -> dict:
+    """``schedule`` completed with the backend's defaults (what the kernels are built from)."""
+    mod = importlib.import_module(f"twilight.schedules.{backend}")
+    return getattr(mod, backend.upper()).complete(dict(schedule))
+
+
+def kernel_key(p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target,
+               backend: str):
+    """The kernel-cache key of a whole pipeline: IR key, full schedule, target, backend and its
+    version stamp (which hashes its own generators), toolchain stamps, and the shape."""
+    return cache_key(p.key(), full_schedule(backend, schedule), target, backend,
+                     _backend(backend).version_stamp(), extra={"shape": shape})
+
+
+def _backend(name: str):
+    """``get_backend(name)``, importing only that backend (importing triton costs 0.2 s)."""
+    try:
+        importlib.import_module(f"twilight.compiler.{name}")
+    except ImportError:
+        pass  # get_backend says which backends there are
+    return get_backend(name)
+
+
+def _target_for(backend: str, device: DeviceProfile) -> Target:
+    if device.kind == "cuda":
+        return Target("cuda", device.arch)
+    return Target("llvm") if backend == "tvm" else Target("interpret")
+
+
+# ---- the kernels: memory, then disk, then a build --------------------------------------------
+
+_MEMO: weakref.WeakKeyDictionary[KernelCache, dict[str, Callable[[], Compiled]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _tvm_compiled(p, shape, schedule, target, cache: KernelCache, key) -> tuple[Callable, str]:
+    from ..compiler.tvm import library  # noqa: PLC0415
+
+    built: dict[str, Compiled] = {}
+
+    def build(out) -> None:
+        built["c"] = _backend("tvm").lower(p, shape, schedule, target)
+        library.export_pipeline(built["c"], out)
+
+    describe = {"pipeline": p.name, "shape": str(shape), "backend": "tvm", "target": str(target)}
+    for attempt in (0, 1):
+        entry = cache.get_or_build(key, build, describe)
+        if "c" in built:
+            return _fresh(built["c"]), "built"
+        try:
+            loaded = library.load_pipeline(p, shape, schedule, target, entry)
+        except library.LibraryMismatch as e:
+            if attempt:
+                raise
+            warnings.warn(f"twilight kernel cache: entry {key[:16]} at {entry.path} does not "
+                          f"hold this pipeline's kernels ({e}); rebuilding it",
+                          CorruptEntryWarning, stacklevel=4)
+            cache.remove(key)
+            continue
+        return _fresh(loaded), "disk"
+    raise AssertionError("unreachable")
+
+
+def _fresh(c) -> Callable[[], Compiled]:
+    """New TVMCompiled objects over ``c``'s kernels: each load() gets its own plan state."""
+    return lambda: type(c)(c.ctx, c.target, c.kernels)
+
+
+def _compiled(p, shape, schedule, target, backend: str, cache: KernelCache) \
+        -> tuple[Compiled, str, str | None]:
+    """``(compiled pipeline, origin, key)``; origin is memory, disk, built or lowered."""
+    if backend != "tvm" or target.kind != "llvm":
+        # TODO(triton, tvm-cuda): a disk entry holding Triton's cache dir and sources; until
+        # then the backend lowers in process and Triton's own cache avoids recompiling.
+        return _backend(backend).lower(p, shape, schedule, target), "lowered", None
+    key = kernel_key(p, shape, schedule, target, backend)
+    memo = _MEMO.setdefault(cache, {})
+    if key in memo:
+        return memo[key](), "memory", key
+    make, origin = _tvm_compiled(p, shape, schedule, target, cache, key)
+    memo[key] = make
+    return make(), origin, key
+
+
+# ---- the user-facing object ------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    batch: int
+    context: int
+    q: torch.Tensor  # [B, Hq, D] aligned staging copy of the query
+    rows: torch.Tensor  # int64 [B] request ids (page-table rows)
+    page_table: torch.Tensor  # int32 [B, NP]
+    lengths64: torch.Tensor
+    lengths: torch.Tensor  # int32 [B]
+    ids: list[int] | None = None
+    table_width: int = -1  # cache.page_table columns at the last copy
+
+
+class DecodePipeline:
+    """A loaded decode pipeline: ``plan(batch, max_context)`` once per batch shape, then
+    ``run(q, cache, req)`` each step (``[B, Hq, D]`` in, ``[B, Hq, D]`` out).
+
+    Attributes: ``ir``, ``shape``, ``backend``, ``target``, ``schedule`` (complete),
+    ``schedule_source`` (a tuning log's bucket, or ``"default"``), ``key`` (the kernel-cache
+    key, None where the backend is not disk-cached yet) and ``origin`` (``"memory"``,
+    ``"disk"``, ``"built"`` or ``"lowered"``). Create with :func:`load`."""
+
+    def __init__(self, p: ir.PipelineIR, shape: ir.Shape, backend: str, target: Target,
+                 schedule: dict, schedule_source: str, compiled: Compiled, origin: str, key):
+        self.ir, self.shape, self.backend, self.target = p, shape, backend, target
+        self.schedule, self.schedule_source = schedule, schedule_source
+        self.compiled, self.origin, self.key = compiled, origin, key
+        self.dtype = DTYPES[shape.dtype]
+        self._plan: _Plan | None = None
+
+    def __repr__(self) -> str:
+        return (f"DecodePipeline({self.ir.name!r}, {self.shape}, backend={self.backend!r}, "
+                f"target='{self.target}', schedule from {self.schedule_source}, {self.origin})")
+
+    def make_cache(self, *, initial_pages: int = 64, device: str | torch.device = "cpu") \
+            -> PagedKVCache:
+        """An empty paged cache that keeps what this pipeline reads (its page summaries and
+        quantized keys), in the pipeline's dtype and KV layout."""
+        return make_cache(self.ir, self.shape.kv_heads, self.shape.head_dim, dtype=self.dtype,
+                          device=device, initial_pages=initial_pages)
+
+    def plan(self, batch: int, max_context: int, device: str | torch.device = "cpu") \
+            -> DecodePipeline:
+        """Size every buffer ``run`` needs for ``batch`` requests of up to ``max_context``
+        tokens: query staging, page-table rows, lengths, and the kernels' scratch. A later
+        ``run`` with another batch size, or a longer context, plans again by itself."""
+        if batch < 1 or max_context < 1:
+            raise InputError(f"plan: batch and max_context must be positive, got {batch}, "
+                             f"{max_context}")
+        s, i32 = self.shape, dict(dtype=torch.int32, device=device)
+        pages = math.ceil(max_context / self.ir.page_size)
+        self._plan = _Plan(batch, max_context,
+                           torch.empty(batch, s.q_heads, s.head_dim, dtype=self.dtype,
+                                       device=device),
+                           torch.empty(batch, dtype=torch.int64, device=device),
+                           torch.full((batch, pages), -1, **i32),
+                           torch.empty(batch, dtype=torch.int64, device=device),
+                           torch.empty(batch, **i32))
+        if hasattr(self.compiled, "plan"):
+            self.compiled.plan(batch, max_context)
+        return self
+
+    def _inputs(self, q: torch.Tensor, cache: PagedKVCache, req) -> StageInputs:
+        ids = cache.resolve_ids(req)
+        if q.dim() != 3 or tuple(q.shape[1:]) != (self.shape.q_heads, self.shape.head_dim) \
+                or q.shape[0] != len(ids) or q.dtype != self.dtype:
+            raise InputError(f"q: expected [{len(ids)}, {self.shape.q_heads}, "
+                             f"{self.shape.head_dim}] {self.dtype} (one row per request), got "
+                             f"{tuple(q.shape)} {q.dtype}")
+        pl = self._plan
+        if pl is None or pl.batch != len(ids):
+            pl = self.plan(len(ids), pl.context if pl else 4096, q.device)._plan
+        if pl.ids != ids:
+            pl.rows.copy_(torch.tensor(ids, dtype=torch.int64))
+            pl.ids, pl.table_width = list(ids), -1
+        torch.index_select(cache.lengths, 0, pl.rows, out=pl.lengths64)
+        longest = int(pl.lengths64.max())
+        if longest > pl.context:  # grow by doubling: a growing context re-plans rarely
+            pl = self.plan(pl.batch, max(longest, 2 * pl.context), q.device)._plan
+            return self._inputs(q, cache, req)
+        pl.lengths.copy_(pl.lengths64)
+        self._copy_table(pl, cache)
+        pl.q.copy_(q)
+        return StageInputs(pl.q, pl.page_table, pl.lengths, cache, ids)
+
+    @staticmethod
+    def _copy_table(pl: _Plan, cache: PagedKVCache) -> None:
+        width = min(cache.page_table.shape[1], pl.page_table.shape[1])
+        if width == pl.page_table.shape[1]:
+            torch.index_select(cache.page_table[:, :width], 0, pl.rows, out=pl.page_table)
+            return
+        if width != pl.table_width:
+            pl.page_table.fill_(-1)
+        pl.page_table[:, :width] = cache.page_table.index_select(0, pl.rows)
+        pl.table_width = width
+
+    def run(self, q: torch.Tensor, cache: PagedKVCache,
+            req: int | Sequence[int] | None = None) -> torch.Tensor:
+        """Attention output ``[B, Hq, D]`` for queries ``q [B, Hq, D]`` of requests ``req``
+        (default: every live request, by id) over ``cache``. Every stage is one kernel call
+        over all requests and heads; only the output is allocated once planned."""
+        x = self._inputs(q, cache, req)
+        c = self.compiled
+        idx, cnt = c.select(x)
+        for i in range(len(self.ir.prune)):
+            w = c.estimate(i, x, idx, cnt)
+            idx, cnt = c.prune(i, x, w, idx, cnt)
+        return c.attend(x, idx, cnt)
+
+    __call__ = run
+
+
+def _bucket(batch: int, context: int) -> ShapeBucket:
+    if batch < 1 or context < 1:
+        raise InputError(f"load: batch and context must be positive, got {batch}, {context}")
+    return ShapeBucket(batch, context)
+
+
+def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend: str = "auto",
+         *, batch: int = 1, context: int = 4096, schedule: dict | None = None,
+         target: str | Target | None = None, cache: KernelCache | None = None) -> DecodePipeline:
+    """A tuned, compiled ``pipeline`` (a ``tw.Pipeline`` or its IR) for ``shape`` on ``device``.
+
+    * ``device``: ``"auto"`` (the GPU present, else the CPU) or a profile name (``"cpu"``,
+      ``"h100"``, …; it must be present).
+    * ``backend``: ``"auto"`` (triton on a GPU, tvm on the CPU), ``"tvm"`` or ``"triton"``.
+    * ``batch``/``context``: the shape bucket whose tuned schedule to prefer (nearest wins);
+      ``schedule`` overrides the logs; ``target`` overrides the device's target;
+      ``cache``: a ``KernelCache`` (default: the one of ``TWILIGHT_CACHE_DIR``).
+
+    Example::
+
+        pipe = tw.load(tw.builtins.quest_twilight(budget=1024),
+                       shape=tw.Shape(9, 3, 64, 16, "float32"))
+        kv = pipe.make_cache()
+        out = pipe.plan(1, 8192).run(q, kv)
+    """
+    if shape is None:
+        raise InputError("load: pass shape=tw.Shape(q_heads, kv_heads, head_dim, page_size, "
+                         "dtype): kernels are specialized on the head layout")
+    p = as_ir(pipeline)
+    if shape.page_size != p.page_size:
+        raise InputError(f"load: shape.page_size={shape.page_size} but pipeline {p.name!r} "
+                         f"pages by {p.page_size}")
+    verify(p, shape, stage="load")
+    dev = resolve_device(device)
+    name = backend if backend != "auto" else ("triton" if dev.kind == "cuda" else "tvm")
+    tgt = Target.parse(target) if isinstance(target, str) else target or _target_for(name, dev)
+    if schedule is None:
+        schedule, source = pick_schedule(p, dev, shape, _bucket(batch, context), name)
+    else:
+        source = "given"
+    full = full_schedule(name, schedule)
+    compiled, origin, key = _compiled(p, shape, full, tgt, name, cache or default_cache())
+    log.debug("loaded %s (%s, %s): %s", p.name, name, tgt, origin)
+    return DecodePipeline(p, shape, name, tgt, full, source, compiled, origin, key)
+
