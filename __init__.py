@@ -3,6 +3,8 @@
     import twilight as tw
     pipe = tw.builtins.quest_twilight(budget=1024, p=0.9)
     out, kept = tw.reference(pipe).run(q, cache, return_kept=True)
+    fast = tw.load(pipe, shape=tw.Shape(32, 8, 128))   # tuned, compiled, cached on disk
+    out = fast.plan(batch=1, max_context=32768).run(q, cache)
 """
 
 from __future__ import annotations
@@ -28,15 +30,16 @@ from .frontend.dsl import (
 )
 from .frontend.errors import InputError, NonFiniteInputError, PipelineError, TwilightError
 from .frontend.ops import abs, absmax, dot, exp, max, maximum, mean, min, minimum, sum
+from .runtime.load import DecodePipeline, load
 from .runtime.paged_cache import PagedKVCache
 from .runtime.reference import reference
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "InputError", "NonFiniteInputError", "PagedKVCache", "Pipeline", "PipelineError",
-    "PipelineIR", "Shape", "TwilightError", "abs", "absmax", "attention", "builtins", "dot",
-    "exact_keys", "exp", "fraction", "max", "maximum", "mean", "min", "minimum", "nothing", "page_summary",
-    "quantized_keys", "reference", "score", "sink", "sum", "threshold", "tokens", "top_k", "top_p",
-    "verify", "window",
+    "DecodePipeline", "InputError", "NonFiniteInputError", "PagedKVCache", "Pipeline",
+    "PipelineError", "PipelineIR", "Shape", "TwilightError", "abs", "absmax", "attention",
+    "builtins", "dot", "exact_keys", "exp", "fraction", "load", "max", "maximum", "mean", "min",
+    "minimum", "nothing", "page_summary", "quantized_keys", "reference", "score", "sink", "sum",
+    "threshold", "tokens", "top_k", "top_p", "verify", "window",
 ]
