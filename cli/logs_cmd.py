@@ -108,7 +108,7 @@ def _plot(entries, out: Path) -> int:
     xs = range(len(buckets))
     for off, key, label in ((-0.27, "latency_ms", "tuned"), (0.0, "default_latency_ms",
                                                             "default schedule"),
-                            (0.27, "dense_latency_ms", "dense SDPA")):
+                            (0.27, "dense_latency_ms", "dense (fastest torch SDPA)")):
         bars.bar([x + off for x in xs], [r[key] or 0 for _d, _e, r in buckets], width=0.27,
                  label=label)
     bars.set_xticks(list(xs), names, fontsize=7)
