@@ -38,12 +38,15 @@ json output (--json): one object with keys
             rank_agreement_mean, rank_agreement_min,
             rel_l2_error_mean, rel_l2_error_max, heads},
   layers: [{layer, <the same keys>}, ...]
-est_mass_* and rank_agreement_* are null for pipelines without a pruner.
+est_mass_* and rank_agreement_* are null for pipelines without a pruner. With --backend,
+also: backend, schedule_source, and per layer and overall latency_ms (the compiled step),
+dense_latency_ms (fastest torch SDPA on the same step) and speedup_vs_dense.
 
 examples:
   twilightc eval --pipeline quest_twilight --snapshot tests/fixtures/smollm2_2k.npz
   twilightc eval --pipeline 'quest_top_k(budget=256)' --snapshot snap.npz --json
   twilightc eval --pipeline ds_twilight --snapshot snap.npz --calibration other.npz
+  twilightc eval --pipeline quest_twilight --snapshot snap.npz --backend auto
 """
 
 
@@ -57,6 +60,13 @@ def register(sub) -> None:
                    help="evaluate only these layer slots of the snapshot (0-based; default all)")
     p.add_argument("--calibration", metavar="FILE",
                    help="snapshot to calibrate Double Sparsity channels on (default: --snapshot)")
+    p.add_argument("--backend", default="reference", choices=("reference", "auto", "tvm",
+                                                                "triton"),
+                   help="run the torch reference (default), or the compiled kernels through "
+                        "twilight.load — tuned schedule, kernel cache — and time each layer's "
+                        "step against the fastest torch SDPA (auto: triton on a GPU, tvm on "
+                        "the CPU)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per layer (--backend)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(run=run)
 
@@ -73,8 +83,10 @@ def run(args) -> int:
     err = Console(stderr=True)
     with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(f"eval {args.pipeline}", total=len(layers or range(snap.num_layers)))
+        backend = None if args.backend == "reference" else args.backend
         report = evaluate_snapshot(pipeline, snap, layers, calib,
-                                   progress=lambda _: bar.advance(task))
+                                   progress=lambda _: bar.advance(task), backend=backend,
+                                   repeats=args.repeats)
     data = report.to_json()
     if args.json:
         json.dump(data, sys.stdout, indent=1)
@@ -122,6 +134,11 @@ def _print_tables(data: dict, description: str) -> None:
                  for _h, key, d in COLUMNS]
         table.add_row(name, *cells, end_section=name == rows[-2][0])
     out.print(table)
+    o = data["overall"]
+    if "latency_ms" in o:
+        out.print(f"compiled kernels ({data.get('schedule_source', '?')}): "
+                  f"{o['latency_ms']:.2f} ms per step over {len(data['layers'])} layers vs "
+                  f"{o['dense_latency_ms']:.2f} ms dense → {o['speedup_vs_dense']:.2f}x")
     out.print("kept: tokens attended · est: estimated mass of the kept set · true: its exact "
               "attention mass · in-cand: true mass relative to the candidates · rank: Spearman "
               "of estimated vs exact weights · err: relative L2 error of the output vs dense")

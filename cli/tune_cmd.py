@@ -38,6 +38,8 @@ examples:
   twilightc tune --gpu auto --pipeline 'quest_twilight(p=0.9)' --shapes 1x4k,4x16k --trials 40
   twilightc tune --gpu h100 --backend triton --storage postgresql://tw@db/tune --timeout 3600
   twilightc tune --gpu cpu --log-dir tuning_logs      # write into the shipped logs
+  twilightc tune --gpu auto --snapshot tests/fixtures/smollm2_2k.npz   # then:
+  twilightc eval --pipeline quest_twilight --snapshot tests/fixtures/smollm2_2k.npz --backend auto
 """
 
 
@@ -55,6 +57,9 @@ def register(sub) -> None:
                         "8x16k,64x16k on a GPU)")
     p.add_argument("--head-shape", default="q_heads=32,kv_heads=8,head_dim=128,dtype=float16",
                    metavar="K=V,...", help="head layout (default: %(default)s)")
+    p.add_argument("--snapshot", default=None, metavar="FILE",
+                   help="take the head layout, dtype and shape bucket (queries × context) from "
+                        "an attention snapshot, to tune for what 'twilightc eval --backend' runs")
     p.add_argument("--trials", type=int, default=12, help="trials per shape bucket "
                    "(default: %(default)s)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
@@ -95,6 +100,18 @@ def run(args) -> int:
         raise InputError(str(e)) from None
     pipe = resolve_pipeline(args.pipeline)
     shape = parse_shape(args.head_shape, pipe.ir.page_size)
+    if args.snapshot:
+        from ..compiler.ir import Shape
+        from ..runtime.snapshot import load_snapshot
+        snap = load_snapshot(args.snapshot)
+        _, nq, hq, d = snap.q.shape
+        shape = Shape(hq, snap.k.shape[1], d, pipe.ir.page_size,
+                      str(snap.q.dtype).removeprefix("torch."))
+        if len(set(snap.scale.tolist())) == 1:  # as 'twilightc eval' will run it
+            from ..frontend.dsl import Pipeline
+            from ..runtime.evaluation import with_model_scale
+            pipe = Pipeline.from_ir(with_model_scale(pipe.ir, float(snap.scale[0]), d))
+        args.shapes = args.shapes or f"{nq}x{int(snap.q_pos.max()) + 1}"
     backend = args.backend if args.backend != "any" else \
         ("tvm" if device.kind == "cpu" else "triton")
     shapes = args.shapes or ("1x4k,4x8k" if device.kind == "cpu" else "8x16k,64x16k")

@@ -61,8 +61,10 @@ def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, console: Console,
 
 def _record(cfg: TuneConfig, bucket, study, space) -> dict:
     best, dflt = best_trial(study), default_trial(study, space.default())
+    device = "cuda" if cfg.target.kind == "cuda" else "cpu"
     dense_ms, dense_what = dense_baseline_ms(make_problem(cfg.pipeline, cfg.shape, bucket,
-                                                          seed=cfg.seed), cfg.repeats)
+                                                          seed=cfg.seed, device=device),
+                                             cfg.repeats)
     states = [t.state.name for t in study.trials]
     rec = {"bucket": bucket.name, "batch": bucket.batch, "context": bucket.context,
            "study": study.study_name, "trials": len(states),

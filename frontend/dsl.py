@@ -286,6 +286,13 @@ class Pipeline:
         self.ir = ir.PipelineIR(name or _default_name(sel, prunes), page_size, sel, prunes,
                                 keep or ir.Keep(), attend or ir.Attend(), loc)
 
+    @classmethod
+    def from_ir(cls, p: ir.PipelineIR) -> Pipeline:
+        """A ``Pipeline`` around an existing IR (e.g. one a pass rewrote)."""
+        obj = cls.__new__(cls)
+        obj.ir = p
+        return obj
+
     def key(self) -> str:
         return self.ir.key()
 

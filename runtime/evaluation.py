@@ -49,6 +49,8 @@ class LayerResult:
     rel_err: torch.Tensor  # [Nq, Hq]
     true_in_cand: torch.Tensor  # [Nq, Hq]
     rank_agreement: torch.Tensor | None  # [Nq, Hq]
+    latency_ms: float | None = None  # compiled pipeline, one decode step of all queries
+    dense_ms: float | None = None  # the fastest torch SDPA on the same step
 
 
 @dataclass
@@ -59,12 +61,18 @@ class EvalReport:
     model: str
     layers: list[LayerResult]
 
+    backend: str = "reference"
+    schedule_source: str = ""
+
     def to_json(self) -> dict:
-        return {"pipeline": self.pipeline, "pipeline_key": self.pipeline_key,
-                "snapshot": self.snapshot, "model": self.model,
-                "context_max": int(max(int(r.context.max()) for r in self.layers)),
-                "overall": summarize(self.layers),
-                "layers": [{"layer": r.layer, **summarize([r])} for r in self.layers]}
+        out = {"pipeline": self.pipeline, "pipeline_key": self.pipeline_key,
+               "snapshot": self.snapshot, "model": self.model, "backend": self.backend,
+               "context_max": int(max(int(r.context.max()) for r in self.layers)),
+               "overall": summarize(self.layers),
+               "layers": [{"layer": r.layer, **summarize([r])} for r in self.layers]}
+        if self.schedule_source:
+            out["schedule_source"] = self.schedule_source
+        return out
 
 
 def summarize(rows: list[LayerResult]) -> dict:
@@ -86,24 +94,32 @@ def summarize(rows: list[LayerResult]) -> dict:
            "rank_agreement_mean": None if rank is None else rank.mean(),
            "rank_agreement_min": None if rank is None else rank.min(),
            "rel_l2_error_mean": err.mean(), "rel_l2_error_max": err.max(), "heads": kept.numel()}
+    if rows[0].latency_ms is not None:
+        lat, dense = sum(r.latency_ms for r in rows), sum(r.dense_ms for r in rows)
+        out |= {"latency_ms": lat, "dense_latency_ms": dense, "speedup_vs_dense": dense / lat}
     return {k: (None if v is None else v if isinstance(v, int) else round(float(v), 6))
             for k, v in out.items()}
 
 
 def evaluate_snapshot(pipeline, snap: Snapshot, layers: list[int] | None = None,
                       calibration: Snapshot | None = None,
-                      progress: Callable[[int], None] | None = None) -> EvalReport:
+                      progress: Callable[[int], None] | None = None,
+                      backend: str | None = None, repeats: int = 10) -> EvalReport:
     """Run ``pipeline`` (or a ``Calibrated`` one, calibrated per layer on ``calibration``,
-    default the snapshot itself) on the snapshot's layers (indices into it; default all)."""
+    default the snapshot itself) on the snapshot's layers (indices into it; default all):
+    with the torch reference, or with ``backend``'s compiled kernels through ``twilight.load``
+    (tuned schedule, kernel cache) — then each layer's step is also timed against dense."""
     idx = list(range(snap.num_layers)) if layers is None else layers
-    results, name, key = [], "", ""
+    results, name, key, source = [], "", "", ""
     for i in idx:
         pipe = _pipeline_for_layer(pipeline, calibration or snap, i)
         name, key = as_ir(pipe).name, as_ir(pipe).key()
-        results.append(evaluate_layer(as_ir(pipe), snap, i))
+        result, source = evaluate_layer(as_ir(pipe), snap, i, backend, repeats)
+        results.append(result)
         if progress:
             progress(i)
-    return EvalReport(name, key, snap.path, snap.model, results)
+    return EvalReport(name, key, snap.path, snap.model, results, backend or "reference",
+                      source)
 
 
 def _pipeline_for_layer(pipeline, calib: Snapshot, i: int):
@@ -112,28 +128,69 @@ def _pipeline_for_layer(pipeline, calib: Snapshot, i: int):
     return pipeline
 
 
-def evaluate_layer(p: ir.PipelineIR, snap: Snapshot, i: int) -> LayerResult:
-    """One layer: every query of the snapshot is one request of a fresh paged cache."""
-    if p.attend.scale is None:  # the model's own softmax scale
-        p = dataclasses.replace(p, attend=dataclasses.replace(p.attend,
-                                                              scale=float(snap.scale[i])))
+def evaluate_layer(p: ir.PipelineIR, snap: Snapshot, i: int, backend: str | None = None,
+                   repeats: int = 10) -> tuple[LayerResult, str]:
+    """One layer: every query of the snapshot is one request of a fresh paged cache. Returns
+    the result and where the schedule came from (backends only)."""
+    p = with_model_scale(p, float(snap.scale[i]), snap.q.shape[-1])
     q, k, v = snap.q[i], snap.k[i], snap.v[i]
     hkv, d = k.shape[0], k.shape[-1]
-    cache = make_cache(p, hkv, d, dtype=k.dtype,
+    # compiled kernels for a GPU run on GPU tensors; the reference and the figures on the CPU
+    device = "cuda" if backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
+    cache = make_cache(p, hkv, d, dtype=k.dtype, device=device,
                        initial_pages=sum(math.ceil((int(n) + 1) / p.page_size)
                                          for n in snap.q_pos))
     ids = cache.add_requests(len(snap.q_pos))
     for rid, pos in zip(ids, snap.q_pos.tolist(), strict=True):
-        cache.append(k[:, :pos + 1], v[:, :pos + 1], rid)
-    out, kept = reference(p).run(q, cache, ids, return_kept=True)
-    dense_w, dense_out = _dense(q, k, v, snap.q_pos, p.attend.scale, p.attend.softcap)
+        cache.append(k[:, :pos + 1].to(device), v[:, :pos + 1].to(device), rid)
+    if backend is None:
+        out, kept = reference(p).run(q, cache, ids, return_kept=True)
+        timing, source = (None, None), ""
+    else:
+        out, kept, timing, source = _run_compiled(p, q.to(device), cache, ids, backend, repeats)
+        out, kept = out.cpu(), dataclasses.replace(kept, **{
+            f.name: getattr(kept, f.name).cpu() for f in dataclasses.fields(kept)
+            if isinstance(getattr(kept, f.name), torch.Tensor)})
+    scale = p.attend.scale or d ** -0.5
+    dense_w, dense_out = _dense(q, k, v, snap.q_pos, scale, p.attend.softcap)
     true_mass = (dense_w * kept.mask).sum(-1)
     in_cand = true_mass / (dense_w * kept.candidates).sum(-1).clamp(min=1e-30)
     rel_err = (out.float() - dense_out).norm(dim=-1) / dense_out.norm(dim=-1).clamp(min=1e-30)
     rank = None if kept.est_weights is None else \
         spearman(kept.est_weights, dense_w, kept.candidates)
     return LayerResult(snap.layers[i], kept.count, kept.lengths, kept.est_mass, true_mass,
-                       rel_err, in_cand, rank)
+                       rel_err, in_cand, rank, *timing), source
+
+
+def with_model_scale(p: ir.PipelineIR, scale: float, head_dim: int) -> ir.PipelineIR:
+    """``p`` attending with the model's softmax scale: unchanged (same IR key, same tuning
+    logs) where the model uses the default 1/sqrt(head_dim) or ``p`` names its own scale."""
+    if p.attend.scale is not None or math.isclose(scale, head_dim ** -0.5, rel_tol=1e-6):
+        return p
+    return dataclasses.replace(p, attend=dataclasses.replace(p.attend, scale=scale))
+
+
+def _run_compiled(p: ir.PipelineIR, q, cache, ids, backend: str, repeats: int):
+    """The compiled pipeline's answer as a ``Kept`` (estimates from the reference's estimator
+    over the reference's candidates, so the figures compare like for like) and its timing."""
+    from ..compiler.stages import lists_to_mask, ref_estimate, ref_select, stage_inputs
+    from .load import load
+    from .measure import Problem, dense_baseline_ms, median_time
+    from .reference import Kept
+    nq, hq, d = q.shape
+    t = int(cache.lengths[ids].max())
+    shape = ir.Shape(hq, cache.num_kv_heads, d, p.page_size, str(q.dtype).removeprefix("torch."))
+    dp = load(p, shape=shape, backend=backend, batch=nq, context=t).plan(nq, t)
+    out, (idx, cnt) = dp.run(q, cache, ids, return_lists=True)
+    x = stage_inputs(q, cache, ids)
+    cand = ref_select(p, x)
+    w = ref_estimate(p, 0, x, cand) if p.prune else None
+    mask = lists_to_mask(idx, cnt, t)
+    est = None if w is None else (w.double() * mask).sum(-1).float()
+    kept = Kept(mask, cand, est, cache.lengths[ids], w)
+    ms = median_time(lambda: dp.run(q, cache, ids), repeats=repeats) * 1e3
+    dense_ms, _ = dense_baseline_ms(Problem(q, cache, ids), repeats)
+    return out, kept, (ms, dense_ms), f"{dp.backend}, {dp.schedule_source}"
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

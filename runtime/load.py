@@ -271,17 +271,19 @@ class DecodePipeline:
         pl.table_width = width
 
     def run(self, q: torch.Tensor, cache: PagedKVCache,
-            req: int | Sequence[int] | None = None) -> torch.Tensor:
+            req: int | Sequence[int] | None = None, return_lists: bool = False):
         """Attention output ``[B, Hq, D]`` for queries ``q [B, Hq, D]`` of requests ``req``
         (default: every live request, by id) over ``cache``. Every stage is one kernel call
-        over all requests and heads; only the output is allocated once planned."""
+        over all requests and heads; only the output is allocated once planned. With
+        ``return_lists`` also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's)."""
         x = self._inputs(q, cache, req)
         c = self.compiled
         idx, cnt = c.select(x)
         for i in range(len(self.ir.prune)):
             w = c.estimate(i, x, idx, cnt)
             idx, cnt = c.prune(i, x, w, idx, cnt)
-        return c.attend(x, idx, cnt)
+        out = c.attend(x, idx, cnt)
+        return (out, (idx, cnt)) if return_lists else out
 
     __call__ = run
 

@@ -221,8 +221,9 @@ def tune_bucket(cfg: TuneConfig, bucket: ShapeBucket, space: Space, storage,
         left = None if deadline is None else deadline - time.monotonic()
         if remaining <= 0 or (left is not None and left <= 0):
             break
+        device = "cuda" if cfg.target.kind == "cuda" else "cpu"
         objective = objective or Objective(cfg, space, make_problem(
-            cfg.pipeline, cfg.shape, bucket, seed=cfg.seed), check)
+            cfg.pipeline, cfg.shape, bucket, seed=cfg.seed, device=device), check)
         study.optimize(objective, n_trials=remaining, timeout=left, catch=(Exception,),
                        n_jobs=workers, callbacks=[callback] if callback else None)
     return study

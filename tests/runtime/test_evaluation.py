@@ -47,7 +47,8 @@ def test_dense_is_exact_and_json_keys_are_stable(snap, capsys):
     assert main(["eval", "--pipeline", "dense", "--snapshot", str(FIXTURE), "--json",
                  "--layers", "0"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"pipeline", "pipeline_key", "snapshot", "model", "context_max",
+    assert set(data) == {"pipeline", "pipeline_key", "snapshot", "model", "backend",
+                         "context_max",
                          "overall", "layers"}
     assert set(data["overall"]) == set(METRIC_KEYS)
     assert set(data["layers"][0]) == {"layer", *METRIC_KEYS}
@@ -85,3 +86,17 @@ def test_bad_snapshot_is_a_clear_error(tmp_path):
                   [14, 15], [0.3], model="m")
     assert load_snapshot(ok).model == "m"
     assert main(["eval", "--pipeline", "dense", "--snapshot", str(bad)]) == 1
+
+
+def test_compiled_backend_agrees_with_the_reference_and_is_timed(snap, tmp_path):
+    from twilight.runtime import knobs
+    pipe = tw.builtins.quest_twilight(budget=512)
+    with knobs.scope(cache_dir=tmp_path / "cache", tuning_logs=tmp_path / "logs"):
+        ours = evaluate_snapshot(pipe, snap, [1], backend="tvm", repeats=2).to_json()
+    ref = evaluate_snapshot(pipe, snap, [1]).to_json()
+    o, r = ours["overall"], ref["overall"]
+    assert ours["backend"] == "tvm" and "default" in ours["schedule_source"]
+    assert o["est_mass_min"] >= 0.9 - 1e-4  # never less than p, bisection may keep a bit more
+    assert abs(o["kept_tokens_mean"] - r["kept_tokens_mean"]) <= 0.02 * r["kept_tokens_mean"]
+    assert abs(o["rel_l2_error_mean"] - r["rel_l2_error_mean"]) < 0.01
+    assert o["latency_ms"] > 0 and o["dense_latency_ms"] > 0 and o["speedup_vs_dense"] > 0
