@@ -59,6 +59,17 @@ def stage_inputs(q: Tensor, cache: PagedKVCache, req=None) -> StageInputs:
     return StageInputs(q, pages.to(torch.int32), page_valid.sum(1).to(torch.int32), cache, ids)
 
 
+def run_stages(c, x: StageInputs, num_prune: int, return_lists: bool = False):
+    """select → (estimate → prune) per pruner → attend, with ``c``'s stage methods (any
+    backend's, or a mix): the one place the stage order is written down."""
+    idx, cnt = c.select(x)
+    for i in range(num_prune):
+        w = c.estimate(i, x, idx, cnt)
+        idx, cnt = c.prune(i, x, w, idx, cnt)
+    out = c.attend(x, idx, cnt)
+    return (out, (idx, cnt)) if return_lists else out
+
+
 # ---- conversions ----------------------------------------------------------------------------------
 def lists_to_mask(idx: Tensor, cnt: Tensor, t: int) -> Tensor:
     """``bool [B, H, t]`` from -1 padded index lists ``[B, H, C]`` with counts ``[B, H]``."""

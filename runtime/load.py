@@ -47,7 +47,7 @@ import torch
 
 from ..compiler import ir
 from ..compiler.backend import Compiled, Target, get_backend
-from ..compiler.stages import StageInputs
+from ..compiler.stages import StageInputs, run_stages
 from ..compiler.verify import verify
 from ..frontend.errors import InputError
 from ..schedules.devices import DeviceProfile, resolve_device
@@ -276,14 +276,8 @@ class DecodePipeline:
         (default: every live request, by id) over ``cache``. Every stage is one kernel call
         over all requests and heads; only the output is allocated once planned. With
         ``return_lists`` also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's)."""
-        x = self._inputs(q, cache, req)
-        c = self.compiled
-        idx, cnt = c.select(x)
-        for i in range(len(self.ir.prune)):
-            w = c.estimate(i, x, idx, cnt)
-            idx, cnt = c.prune(i, x, w, idx, cnt)
-        out = c.attend(x, idx, cnt)
-        return (out, (idx, cnt)) if return_lists else out
+        return run_stages(self.compiled, self._inputs(q, cache, req), len(self.ir.prune),
+                          return_lists)
 
     __call__ = run
 

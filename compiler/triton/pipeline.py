@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import ir
 from ..backend import Artifact, Compiled, Target
-from ..stages import StageInputs, stage_inputs
+from ..stages import StageInputs, run_stages, stage_inputs
 from . import loader
 from .attend import shared_lists
 from .expr import next_pow2
@@ -192,12 +192,7 @@ class TritonCompiled(Compiled):
 
     def run_stages(self, x: StageInputs, return_lists: bool = False):
         """The four stages on prepared inputs (what a decode loop times: no host sync)."""
-        idx, cnt = self.select(x)
-        for i in range(len(self.p.prune)):
-            w = self.estimate(i, x, idx, cnt)
-            idx, cnt = self.prune(i, x, w, idx, cnt)
-        out = self.attend(x, idx, cnt)
-        return (out, (idx, cnt)) if return_lists else out
+        return run_stages(self, x, len(self.p.prune), return_lists)
 
     # ---- cache side --------------------------------------------------------------------------
     def update_pages(self, cache, pages: Tensor) -> None:

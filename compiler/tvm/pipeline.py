@@ -121,13 +121,8 @@ class TVMCompiled(Compiled, AppendMixin):
 
     # ---- run ----------------------------------------------------------------------------------
     def run(self, q, cache: PagedKVCache, req=None, return_lists: bool = False):
-        x = self.inputs(q, cache, req)
-        idx, cnt = self.select(x)
-        for i, _ in enumerate(self.p.prune):
-            w = self.estimate(i, x, idx, cnt)
-            idx, cnt = self.prune(i, x, w, idx, cnt)
-        out = self.attend(x, idx, cnt)
-        return (out, (idx, cnt)) if return_lists else out
+        return stages.run_stages(self, self.inputs(q, cache, req), len(self.p.prune),
+                                 return_lists)
 
     def inputs(self, q, cache: PagedKVCache, req=None) -> stages.StageInputs:
         """The stage inputs of requests ``req``: their page-table rows and lengths as int32."""
