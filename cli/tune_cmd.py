@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 
 HELP = "tune a pipeline's schedules on this device with Optuna; write a tuning log"
@@ -128,6 +129,9 @@ def run(args) -> int:
                      sampler=args.sampler, seed=args.seed, repeats=args.repeats)
     root = Path(args.log_dir) if args.log_dir else user_root()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host_cpu": platform.processor() or platform.machine()}
+            "host_cpu": platform.processor() or platform.machine(),
+            "host_cores": os.cpu_count(),
+            # timings on a busy machine are worth less: say how busy it was when tuning began
+            "host_load_1min": round(os.getloadavg()[0], 2)}
     run_tune(cfg, root, meta, Console(width=max(Console().width, 120)), workers=args.workers)
     return 0
