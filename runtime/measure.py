@@ -102,12 +102,13 @@ def dense_baseline_ms(prob: Problem, repeats: int = 10) -> tuple[float, str]:
     """The fastest dense decode torch offers on this problem, in ms, and what it was: SDPA over
     contiguous K/V (what a dense decoder holds) in the cache's dtype, and in float32 with the
     conversion done beforehand (on CPUs, fp16 SDPA is far slower than fp32)."""
-    k, v, _ = prob.cache.gather(prob.ids)
+    k, v, valid = prob.cache.gather(prob.ids)
+    mask = None if bool(valid.all()) else valid[:, None, None, :]  # ragged lengths
     best = (float("inf"), "")
     for dtype in dict.fromkeys((k.dtype, torch.float32)):
         q, kd, vd = prob.q[:, :, None].to(dtype), k.to(dtype), v.to(dtype)
         fn = lambda q=q, kd=kd, vd=vd: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-            q, kd, vd, enable_gqa=True)
+            q, kd, vd, attn_mask=mask, enable_gqa=True)
         ms = median_time(fn, repeats=repeats) * 1e3
         best = min(best, (ms, f"torch SDPA {str(dtype).removeprefix('torch.')}"))
     return best
