@@ -10,6 +10,8 @@ Every parameter here is read by a stage generator in ``twilight.compiler.triton`
 * ``attend_block_n`` / ``attend_warps`` / ``attend_splits`` — flash-decoding tile, warps and
   split-KV count (1 = no combine kernel);
 * ``num_stages`` — software pipelining depth of the GEMV/attention loops;
+* ``fuse_prune_compact`` — a fusion choice: fold each pruner's kept-list compaction into its
+  decide kernel (one launch per pruner instead of two; a ``union`` group stays unfused);
 * the shared top-p space (``schedules.common.TOP_P``): sort / bisect (eps or iters) / radix.
 
 The default is what the AOT test checks for spills at head_dim 128, fp16, on sm_80 and sm_90.
@@ -32,6 +34,8 @@ TRITON = Space("triton", (
     Param("attend_warps", (1, 2, 4, 8), 4),
     Param("attend_splits", (1, 2, 4, 8, 16), 4, doc="split-KV count (1: no combine step)"),
     Param("num_stages", (1, 2, 3, 4), 2),
+    Param("fuse_prune_compact", (False, True), False,
+          doc="prune decide + kept-list compaction in one kernel (False: two launches)"),
 )) + TOP_P
 
 DEFAULT = TRITON.default()

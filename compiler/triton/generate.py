@@ -42,8 +42,9 @@ def generate(p: ir.PipelineIR, shape: ir.Shape, schedule: dict,
         specs += [select.gen_score(c), select.gen_decide(c)]
     specs.append(select.gen_compact(c))
     for i, _ in enumerate(p.prune):
-        specs += [estimate.gen_estimate(c, i), top_p.gen_decide(c, i, row_block),
-                  top_p.gen_compact(c, i)]
+        specs += [estimate.gen_estimate(c, i), top_p.gen_decide(c, i, row_block)]
+        if not top_p.fuses_compact(c, i):
+            specs.append(top_p.gen_compact(c, i))
     specs.append(attend.gen_attend(c))
     if schedule["attend_splits"] > 1:
         specs.append(attend.gen_combine(c))

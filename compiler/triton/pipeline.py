@@ -164,10 +164,15 @@ class TritonCompiled(Compiled):
         scr = self._buf(f"prune_scr{stage}", (b * rows, width), torch.float32, dev)
         hist = self._buf(f"prune_hist{stage}", (b * rows, 1 << bits), torch.float64, dev)
         flags = self._buf(f"prune_flags{stage}", (b * rows, width), torch.int8, dev)
-        self._launch(f"prune{stage}_decide", (b * rows,), est_w, cand_cnt, kunits, scr, hist,
-                     flags, width, ROWB=max(16, next_pow2(width)))
         idx = self._buf(f"kept_idx{stage}", (b, hq, width), torch.int32, dev)
         cnt = self._buf(f"kept_cnt{stage}", (b, hq), torch.int32, dev)
+        rowb = max(16, next_pow2(width))
+        if f"prune{stage}_compact" not in self.specs:  # fuse_prune_compact: one launch
+            self._launch(f"prune{stage}_decide", (b * rows,), est_w, cand_cnt, kunits, scr,
+                         hist, flags, cand_idx, x.lengths, idx, cnt, width, ROWB=rowb)
+            return idx, cnt
+        self._launch(f"prune{stage}_decide", (b * rows,), est_w, cand_cnt, kunits, scr, hist,
+                     flags, width, ROWB=rowb)
         self._launch(f"prune{stage}_compact", (b * hq,), flags, cand_idx, cand_cnt, x.lengths,
                      idx, cnt, width)
         return idx, cnt

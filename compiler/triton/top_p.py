@@ -18,6 +18,12 @@ writes one flag per candidate. The top-p strategies, each a schedule choice:
 
 ``prune_compact`` (one program per query head) ORs a ``union`` group's flags and the keep rules
 and writes the ascending, -1 padded ``kept_idx`` and ``kept_cnt``.
+
+With the schedule's ``fuse_prune_compact`` (and any group but ``union``, whose query heads OR
+flags written by other programs), the compaction is folded into ``prune_decide``: after a
+barrier each decision program compacts the query heads it decided for (one head, or the G heads
+of a merged ``mean``/``max`` row) from the flags it has just written, and no ``prune_compact``
+kernel exists.
 """
 
 from __future__ import annotations
@@ -136,7 +142,12 @@ def gen_decide(c: Ctx, stage: int, row_block: int) -> KernelSpec:
     bits = sc.get("radix_bits", 8) if pr.rule == "top_p" else sc["select_radix_bits"]
     npass, pad = radix_passes(bits)
     args = [("w_ptr", "*fp32"), ("ccnt_ptr", "*i32"), ("kunits_ptr", "*i32"),
-            ("scr_ptr", "*fp32"), ("hist_ptr", "*fp64"), ("flag_ptr", "*i8"), ("C", "i32")]
+            ("scr_ptr", "*fp32"), ("hist_ptr", "*fp64"), ("flag_ptr", "*i8")]
+    fused = fuses_compact(c, stage)
+    if fused:
+        args += [("cidx_ptr", "*i32"), ("len_ptr", "*i32"), ("idx_ptr", "*i32"),
+                 ("cnt_ptr", "*i32")]
+    args.append(("C", "i32"))
     body = ["pid = tl.program_id(0)", "b = pid // ROWS"] + _merge_lines(pr)
     body.append("flag_row = flag_ptr + pid.to(tl.int64) * C")
     if pr.rule == "top_p":
@@ -153,8 +164,16 @@ def gen_decide(c: Ctx, stage: int, row_block: int) -> KernelSpec:
                  "    v = tl.load(row_ptr + offs, mask=m, other=0.0)",
                  f"    tl.store(flag_row + offs, (m & (v >= {float(pr.threshold)!r})).to(tl.int8),"
                  " mask=m)"]
+    if fused:  # this program's flags, then the query heads it decided for
+        body += ["tl.debug_barrier()", "L = tl.load(len_ptr + b)"]
+        if pr.group in ("mean", "max"):
+            body += ["for gi in tl.static_range(G):"]
+            body += ["    " + ln for ln in _compact_lines("(pid % ROWS) * G + gi", "pid", False)]
+        else:
+            body += _compact_lines("pid % ROWS", "pid", False)
     stop = sc.get("bisect_stop", "eps")
     consts = dict(HQ=sh.q_heads, G=sh.group_size, ROWS=prune_rows(pr, sh),
+                  SINK=c.p.keep.sink, WINDOW=c.p.keep.window,
                   PMASS=float(pr.p or 1.0),
                   EPS=float(sc.get("bisect_eps", 0.0)) if stop == "eps" else 0.0,
                   ITERS=int(sc.get("bisect_iters", 64)) if stop == "iters" else 64,
@@ -163,33 +182,48 @@ def gen_decide(c: Ctx, stage: int, row_block: int) -> KernelSpec:
     return make_kernel("prune", f"prune{stage}_decide", args, consts, body, sc["scan_warps"], 1)
 
 
-def gen_compact(c: Ctx, stage: int) -> KernelSpec:
-    pr, sh, keep = c.p.prune[stage], c.shape, c.p.keep
-    frow = {"mean": "(b * ROWS + h // G)", "max": "(b * ROWS + h // G)",
-            "union": "(b * ROWS + h // G * G + gi)"}.get(pr.group, "(b * ROWS + h)")
-    load = (f"tl.load(flag_ptr + {frow}.to(tl.int64) * C + j, mask=m, other=0) != 0")
-    args = [("flag_ptr", "*i8"), ("cidx_ptr", "*i32"), ("ccnt_ptr", "*i32"), ("len_ptr", "*i32"),
-            ("idx_ptr", "*i32"), ("cnt_ptr", "*i32"), ("C", "i32")]
-    body = ["pid = tl.program_id(0)", "b = pid // HQ", "h = pid % HQ",
-            "n = tl.load(ccnt_ptr + pid)", "L = tl.load(len_ptr + b)",
+def fuses_compact(c: Ctx, stage: int) -> bool:
+    """Whether pruner ``stage``'s compaction runs inside its decide kernel (the schedule's
+    ``fuse_prune_compact``; a ``union`` group always keeps the separate kernel)."""
+    return bool(c.schedule.get("fuse_prune_compact", False)) and \
+        c.p.prune[stage].group != "union"
+
+
+def _compact_lines(head: str, frow: str, union: bool) -> list[str]:
+    """Kept list of query head ``head`` of request ``b`` from the flag row(s) ``frow`` (the
+    G rows ``frow + gi`` for ``union``), the candidates and the keep rules; needs ``L``."""
+    load = f"tl.load(flag_ptr + ({frow}).to(tl.int64) * C + cj, mask=cm, other=0) != 0"
+    body = [f"hrow = b * HQ + {head}",
+            "n = tl.load(ccnt_ptr + hrow)",
             "run = tl.zeros([1], tl.int32).sum(0)",
-            "out_row = idx_ptr + pid.to(tl.int64) * C",
+            "out_row = idx_ptr + hrow.to(tl.int64) * C",
             "for start in range(0, n, BLOCK):",
-            "    j = start + tl.arange(0, BLOCK)", "    m = j < n",
-            "    tok = tl.load(cidx_ptr + pid.to(tl.int64) * C + j, mask=m, other=0)",
+            "    cj = start + tl.arange(0, BLOCK)", "    cm = cj < n",
+            "    tok = tl.load(cidx_ptr + hrow.to(tl.int64) * C + cj, mask=cm, other=0)",
             "    keep = (tok < SINK) | (tok >= L - WINDOW)"]
-    if pr.group == "union":
+    if union:
         body += ["    for gi in tl.static_range(G):", f"        keep = keep | ({load})"]
     else:
         body.append(f"    keep = keep | ({load})")
-    body += ["    keep = keep & m",
-             "    pos = run + tl.cumsum(keep.to(tl.int32), 0) - 1",
-             "    tl.store(out_row + pos, tok, mask=keep)",
-             "    run += tl.sum(keep.to(tl.int32), 0)",
-             "tl.store(cnt_ptr + pid, run)",
-             "for start in range(run, C, BLOCK):",
-             "    j = start + tl.arange(0, BLOCK)",
-             "    tl.store(out_row + j, tl.full([BLOCK], -1, tl.int32), mask=j < C)"]
+    return body + [
+        "    keep = keep & cm",
+        "    pos = run + tl.cumsum(keep.to(tl.int32), 0) - 1",
+        "    tl.store(out_row + pos, tok, mask=keep)",
+        "    run += tl.sum(keep.to(tl.int32), 0)",
+        "tl.store(cnt_ptr + hrow, run)",
+        "for start in range(run, C, BLOCK):",
+        "    cj = start + tl.arange(0, BLOCK)",
+        "    tl.store(out_row + cj, tl.full([BLOCK], -1, tl.int32), mask=cj < C)"]
+
+
+def gen_compact(c: Ctx, stage: int) -> KernelSpec:
+    pr, sh, keep = c.p.prune[stage], c.shape, c.p.keep
+    frow = {"mean": "b * ROWS + h // G", "max": "b * ROWS + h // G",
+            "union": "b * ROWS + h // G * G + gi"}.get(pr.group, "b * ROWS + h")
+    args = [("flag_ptr", "*i8"), ("cidx_ptr", "*i32"), ("ccnt_ptr", "*i32"), ("len_ptr", "*i32"),
+            ("idx_ptr", "*i32"), ("cnt_ptr", "*i32"), ("C", "i32")]
+    body = ["pid = tl.program_id(0)", "b = pid // HQ", "h = pid % HQ",
+            "L = tl.load(len_ptr + b)"] + _compact_lines("h", frow, pr.group == "union")
     consts = dict(HQ=sh.q_heads, G=sh.group_size, ROWS=prune_rows(pr, sh), SINK=keep.sink,
                   WINDOW=keep.window, BLOCK=c.schedule["scan_block"])
     return make_kernel("prune", f"prune{stage}_compact", args, consts, body,

@@ -58,6 +58,20 @@ def test_schedule_variants_compile(schedule):
     _check(B.quest_twilight(), Target("cuda", "sm_90"), schedule)
 
 
+@pytest.mark.parametrize("group", ["none", "mean"])
+def test_fused_prune_compact_compiles_without_spills(group):
+    """``fuse_prune_compact`` (default top-p strategy, and a top-k pruner): one decide kernel
+    per pruner that also writes the kept lists, no spills on sm_90."""
+    pipe = tw.Pipeline(select=tw.top_k(B.quest, tw.tokens(8192)),
+                       prune=[tw.top_p(0.9, estimate=tw.quantized_keys(4, "token")),
+                              tw.top_k(budget=tw.tokens(1024))],
+                       keep=tw.sink(4) | tw.window(64), group=group)
+    arts = _check(pipe, Target("cuda", "sm_90"), {"fuse_prune_compact": True})
+    names = {a.name for a in arts}
+    assert {"prune0_decide", "prune1_decide"} <= names
+    assert not {"prune0_compact", "prune1_compact"} & names
+
+
 def test_user_selector_compiles_at_odd_head_dim():
     @tw.score(per="token")
     def odd(q, k):

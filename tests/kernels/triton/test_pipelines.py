@@ -69,13 +69,32 @@ def test_user_token_score_top_k(check_run):
 
 
 # ---- group modes, softcap, edges --------------------------------------------------------------
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("sel_group,prune_group", [("none", "none"), ("mean", "mean"),
                                                    ("max", "max"), ("kv", "kv"),
                                                    ("union", "union")])
-def test_group_modes(sel_group, prune_group, check_run):
+def test_group_modes(sel_group, prune_group, fuse, check_run):
     pipe = tw.Pipeline(select=tw.top_k(B.quest, tw.tokens(32), group=sel_group),
                        prune=tw.top_p(0.85, group=prune_group))
-    check_run(pipe, 4, 2, 16, [75, 30], schedule=EXACT)
+    check_run(pipe, 4, 2, 16, [75, 30], schedule={**EXACT, "fuse_prune_compact": fuse})
+
+
+@pytest.mark.parametrize("schedule", [{"top_p_strategy": "bisect"},
+                                      {"top_p_strategy": "radix", "radix_bits": 4}])
+@pytest.mark.parametrize("group", ["none", "mean"])
+def test_fused_prune_compact(group, schedule, check_run, lower):
+    """``fuse_prune_compact``: one decide+compact kernel per pruner, same lists and output
+    as the two-kernel schedule (a top-p and a top-k pruner, keep rules, a merged group)."""
+    pipe = tw.Pipeline(select=tw.top_k(B.quest, tw.tokens(40), group=group),
+                       prune=[tw.top_p(0.9, group=group),
+                              tw.top_k(budget=tw.tokens(12), group=group)],
+                       keep=tw.sink(2) | tw.window(4))
+    fused = lower(pipe, 4, 2, 16, schedule={**schedule, "fuse_prune_compact": True})
+    assert not any(k.endswith("_compact") and k.startswith("prune") for k in fused.specs)
+    outs = [check_run(pipe, 4, 2, 16, [70, 23], schedule={**schedule, "fuse_prune_compact": f},
+                      exact_mask=False) for f in (False, True)]
+    assert torch.equal(outs[0][2], outs[1][2])
+    torch.testing.assert_close(outs[0][0], outs[1][0])
 
 
 def test_softcap_and_scale(check_run):
