@@ -3,7 +3,8 @@
 llvm: rows (request × head × split) run under ``T.parallel`` on ``threads`` workers, channel
 loops are tiled by ``vector_width`` and vectorized (the head_dim tile), attention walks its kept
 tokens in blocks of ``attend_block_n`` and splits each row's list ``split_kv`` ways.
-cuda: rows bind to ``blockIdx.x × threadIdx.x`` with ``cuda_threads`` rows a block.
+cuda: rows bind to ``blockIdx.x × threadIdx.x`` with ``cuda_threads`` rows a block;
+``cuda_attend_staging="smem"`` stages each block's queries in shared memory for attention.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ TVM_KERNELS = Space("tvm", (
     Param("threads", (0, 1, 2, 4, 8, 16, 32), 0,
           doc="llvm: CPU worker threads (0 = TVM's default, one per core)"),
     Param("cuda_threads", (32, 64, 128, 256), 64, doc="cuda: rows (threads) per block"),
+    Param("cuda_attend_staging", ("none", "smem"), "none",
+          doc="cuda: attention's queries from a per-thread fp32 copy (none) or a block-wide "
+              "shared-memory tile loaded coalesced (smem)"),
 ))
 
 TVM = TVM_KERNELS + TOP_P
@@ -34,7 +38,7 @@ def default_schedule() -> dict:
 def space(p, shape, target) -> Space:
     """The parameters that matter for ``p`` on ``target``: no CPU thread count on cuda, no
     thread-block size on llvm, no top-p knobs without a top-p pruner."""
-    drop = {"cuda_threads"} if target.kind == "llvm" else {"threads"}
+    drop = {"cuda_threads", "cuda_attend_staging"} if target.kind == "llvm" else {"threads"}
     if not any(pr.rule == "top_p" for pr in p.prune):
         drop |= {q.name for q in TOP_P.params}
     return Space(f"tvm:{target.kind}", tuple(q for q in TVM.params if q.name not in drop))

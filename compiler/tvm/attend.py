@@ -6,9 +6,18 @@ batch of few heads still fills every core. When the heads of a GQA group share o
 ``G`` queries. Tokens go in blocks of ``attend_block_n``: the block's logits first, then one
 online-softmax rescale per block rather than per token. With one split the kernel writes the
 output directly; otherwise it writes ``(acc, max, sum)`` partials and ``combine`` merges them.
+
+cuda, ``cuda_attend_staging="smem"``: the block's threads first copy the queries of all its rows
+into one ``__shared__`` tile together (consecutive threads read consecutive elements, so the load
+is coalesced), then ``__syncthreads()``; each thread's dot products read its row from there
+(padded by one 32-bit word a row, so the threads of a warp hit distinct banks) rather than from a
+per-thread fp32 copy in local memory, and the softmax scale moves from the query to the logit.
+The tile holds the query in its own dtype; the block shrinks (by halves) until it fits 48 KB.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from .build import KernelSource
 from .context import StageCtx, f32, softcap_text
@@ -27,10 +36,54 @@ def splits(ctx: StageCtx) -> int:
     return int(ctx.sched.get("split_kv", 1))
 
 
+SHARED_BYTES = 48 * 1024  # static shared memory a block may declare without opting in
+_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def staged(ctx: StageCtx) -> bool:
+    """Does attention stage the block's queries in shared memory (cuda, ``"smem"``)?"""
+    return ctx.dialect.cuda and ctx.sched.get("cuda_attend_staging", "none") == "smem"
+
+
+def staged_threads(ctx: StageCtx) -> tuple[int, int]:
+    """(threads a block, elements a row of the tile) for the shared query tile: ``cuda_threads``
+    halved until ``threads × row`` fits ``SHARED_BYTES``."""
+    _, gh = attend_rows(ctx)
+    esz = _BYTES[ctx.dtype]
+    row = gh * ctx.D + 16 // esz  # 16 B of padding: rows stay 16 B aligned (vector loads), and
+    # a quarter-warp's 16 B loads of one column fall in distinct banks
+    th = ctx.dialect.threads
+    while th > 1 and th * row * esz > SHARED_BYTES:
+        th //= 2
+    return th, row
+
+
+def _stage_q(ctx: StageCtx, th: int, row: int, nrows: str):
+    """The block-wide prologue: copy the block's ``th`` query rows into ``qs``, then sync."""
+    rows, gh = attend_rows(ctx)
+    ns, w = splits(ctx), gh * ctx.D
+
+    def prologue(s: Src) -> None:
+        s.shared("qs", th * row, ctx.dtype)  # flat, so TVM cannot compact the padding away
+        with s.block(f"for k in range({w}):"):
+            s(f"e = k * {th} + r_i", f"qr = r_o * {th} + e // {w}")
+            with s.block(f"if qr < {nrows}:"):
+                s(f"qs[e // {w} * {row} + e % {w}] = q[qr // {rows * ns}, "
+                  f"qr % {rows * ns} // {ns} * {gh} + e % {w} // {ctx.D}, e % {ctx.D}]")
+        s('T.tvm_storage_sync("shared")')
+    return prologue
+
+
 def gen_attend(ctx: StageCtx) -> KernelSource:
-    s = Src(ctx.dialect)
     rows, gh = attend_rows(ctx)
     ns, bn, d = splits(ctx), int(ctx.sched.get("attend_block_n", 16)), ctx.D
+    smem = staged(ctx)
+    if smem:
+        th, row = staged_threads(ctx)
+        s = Src(dataclasses.replace(ctx.dialect, threads=th))
+        prologue = _stage_q(ctx, th, row, f"B * {rows * ns}")
+    else:
+        s, prologue = Src(ctx.dialect), None
     params = [("q", ("B", ctx.HQ, d), ctx.dtype), ("pt", ("B", "NP"), "int32"),
               ("kidx", ("B", ctx.HQ, "K"), "int32"), ("kcnt", ("B", ctx.HQ), "int32"),
               ("kp", ("CAP", ctx.HKV, ctx.PS, d), ctx.dtype),
@@ -42,12 +95,13 @@ def gen_attend(ctx: StageCtx) -> KernelSource:
                    ("pml", ("B", ctx.HQ, ns, 2), "float32")]
     _, vw = _split(d, ctx.vec)
     with s.func("attend", params, ("B", "NP", "K", "CAP")):
-        with s.rows("r", f"B * {rows * ns}"):
+        with s.rows("r", f"B * {rows * ns}", prologue):
             s(f"b = r // {rows * ns}", f"hr = r % {rows * ns} // {ns}", f"sp = r % {ns}")
             s(f"h0 = hr * {gh}", f"hkv = h0 // {ctx.G}", "n = kcnt[b, h0]")
             s(f"chunk = (n + {ns - 1}) // {ns}", "lo = T.min(sp * chunk, n)",
               "hi = T.min(lo + chunk, n)")
-            s.local("qv", (gh, d))
+            if not smem:
+                s.local("qv", (gh, d))
             s.local("acc", (gh, d))
             s.local("m", gh)
             s.local("l", gh)
@@ -56,19 +110,27 @@ def gen_attend(ctx: StageCtx) -> KernelSource:
             s.local("kr", d)
             s.local("dot", vw)
             with s.block(f"for g, c in T.grid({gh}, {d}):"):
-                s(f'qv[g, c] = T.Cast("float32", q[b, h0 + g, c]) * {f32(ctx.softmax_scale())}',
-                  "acc[g, c] = T.float32(0)")
+                if not smem:
+                    s(f'qv[g, c] = T.Cast("float32", q[b, h0 + g, c]) * '
+                      f'{f32(ctx.softmax_scale())}')
+                s("acc[g, c] = T.float32(0)")
             with s.block(f"for g in range({gh}):"):
                 s(f"m[g] = {NEG_INF}", "l[g] = T.float32(0)")
             with s.block(f"for blk in range((hi - lo + {bn - 1}) // {bn}):"):
-                _block(ctx, s, gh, bn, vw)
+                _block(ctx, s, gh, bn, vw, smem)
             _finish(ctx, s, gh, ns)
     return KernelSource("attend", "attend", s.text())
 
 
-def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int) -> None:
+def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool = False) -> None:
     """One block of ``bn`` kept tokens: logits, then a rescale, then ``acc += p · V``."""
     d = ctx.D
+    if smem:  # the raw query from the shared tile; the scale goes on the logit
+        row = staged_threads(ctx)[1]
+        qread = f'T.Cast("float32", qs[r_i * {row} + g * {d} + co * {vw} + v])'
+        scale = f" * {f32(ctx.softmax_scale())}"
+    else:
+        qread, scale = f"qv[g, co * {vw} + v]", ""
     with s.block(f"for j in range({bn}):"):
         s(f"i = lo + blk * {bn} + j")
         with s.block("if i < hi:"):
@@ -80,8 +142,9 @@ def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int) -> None:
                     s("dot[v] = T.float32(0)")
                 with s.block(f"for co in range({d // vw}):"):
                     with s.block(f"for v in {s.d.vec(vw)}:"):
-                        s(f"dot[v] = dot[v] + qv[g, co * {vw} + v] * kr[co * {vw} + v]")
-                s(f"lg[g, j] = {softcap_text(ctx, tree_sum(s, 'dot', vw))}")
+                        s(f"dot[v] = dot[v] + {qread} * kr[co * {vw} + v]")
+                logit = f"({tree_sum(s, 'dot', vw)}){scale}" if smem else tree_sum(s, "dot", vw)
+                s(f"lg[g, j] = {softcap_text(ctx, logit)}")
         with s.block("else:"):
             with s.block(f"for g in range({gh}):"):
                 s(f"lg[g, j] = {NEG_INF}")

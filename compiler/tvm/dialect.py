@@ -69,6 +69,14 @@ class Src:
         self(f'{name} = T.alloc_buffer(({dims}), "{dtype}", scope="local")')
         return name
 
+    def shared(self, name: str, shape, dtype: str = "float32") -> str:
+        """A buffer in the block's shared memory (cuda only): one ``__shared__`` array."""
+        assert self.d.cuda, "shared memory is a cuda-only staging"
+        shape = shape if isinstance(shape, tuple) else (shape,)
+        dims = ", ".join(str(x) for x in shape) + ("," if len(shape) == 1 else "")
+        self(f'{name} = T.alloc_buffer(({dims}), "{dtype}", scope="shared")')
+        return name
+
     @contextmanager
     def func(self, name: str, params: list[tuple[str, tuple, str]], sym: tuple[str, ...]):
         """``def name(...)`` with one handle per buffer, ``T.match_buffer`` of each, and the
@@ -84,13 +92,19 @@ class Src:
             yield
 
     @contextmanager
-    def rows(self, var: str, extent: str):
-        """The parallel loop over independent rows (requests × heads × splits)."""
+    def rows(self, var: str, extent: str, prologue=None):
+        """The parallel loop over independent rows (requests × heads × splits).
+
+        cuda: ``prologue(self)``, when given, is written inside the thread loops but before the
+        row guard, so every thread of the block runs it (block-wide staging and its barrier);
+        ``{var}_o`` / ``{var}_i`` name the block and the thread there."""
         if self.d.cuda:
             th = self.d.threads
             with self.block(f'for {var}_o in T.thread_binding(({extent} + {th - 1}) // {th}, '
                             '"blockIdx.x"):'):
                 with self.block(f'for {var}_i in T.thread_binding({th}, "threadIdx.x"):'):
+                    if prologue is not None:
+                        prologue(self)
                     self(f"{var} = {var}_o * {th} + {var}_i")
                     with self.block(f"if {var} < {extent}:"):
                         yield

@@ -4,6 +4,7 @@ schedule), and nvcc cubins for sm_80 and sm_90 when nvcc exists (each distinct k
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -82,3 +83,57 @@ def test_nvcc_compiles_schedule_variants(tmp_path):
     scheds = [{"split_kv": 4}, {"top_p_strategy": "radix", "radix_bits": 11},
               {"top_p_strategy": "sort"}, {"top_p_strategy": "bisect", "bisect_stop": "iters"}]
     _compile_all(cuda_kernels(scheds), tmp_path)
+
+
+def attend_source(staging: str) -> str:
+    sched = {"cuda_attend_staging": staging}
+    k = get_backend("tvm").lower(tw.builtins.quest_top_k().ir, SHAPE, sched,
+                                 Target.parse("cuda:sm_90"))
+    return cuda_source(k.kernels["attend"])
+
+
+def test_attend_smem_staging_source():
+    """``cuda_attend_staging="smem"``: the block's queries sit in one ``__shared__`` tile, loaded
+    before a barrier that every thread reaches; ``"none"`` keeps a per-thread copy."""
+    none, smem = attend_source("none"), attend_source("smem")
+    assert "__shared__" not in none and "__syncthreads" not in none and "qv" in none
+    assert "__shared__" in smem and "__syncthreads" in smem and "qv_ptr" not in smem
+    assert smem.index("__syncthreads") < smem.index("if (r_ptr[0] <")  # outside the row guard
+
+
+def test_attend_staging_is_cuda_only():
+    from twilight.schedules.tvm import space
+    p = tw.builtins.quest_top_k().ir
+    def names(t):
+        return {q.name for q in space(p, SHAPE, Target.parse(t)).params}
+    assert "cuda_attend_staging" in names("cuda:sm_90")
+    assert "cuda_attend_staging" not in names("llvm")
+    lower = get_backend("tvm").lower
+    texts = [lower(p, SHAPE, {"cuda_attend_staging": v}, Target.parse("llvm")).kernels["attend"]
+             .source.text for v in ("none", "smem")]
+    assert texts[0] == texts[1]
+
+
+PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+                   r"[\s\S]*?Used (\d+) registers")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+def test_nvcc_attend_staging_footprint(tmp_path):
+    """Both stagings compile for sm_80 and sm_90; ptxas' figures for each are printed, and the
+    shared-memory variant spills no more (and keeps no larger a stack frame) than ``"none"``."""
+    jobs = [(st, arch) for st in ("none", "smem") for arch in ("sm_80", "sm_90")]
+    srcs = {st: attend_source(st) for st in ("none", "smem")}
+    with ThreadPoolExecutor(2) as pool:
+        logs = list(pool.map(lambda j: nvcc_cubin(srcs[j[0]], j[1], tmp_path), jobs))
+    fig = {}
+    for (st, arch), log in zip(jobs, logs, strict=True):
+        m = PTXAS.search(log)
+        assert m, log
+        stack, st_spill, ld_spill, regs = map(int, m.groups())
+        fig[st, arch] = {"registers": regs, "stack": stack, "spill": st_spill + ld_spill}
+        print(f"attend {st:4} {arch}: {regs} registers, {stack} B stack, "
+              f"{st_spill}/{ld_spill} B spill stores/loads")
+    for arch in ("sm_80", "sm_90"):
+        assert fig["smem", arch]["spill"] <= fig["none", arch]["spill"]
+        assert fig["smem", arch]["stack"] <= fig["none", arch]["stack"]
