@@ -27,9 +27,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import settings
 
 from twilight.runtime.paged_cache import PagedKVCache
 from twilight.runtime.reference import make_cache
+
+# CI runs the same examples every time (a red CI then means a real regression, reproducible
+# locally with HYPOTHESIS_PROFILE=ci); a developer's run explores new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else
+                                     "default"))
 
 
 @dataclass

@@ -197,6 +197,7 @@ CHILD = textwrap.dedent("""
     import sys, torch, twilight as tw
     from twilight.runtime.kernel_cache import KernelCache
     sys.stdin.read(1)  # start together
+    torch.manual_seed(0)  # bisection may keep eps-ties the exact reference drops: fixed data
     pipe = tw.builtins.quest_twilight(budget=64, p=0.9)
     dec = tw.load(pipe, shape=tw.Shape(8, 2, 64, 16, "float32"), backend="tvm")
     cache = dec.make_cache()
