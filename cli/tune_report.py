@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from rich.table import Table
 from ..compiler.backend import get_backend
 from ..runtime.kernel_key import toolchain_stamps
 from ..runtime.measure import dense_baseline_ms, make_problem
-from ..runtime.tuning_log import shape_dict, write_entry
+from ..runtime.tuning_log import SHIPPED, find_schedule, shape_dict, user_root, write_entry
 from ..schedules.tuner import (
     TuneConfig,
     best_trial,
@@ -29,6 +30,7 @@ def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, console: Console,
     space = backend.space(cfg.pipeline, cfg.shape, cfg.target)
     storage = open_storage(cfg.storage, Path(cfg.storage))
     check = lambda s: backend.check_schedule(cfg.pipeline, cfg.shape, s, cfg.device)  # noqa: E731
+    cfg.warm_start = cfg.warm_start or previous_winners(cfg, log_root)
     records, start = [], time.monotonic()
     console.print(f"tuning [bold]{cfg.pipeline.name}[/] ({cfg.pipeline.key()[:12]}) with "
                   f"{cfg.backend} on {cfg.device.name}: {len(cfg.buckets)} shape buckets × "
@@ -57,6 +59,17 @@ def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, console: Console,
         "buckets": records})
     console.print(f"tuning log: {path}")
     return records
+
+
+def previous_winners(cfg: TuneConfig, log_root: Path) -> list[dict]:
+    """The winners earlier tunes logged for this pipeline, device, head layout and backend
+    (this log root, the user's, the shipped ones): tried right after the default."""
+    roots = list(dict.fromkeys([Path(log_root), user_root(), SHIPPED]))
+    found = [find_schedule(cfg.pipeline, cfg.device.name, cfg.shape, b, cfg.backend, roots)
+             for b in cfg.buckets]
+    unique = {json.dumps(f[0]["schedule"], sort_keys=True): f[0]["schedule"]
+              for f in found if f and f[0]["schedule"]}
+    return list(unique.values())
 
 
 def _record(cfg: TuneConfig, bucket, study, space) -> dict:

@@ -214,7 +214,10 @@ def tune_bucket(cfg: TuneConfig, bucket: ShapeBucket, space: Space, storage,
     study.sampler = make_sampler(cfg.sampler, cfg.seed + len(study.trials), space)
     recover_stale_trials(study)
     for schedule in [space.default(), *cfg.warm_start]:
-        study.enqueue_trial(space.complete(schedule), skip_if_exists=True)
+        try:
+            study.enqueue_trial(space.complete(schedule), skip_if_exists=True)
+        except ValueError:  # a winner from an older space: its knobs no longer exist
+            continue
     objective, deadline = None, None if timeout is None else time.monotonic() + timeout
     for _ in range(space.size()):  # duplicates do not count; a small space can run dry
         remaining = min(cfg.trials - finished_count(study), space.size() - finished_count(study))
