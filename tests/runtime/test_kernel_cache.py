@@ -295,19 +295,21 @@ def _spawn(tmp_path: Path, cache_dir: Path, name: str, mode: str) -> subprocess.
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(base=BASE, payload=PAYLOAD))
     (tmp_path / "sync").mkdir(exist_ok=True)
-    return subprocess.Popen([sys.executable, str(script), str(cache_dir),
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", str(script), str(cache_dir),
                              str(tmp_path / "builds.txt"), str(tmp_path / "sync"), name, mode],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+def _wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            codes = [p.poll() for p in procs]  # None: still running (hung), <0: killed by a signal
             for p in procs:
                 p.kill()
             errs = [p.communicate(timeout=30)[1][-2000:] for p in procs]
-            pytest.fail(f"waiting for {path.name}: a worker died or hung; stderr: {errs}")
+            pytest.fail(f"waiting for {path.name}: a worker died or hung; exit codes {codes}; "
+                        f"stderr: {errs}")
         time.sleep(0.01)
 
 
