@@ -11,9 +11,9 @@ import sys
 
 from ..frontend.errors import TwilightError
 from ..runtime import knobs
-from . import cache_cmd, compile_cmd, eval_cmd, logs_cmd, tune_cmd
+from . import cache_cmd, calibrate_cmd, compile_cmd, eval_cmd, logs_cmd, tune_cmd
 
-COMMANDS = (eval_cmd, tune_cmd, compile_cmd, cache_cmd, logs_cmd)
+COMMANDS = (eval_cmd, calibrate_cmd, tune_cmd, compile_cmd, cache_cmd, logs_cmd)
 
 DESCRIPTION = """\
 twilightc compiles, tunes and evaluates sparse-attention decode pipelines: a token selector

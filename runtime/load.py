@@ -259,6 +259,10 @@ class DecodePipeline:
         pl.q.copy_(q)
         return StageInputs(pl.q, pl.page_table, pl.lengths, cache, ids)
 
+    def stage_inputs(self, q: torch.Tensor, cache: PagedKVCache, req=None) -> StageInputs:
+        """The planned, aligned stage inputs ``run`` would use (to time one stage alone)."""
+        return self._inputs(q, cache, req)
+
     @staticmethod
     def _copy_table(pl: _Plan, cache: PagedKVCache) -> None:
         width = min(cache.page_table.shape[1], pl.page_table.shape[1])
@@ -290,7 +294,8 @@ def _bucket(batch: int, context: int) -> ShapeBucket:
 
 def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend: str = "auto",
          *, batch: int = 1, context: int = 4096, schedule: dict | None = None,
-         target: str | Target | None = None, cache: KernelCache | None = None) -> DecodePipeline:
+         target: str | Target | None = None, cache: KernelCache | None = None,
+         model: str | None = None) -> DecodePipeline:
     """A tuned, compiled ``pipeline`` (a ``tw.Pipeline`` or its IR) for ``shape`` on ``device``.
 
     * ``device``: ``"auto"`` (the GPU present, else the CPU) or a profile name (``"cpu"``,
@@ -298,7 +303,8 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
     * ``backend``: ``"auto"`` (triton on a GPU, tvm on the CPU), ``"tvm"`` or ``"triton"``.
     * ``batch``/``context``: the shape bucket whose tuned schedule to prefer (nearest wins);
       ``schedule`` overrides the logs; ``target`` overrides the device's target;
-      ``cache``: a ``KernelCache`` (default: the one of ``TWILIGHT_CACHE_DIR``).
+      ``cache``: a ``KernelCache`` (default: the one of ``TWILIGHT_CACHE_DIR``);
+      ``model``: apply the key estimator ``twilightc calibrate`` chose for this model.
 
     Example::
 
@@ -311,6 +317,11 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
         raise InputError("load: pass shape=tw.Shape(q_heads, kv_heads, head_dim, page_size, "
                          "dtype): kernels are specialized on the head layout")
     p = as_ir(pipeline)
+    if model is not None:  # the key estimator 'twilightc calibrate' chose for this model
+        from .calibration import calibrated
+        p, est = calibrated(p, model)
+        if est:
+            log.info("load: %s uses the %s estimator calibrated for %s", p.name, est, model)
     if shape.page_size != p.page_size:
         raise InputError(f"load: shape.page_size={shape.page_size} but pipeline {p.name!r} "
                          f"pages by {p.page_size}")

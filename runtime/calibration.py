@@ -1,0 +1,146 @@
+"""Estimator calibration: which key estimator a pipeline's pruners should use for a model.
+
+``calibrate`` runs the pipeline with every estimator choice on real attention snapshots of the
+model and weighs fidelity — the true attention mass of the kept set relative to the
+candidates (what top-p promises), its worst head, the output error — against cost: bytes read
+per candidate token, and the estimate stage's latency on this device (TVM on the CPU). It
+recommends the cheapest choice that meets the fidelity target (default: mean ≥ p − 0.02 and
+no head below p − 0.2) and writes it to ``<data dir>/calibration/<model>.json``, where
+``twilight.load(pipeline, model=...)`` picks it up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..compiler import ir
+from . import knobs
+from .evaluation import evaluate_snapshot
+from .quant import KeyCodeSpec, bytes_per_token
+from .reference import as_ir
+from .snapshot import Snapshot
+
+CHOICES = (ir.Estimator("exact"),) + tuple(
+    ir.Estimator("quantized", bits, gran) for bits in (8, 4, 2) for gran in ("token", "page"))
+
+
+def with_estimator(p: ir.PipelineIR, est: ir.Estimator) -> ir.PipelineIR:
+    """``p`` with every pruner estimating through ``est``."""
+    return dataclasses.replace(p, prune=tuple(dataclasses.replace(pr, estimator=est)
+                                              for pr in p.prune))
+
+
+def est_bytes(est: ir.Estimator, head_dim: int, page_size: int) -> float:
+    """Bytes read per candidate token and KV head (fp16 keys for the exact estimator)."""
+    if est.kind == "exact":
+        return 2.0 * head_dim
+    return bytes_per_token(KeyCodeSpec(est.bits, est.granularity), head_dim, page_size)
+
+
+@dataclass
+class Choice:
+    estimator: str
+    bytes_per_token: float
+    true_in_cand_mean: float
+    true_in_cand_min: float
+    true_mass_mean: float
+    rel_error_mean: float
+    kept_tokens_mean: float
+    estimate_ms: float | None
+    meets_target: bool
+
+
+def _top_p(p: ir.PipelineIR) -> float:
+    ps = [pr.p for pr in p.prune if pr.rule == "top_p"]
+    if not ps:
+        raise ValueError(f"pipeline {p.name!r} has no top-p pruner: nothing to calibrate")
+    return ps[0]
+
+
+def calibrate(pipeline, snapshots: list[Snapshot], mean_drop: float = 0.02,
+              min_drop: float = 0.2, layers: list[int] | None = None,
+              time_estimate: bool = True, progress=None) -> tuple[list[Choice], Choice | None]:
+    """Measure every estimator choice; return them all and the recommendation (or None)."""
+    p = as_ir(pipeline)
+    top = _top_p(p)
+    d = snapshots[0].q.shape[-1]
+    out = []
+    for est in CHOICES:
+        variant = with_estimator(p, est)
+        reps = [evaluate_snapshot(variant, s, layers).to_json()["overall"] for s in snapshots]
+        mean = sum(r["true_mass_in_candidates_mean"] for r in reps) / len(reps)
+        worst = min(r["true_mass_in_candidates_min"] for r in reps)
+        ms = _estimate_ms(variant, snapshots[0]) if time_estimate else None
+        out.append(Choice(est.name, est_bytes(est, d, p.page_size), mean, worst,
+                          sum(r["true_mass_mean"] for r in reps) / len(reps),
+                          sum(r["rel_l2_error_mean"] for r in reps) / len(reps),
+                          sum(r["kept_tokens_mean"] for r in reps) / len(reps), ms,
+                          mean >= top - mean_drop and worst >= top - min_drop))
+        if progress:
+            progress(est)
+    ok = [c for c in out if c.meets_target]
+    best = min(ok, key=lambda c: (c.bytes_per_token, c.estimate_ms or 0.0)) if ok else None
+    return out, best
+
+
+def _estimate_ms(p: ir.PipelineIR, snap: Snapshot) -> float | None:
+    """The first pruner's estimate stage, compiled for this device, on the snapshot's last
+    layer (all its queries as one batch)."""
+    from .load import load
+    from .measure import median_time
+    from .reference import make_cache
+    q, k, v = snap.q[-1], snap.k[-1], snap.v[-1]
+    shape = ir.Shape(q.shape[1], k.shape[0], k.shape[-1], p.page_size,
+                     str(q.dtype).removeprefix("torch."))
+    try:
+        dp = load(p, shape=shape, batch=q.shape[0], context=k.shape[1])
+    except Exception:  # no backend for this device: report fidelity and bytes only
+        return None
+    cache = make_cache(p, k.shape[0], k.shape[-1], dtype=k.dtype)
+    ids = cache.add_requests(q.shape[0])
+    cache.append(k[None].expand(len(ids), -1, -1, -1).contiguous(),
+                 v[None].expand(len(ids), -1, -1, -1).contiguous(), ids)
+    x = dp.plan(len(ids), k.shape[1]).stage_inputs(q, cache, ids)
+    idx, cnt = dp.compiled.select(x)
+    return median_time(lambda: dp.compiled.estimate(0, x, idx, cnt), repeats=10) * 1e3
+
+
+# ---- where load() finds the choice ---------------------------------------------------------------
+def calibration_path(model: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+    return Path(knobs.data_dir()) / "calibration" / f"{safe}.json"
+
+
+def write_choice(model: str, p: ir.PipelineIR, best: Choice, choices: list[Choice],
+                 snapshots: list[str]) -> Path:
+    """Record ``best`` for ``model`` and pipeline ``p.name`` (other pipelines' are kept)."""
+    path = calibration_path(model)
+    data = json.loads(path.read_text()) if path.exists() else {"model": model, "pipelines": {}}
+    data["pipelines"][p.name] = {
+        "estimator": best.estimator, "pipeline_key": p.key(), "snapshots": snapshots,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "choices": [dataclasses.asdict(c) for c in choices]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def calibrated(p: ir.PipelineIR, model: str) -> tuple[ir.PipelineIR, str | None]:
+    """``p`` with the estimator calibrated for ``model`` (and its name), or ``p`` unchanged."""
+    path = calibration_path(model)
+    if not p.prune or not path.exists():
+        return p, None
+    rec = json.loads(path.read_text())["pipelines"].get(p.name)
+    if rec is None:
+        return p, None
+    est = next(e for e in CHOICES if e.name == rec["estimator"])
+    return with_estimator(p, est), est.name
