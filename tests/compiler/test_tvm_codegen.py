@@ -25,7 +25,9 @@ def builtin_pipelines():
     b = tw.builtins
     return {"dense": b.dense(), "quest_top_k": b.quest_top_k(), "quest_twilight": b.quest_twilight(),
             "oracle_top_k": b.oracle_top_k(), "streaming": b.streaming(),
-            "double_sparsity": b.double_sparsity(CHANNELS), "ds_twilight": b.ds_twilight(CHANNELS)}
+            "double_sparsity": b.double_sparsity(CHANNELS), "ds_twilight": b.ds_twilight(CHANNELS),
+            # the published per-token INT4 estimator (the built-ins default to per page)
+            "quest_twilight_token": b.quest_twilight(granularity="token")}
 
 
 def cuda_kernels(schedules=({},)) -> dict[str, tuple[str, str]]:
@@ -48,7 +50,7 @@ def kernels():
 def test_every_stage_has_cuda_source(kernels):
     names = {n for n, _ in kernels.values()}
     for stage in ("score", "rank", "candidates", "estimate0", "decide0", "kept0", "attend",
-                  "summary_minmax", "token_codes4"):
+                  "summary_minmax", "token_codes4", "page_codes4"):
         assert any(n.endswith("." + stage) for n in names), stage
     for _, src in kernels.values():
         assert "__global__" in src and "blockIdx.x" in src and "threadIdx.x" in src
