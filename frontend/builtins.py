@@ -96,15 +96,13 @@ def quest_top_k(budget: int = 1024, page_size: int = 16, sink_tokens: int = 0,
 
 
 def quest_twilight(budget: int = 8192, p: float = 0.9, bits: int = 4,
-                   granularity: str = "page", page_size: int = 16, sink_tokens: int = 0,
+                   granularity: str = "token", page_size: int = 16, sink_tokens: int = 0,
                    window_tokens: int = 0) -> Pipeline:
     """Quest with a conservative budget, then Twilight's top-p over low-bit key estimates.
 
-    The estimate defaults to INT4 per channel within a page, not the published per-token INT4:
-    keys with outlier channels fool per-token codes into keeping sets that hold a fraction of
-    the true mass while reporting ≥ p (on SmolLM2 at 8k the worst head holds 0.72 at p=0.9
-    per token, 0.89 per page; see tests/runtime/test_estimator_fidelity.py).
-
+    ``granularity="page"`` (INT4 per channel within a page) survives outlier key channels that
+    fool the published per-token codes; it is not the default yet because the CPU (TVM) page
+    estimate kernel is ~3x slower than the per-token one (``twilightc calibrate`` weighs both).
     ``sink_tokens``/``window_tokens`` always keep the first/last tokens: not in the published
     algorithms (so 0 by default), but on SmolLM2 at 8k, Quest's page bound often ranks the
     attention-sink page out of a 1024-token budget (see ``twilightc eval``)."""
@@ -135,7 +133,7 @@ def double_sparsity(channels=None, budget: int = 1024, r: int = 16):
 
 
 def ds_twilight(channels=None, budget: int = 8192, p: float = 0.9, bits: int = 4, r: int = 16,
-                granularity: str = "page"):
+                granularity: str = "token"):
     """Double Sparsity with a conservative budget, then top-p over low-bit key estimates."""
     if channels is None:
         return Calibrated("ds_twilight", lambda q, k: ds_twilight(

@@ -26,8 +26,8 @@ def builtin_pipelines():
     return {"dense": b.dense(), "quest_top_k": b.quest_top_k(), "quest_twilight": b.quest_twilight(),
             "oracle_top_k": b.oracle_top_k(), "streaming": b.streaming(),
             "double_sparsity": b.double_sparsity(CHANNELS), "ds_twilight": b.ds_twilight(CHANNELS),
-            # the published per-token INT4 estimator (the built-ins default to per page)
-            "quest_twilight_token": b.quest_twilight(granularity="token")}
+            # the estimator that survives outlier key channels (per channel within a page)
+            "quest_twilight_page": b.quest_twilight(granularity="page")}
 
 
 def cuda_kernels(schedules=({},)) -> dict[str, tuple[str, str]]:
