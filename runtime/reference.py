@@ -50,13 +50,10 @@ class Kept:
 
     def indices(self) -> tuple[Tensor, Tensor]:
         """Ragged lists as ``(indices int64 [B, Hq, max_count] padded with -1, count [B, Hq])``,
-        ascending within a row."""
-        count = self.count
-        width = int(count.max()) if count.numel() else 0
-        pos = torch.arange(self.mask.shape[-1], device=self.mask.device)
-        key = torch.where(self.mask, pos, pos.numel() + pos)  # kept first, in order
-        idx = key.sort(-1).values[..., :width]
-        return torch.where(idx < pos.numel(), idx, -1), count
+        ascending within a row (the stage ABI's lists, in int64)."""
+        from ..compiler.stages import mask_to_lists  # stages imports this module
+        idx, cnt = mask_to_lists(self.mask)
+        return idx.long(), cnt.long()
 
 
 def as_ir(pipeline) -> ir.PipelineIR:
