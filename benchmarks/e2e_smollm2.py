@@ -178,8 +178,9 @@ def main(argv=None) -> None:
     print(f"  held-out perplexity ({r['heldout_tokens'] - 1} decode predictions): dense "
           f"{r['ppl_dense']:.3f}, twilight {r['ppl_twilight']:.3f}")
     print(f"  decode tokens/s: dense {r['tokens_per_s_dense']:.2f}, twilight "
-          f"{r['tokens_per_s_twilight']:.2f}  (prefill {r['prefill_s_dense']:.1f} s / "
-          f"{r['prefill_s_twilight']:.1f} s)")
+          f"{r['tokens_per_s_twilight']:.2f} → {r['tokens_per_s_twilight'] / r['tokens_per_s_dense']:.2f}x"
+          f"  (prefill {r['prefill_s_dense']:.1f} s / {r['prefill_s_twilight']:.1f} s)")
+    print(f"  perplexity ratio twilight/dense: {r['ppl_twilight'] / r['ppl_dense']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
 
