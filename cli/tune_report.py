@@ -13,11 +13,12 @@ from rich.table import Table
 
 from ..compiler.backend import get_backend
 from ..runtime.kernel_key import toolchain_stamps
-from ..runtime.measure import dense_baseline_ms, make_problem
+from ..runtime.measure import dense_baseline_ms
 from ..runtime.tuning_log import SHIPPED, find_schedule, shape_dict, user_root, write_entry
 from ..schedules.tuner import (
     TuneConfig,
     best_trial,
+    bucket_problem,
     default_trial,
     open_storage,
     tune_bucket,
@@ -47,10 +48,11 @@ def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, console: Console,
                 b = best_trial(study)
                 bar.update(task, completed=len(study.trials),
                            best=f"{b.value:.3f} ms" if b else "—")
+            problem = bucket_problem(cfg, bucket)  # trials and the dense baseline share it
             study = tune_bucket(cfg, bucket, space, storage, check, left, progress,
-                                workers=workers)
+                                workers=workers, problem=problem)
             progress(study, None)
-            records.append(_record(cfg, bucket, study, space))
+            records.append(_record(cfg, bucket, study, space, problem))
     _print_table(console, records, space.default())
     path = write_entry(log_root, cfg.device.name, cfg.pipeline.name, {
         "pipeline_key": cfg.pipeline.key(), "backend": cfg.backend,
@@ -72,12 +74,9 @@ def previous_winners(cfg: TuneConfig, log_root: Path) -> list[dict]:
     return list(unique.values())
 
 
-def _record(cfg: TuneConfig, bucket, study, space) -> dict:
+def _record(cfg: TuneConfig, bucket, study, space, problem) -> dict:
     best, dflt = best_trial(study), default_trial(study, space.default())
-    device = "cuda" if cfg.target.kind == "cuda" else "cpu"
-    dense_ms, dense_what = dense_baseline_ms(make_problem(cfg.pipeline, cfg.shape, bucket,
-                                                          seed=cfg.seed, device=device),
-                                             cfg.repeats)
+    dense_ms, dense_what = dense_baseline_ms(problem, cfg.repeats)
     states = [t.state.name for t in study.trials]
     rec = {"bucket": bucket.name, "batch": bucket.batch, "context": bucket.context,
            "study": study.study_name, "trials": len(states),

@@ -202,8 +202,9 @@ def tune_bucket(cfg: TuneConfig, bucket: ShapeBucket, space: Space, storage,
                 check: Callable[[dict], str | None] = lambda s: None,
                 timeout: float | None = None,
                 callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-                workers: int = 1) -> optuna.Study:
-    """Run (or resume) the study of one bucket until it has ``cfg.trials`` finished trials.
+                workers: int = 1, problem: Problem | None = None) -> optuna.Study:
+    """Run (or resume) the study of one bucket until it has ``cfg.trials`` finished trials,
+    on ``problem`` (default: ``bucket_problem(cfg, bucket)``, built only if trials remain).
 
     ``workers`` > 1 runs trials in threads (compiles overlap; on a CPU device the timings of
     concurrent trials disturb each other — use one machine per worker with an RDB storage)."""
@@ -224,12 +225,17 @@ def tune_bucket(cfg: TuneConfig, bucket: ShapeBucket, space: Space, storage,
         left = None if deadline is None else deadline - time.monotonic()
         if remaining <= 0 or (left is not None and left <= 0):
             break
-        device = "cuda" if cfg.target.kind == "cuda" else "cpu"
-        objective = objective or Objective(cfg, space, make_problem(
-            cfg.pipeline, cfg.shape, bucket, seed=cfg.seed, device=device), check)
+        objective = objective or Objective(cfg, space, problem or bucket_problem(cfg, bucket),
+                                           check)
         study.optimize(objective, n_trials=remaining, timeout=left, catch=(Exception,),
                        n_jobs=workers, callbacks=[callback] if callback else None)
     return study
+
+
+def bucket_problem(cfg: TuneConfig, bucket: ShapeBucket) -> Problem:
+    """The decode problem a bucket is measured on, on the target's device."""
+    device = "cuda" if cfg.target.kind == "cuda" else "cpu"
+    return make_problem(cfg.pipeline, cfg.shape, bucket, seed=cfg.seed, device=device)
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
