@@ -113,18 +113,30 @@ class Budget:
 class Estimator:
     """How a pruner estimates attention weights: exact keys or quantized keys.
 
-    ``granularity``: ``token`` — per-token asymmetric min-max over head_dim (Twilight's);
-    ``page`` — per channel within a page and KV head (robust to outlier channels).
+    ``granularity`` of the min-max codes (``runtime.quant`` documents formats and bytes):
+
+    * ``token`` — per token over head_dim (Twilight's published estimator); with ``smooth``
+      the keys are first divided by per-channel factors (and the query multiplied by them), so
+      outlier channels no longer set every token's range;
+    * ``page`` — per channel within a page and KV head, zero point and scale from the page's
+      key min/max summary (shared with Quest's when the pipeline has one);
+    * ``group`` — per channel within a group of ``group_pages`` consecutive pages of a request.
     """
 
     kind: str  # "exact" | "quantized"
     bits: int = 16
     granularity: str = "token"
     loc: SourceLoc | None = field(**_LOC)
+    group_pages: int = 1
+    smooth: bool = False
 
     @property
     def name(self) -> str:
-        return "exact" if self.kind == "exact" else f"int{self.bits}_{self.granularity}"
+        if self.kind == "exact":
+            return "exact"
+        if self.granularity == "group":
+            return f"int{self.bits}_group{self.group_pages}"
+        return f"int{self.bits}_{self.granularity}" + ("_smooth" if self.smooth else "")
 
 
 @dataclass(frozen=True)

@@ -145,16 +145,38 @@ def exact_keys() -> ir.Estimator:
     return ir.Estimator("exact", 16, "token", user_location())
 
 
-def quantized_keys(bits: int = 4, granularity: str = "token") -> ir.Estimator:
-    """Estimate with low-bit keys: ``granularity="token"`` (per-token min-max over head_dim, as
-    published) or ``"page"`` (per channel within a page; survives outlier key channels)."""
+def quantized_keys(bits: int = 4, granularity: str = "token", *, pages: int | None = None,
+                   smooth: bool = False) -> ir.Estimator:
+    """Estimate with low-bit (2/4/8) min-max key codes kept in the paged cache.
+
+    ``granularity``:
+
+    * ``"token"`` — per token over head_dim, as published; ``smooth=True`` first divides keys
+      by per-channel factors (fitted on the cache's first append) so that a few outlier channels
+      do not set every token's range;
+    * ``"page"`` — per channel within a page, zero point and scale from the page's key min/max
+      (Quest's summary, shared with it): survives outlier key channels;
+    * ``"group"`` — per channel within a group of ``pages`` consecutive pages (default 4):
+      the page variant's robustness with ``pages``x less side data.
+    """
     loc = user_location()
     if bits not in (2, 4, 8):
         raise StructureError(f"quantized_keys(bits={bits!r}): bits must be 2, 4 or 8", loc)
-    if granularity not in ("token", "page"):
-        raise StructureError(f"quantized_keys(granularity={granularity!r}): use 'token' or "
-                             "'page'", loc)
-    return ir.Estimator("quantized", bits, granularity, loc)
+    if granularity not in ("token", "page", "group"):
+        raise StructureError(f"quantized_keys(granularity={granularity!r}): use 'token', "
+                             "'page' or 'group'", loc)
+    if pages is not None and granularity != "group":
+        raise StructureError(f"quantized_keys(pages={pages!r}): pages applies to "
+                             "granularity='group' only", loc)
+    g = 4 if pages is None and granularity == "group" else (pages or 1)
+    if granularity == "group" and (not isinstance(g, int) or g < 2 or g & (g - 1)):
+        raise StructureError(f"quantized_keys(pages={pages!r}): a group is a power of two ≥ 2 "
+                             "of pages", loc)
+    if smooth and granularity != "token":
+        raise StructureError(f"quantized_keys(smooth=True, granularity={granularity!r}): "
+                             "smoothing applies to per-token codes only (per-channel codes "
+                             "already scale each channel)", loc)
+    return ir.Estimator("quantized", bits, granularity, loc, group_pages=g, smooth=bool(smooth))
 
 
 # ---- budget rules --------------------------------------------------------------------------------

@@ -11,8 +11,18 @@ Layout (``cap`` = capacity in pages, ``ps`` = page size):
 * ``k_pages``, ``v_pages``: ``[cap, Hkv, ps, D]`` in the cache dtype;
 * ``page_table``: int32 ``[request_slots, max_pages]``, -1 padded; ``lengths``: int64 ``[slots]``;
 * ``summaries[name]``: ``[cap, Hkv, C]`` in the cache dtype;
-* ``key_codes[spec]``: :class:`KeyCodes`, ``packed`` uint8 ``[cap, Hkv, ps, nbytes]`` and float32
-  ``scale``/``zero`` ``[cap, Hkv, ps]`` ("token") or ``[cap, Hkv, D]`` ("page").
+* ``key_codes[spec]``: :class:`KeyCodes`, ``packed`` uint8 ``[cap, Hkv, ps, nbytes]`` and
+
+  - "token": float32 ``scale``/``zero`` ``[cap, Hkv, ps]``, and with ``smooth`` the float32
+    factors ``smooth [Hkv, D]`` (fitted on the cache's first append, or :meth:`set_smoothing`);
+  - "page": ``lo``/``hi`` ``[cap, Hkv, D]`` in the cache dtype — the page's per-channel key min
+    and max. They *are* two summary tensors: the ones named by ``minmax_summaries`` (Quest's,
+    when the pipeline has it) or ``key.min``/``key.max``, which the cache then adds itself;
+  - "group": ``lo``/``hi`` ``[cap, Hkv, D]`` in the cache dtype, meaningful at each group's
+    first page (logical page ``j`` of a request belongs to the group of page ``j - j % G``).
+
+Appending to a page re-encodes that page's per-channel codes (its min/max may have moved), and
+appending to a group re-encodes the whole group (``G · ps`` tokens).
 
 Request ids are page-table rows; a freed id is reused by the next :meth:`PagedKVCache.add_request`.
 Keys holding NaN or inf are stored as they are; their summaries follow torch's arithmetic and
@@ -44,7 +54,14 @@ import torch
 from torch import Tensor
 
 from ..frontend.errors import InputError
-from .quant import KeyCodeSpec, packed_bytes, quantize_page, quantize_token
+from .quant import (
+    KeyCodeSpec,
+    codes_from_minmax,
+    fit_smoothing,
+    packed_bytes,
+    quantize_page,
+    quantize_token,
+)
 
 __all__ = ["KeyCodes", "PagedKVCache", "SummaryFn"]
 
@@ -56,14 +73,35 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass
 class KeyCodes:
-    """Quantized keys of one :class:`KeyCodeSpec`, indexed by physical page first."""
+    """Quantized keys of one :class:`KeyCodeSpec`, indexed by physical page first: ``packed``
+    codes with ``scale``/``zero`` (+ ``smooth``) for "token", ``lo``/``hi`` otherwise."""
 
     packed: Tensor
-    scale: Tensor
-    zero: Tensor
+    scale: Tensor | None = None
+    zero: Tensor | None = None
+    lo: Tensor | None = None
+    hi: Tensor | None = None
+    smooth: Tensor | None = None
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.packed, self.scale, self.zero
+    def tensors(self) -> tuple[Tensor, ...]:
+        """What an estimate kernel reads, in its argument order: ``packed, scale, zero[,
+        smooth]`` (token) or ``packed, lo, hi`` (page, group)."""
+        side = (self.scale, self.zero, self.smooth) if self.lo is None else (self.lo, self.hi)
+        return (self.packed, *(t for t in side if t is not None))
+
+
+MINMAX = ("key.min", "key.max")
+"""Summaries the cache adds for page-granularity codes when no ``minmax_summaries`` are given."""
+
+
+def key_min_max(k: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel min and max ``[P, Hkv, D]`` of pages ``k [P, Hkv, ps, D]`` over valid slots
+    ``[P, ps]`` (0 for an empty page): the page-granularity codes' zero point and scale."""
+    v = valid[:, None, :, None]
+    lo = k.masked_fill(~v, math.inf).amin(2)
+    hi = k.masked_fill(~v, -math.inf).amax(2)
+    empty = ~valid.any(1)[:, None, None]
+    return lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
 
 
 def _grow(t: Tensor, rows: int, fill: float | int = 0) -> Tensor:
@@ -89,6 +127,7 @@ class PagedKVCache:
         summaries: Mapping[str, SummaryFn] | None = None,
         key_codes: Sequence[KeyCodeSpec] = (),
         initial_pages: int = 64,
+        minmax_summaries: tuple[str, str] | None = None,
     ) -> None:
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two (1, 2, 4, ...), got {page_size}")
@@ -103,6 +142,18 @@ class PagedKVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.summary_fns: dict[str, SummaryFn] = dict(summaries or {})
         self.key_code_specs: tuple[KeyCodeSpec, ...] = tuple(dict.fromkeys(key_codes))
+        if any(sp.granularity == "page" for sp in self.key_code_specs):
+            if minmax_summaries is None:
+                minmax_summaries = MINMAX
+                self.summary_fns[MINMAX[0]] = lambda k, valid: key_min_max(k, valid)[0]
+                self.summary_fns[MINMAX[1]] = lambda k, valid: key_min_max(k, valid)[1]
+            missing = [n for n in minmax_summaries if n not in self.summary_fns]
+            if missing:
+                raise ValueError(f"minmax_summaries: no summary named {missing[0]!r} (have "
+                                 f"{sorted(self.summary_fns)})")
+        self.minmax_summaries = minmax_summaries
+        self.smoothing_fitted: dict[KeyCodeSpec, bool] = {
+            sp: False for sp in self.key_code_specs if sp.smooth}
         shape = (initial_pages, num_kv_heads, page_size, head_dim)
         self.k_pages = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_pages = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -113,6 +164,7 @@ class PagedKVCache:
             n: self._new_summary(n, fn, initial_pages) for n, fn in self.summary_fns.items()
         }
         self.key_codes = {s: self._new_codes(s, initial_pages) for s in self.key_code_specs}
+        self._link_minmax()
         self._free_pages: list[int] = list(range(initial_pages - 1, -1, -1))
         self._num_pages: list[int] = []  # pages held by each request slot
         self._live: list[bool] = []
@@ -133,14 +185,26 @@ class PagedKVCache:
 
     def _new_codes(self, spec: KeyCodeSpec, pages: int) -> KeyCodes:
         h, ps, d = self.num_kv_heads, self.page_size, self.head_dim
-        side = (pages, h, ps) if spec.granularity == "token" else (pages, h, d)
-        return KeyCodes(
-            packed=torch.zeros(
-                pages, h, ps, packed_bytes(d, spec.bits), dtype=torch.uint8, device=self.device
-            ),
-            scale=torch.zeros(side, dtype=torch.float32, device=self.device),
-            zero=torch.zeros(side, dtype=torch.float32, device=self.device),
+        packed = torch.zeros(
+            pages, h, ps, packed_bytes(d, spec.bits), dtype=torch.uint8, device=self.device
         )
+        if spec.granularity == "token":
+            side = dict(dtype=torch.float32, device=self.device)
+            smooth = torch.ones(h, d, **side) if spec.smooth else None
+            return KeyCodes(packed, torch.zeros(pages, h, ps, **side),
+                            torch.zeros(pages, h, ps, **side), smooth=smooth)
+        if spec.granularity == "page":  # lo/hi are linked to the min/max summaries
+            return KeyCodes(packed)
+        side = dict(dtype=self.dtype, device=self.device)
+        return KeyCodes(packed, lo=torch.zeros(pages, h, d, **side),
+                        hi=torch.zeros(pages, h, d, **side))
+
+    def _link_minmax(self) -> None:
+        """Point every page-granularity format's ``lo``/``hi`` at the min/max summaries."""
+        for spec, codes in self.key_codes.items():
+            if spec.granularity == "page":
+                lo, hi = self.minmax_summaries
+                codes.lo, codes.hi = self.summaries[lo], self.summaries[hi]
 
     @property
     def capacity_pages(self) -> int:
@@ -152,9 +216,12 @@ class PagedKVCache:
         self.k_pages, self.v_pages = _grow(self.k_pages, new), _grow(self.v_pages, new)
         self.page_fill = _grow(self.page_fill, new)
         self.summaries = {n: _grow(t, new) for n, t in self.summaries.items()}
-        self.key_codes = {
-            s: KeyCodes(*(_grow(t, new) for t in c.tensors())) for s, c in self.key_codes.items()
-        }
+        for c in self.key_codes.values():
+            c.packed = _grow(c.packed, new)
+            for name in ("scale", "zero", "lo", "hi"):
+                if getattr(c, name) is not None:
+                    setattr(c, name, _grow(getattr(c, name), new))
+        self._link_minmax()
         self._free_pages = list(range(new - 1, old - 1, -1)) + self._free_pages
 
     # ---- requests --------------------------------------------------------------------------
@@ -275,13 +342,20 @@ class PagedKVCache:
         self.v_pages[phys, :, slot] = vb.transpose(1, 2).reshape_as(k_tok)
         self.page_fill.index_add_(0, phys, torch.ones_like(phys))
         self.lengths[idx] = old + n
+        for spec, fitted in self.smoothing_fitted.items():
+            if not fitted:  # the first append sets the factors (a prefill, in practice)
+                self.key_codes[spec].smooth.copy_(fit_smoothing(k_tok.transpose(0, 1)))
+                self.smoothing_fitted[spec] = True
         self._update_token_codes(k_tok, phys, slot)
         self._update_pages(torch.unique(phys))
+        if any(sp.granularity == "group" for sp in self.key_code_specs):
+            self._update_groups(ids, old.tolist(), n)
 
     def _update_token_codes(self, k_tok: Tensor, phys: Tensor, slot: Tensor) -> None:
         for spec, codes in self.key_codes.items():
             if spec.granularity == "token":
-                packed, scale, zero = quantize_token(k_tok, spec.bits)
+                x = k_tok.float() / codes.smooth if spec.smooth else k_tok
+                packed, scale, zero = quantize_token(x, spec.bits)
                 codes.packed[phys, :, slot] = packed
                 codes.scale[phys, :, slot] = scale
                 codes.zero[phys, :, slot] = zero
@@ -293,9 +367,70 @@ class PagedKVCache:
         for name, fn in self.summary_fns.items():
             self.summaries[name][pages] = fn(keys, valid).to(self.dtype)
         for spec, codes in self.key_codes.items():
-            if spec.granularity == "page":
-                packed, scale, zero = quantize_page(keys, valid[:, None, :], spec.bits)
-                codes.packed[pages], codes.scale[pages], codes.zero[pages] = packed, scale, zero
+            if spec.granularity == "page":  # zero point and scale: the stored min/max summary
+                codes.packed[pages] = codes_from_minmax(
+                    keys, valid[:, None, :], codes.lo[pages], codes.hi[pages], spec.bits)
+
+    def group_pages(self, ids: Sequence[int], first: Sequence[int], last: Sequence[int],
+                    g: int) -> Tensor:
+        """Physical pages ``int64 [N, g]`` (-1 where not allocated) of every group of ``g``
+        logical pages holding token positions ``first[i]..last[i]`` of request ``ids[i]``."""
+        rows = []
+        ps = self.page_size
+        for r, a, b in zip(ids, first, last, strict=True):
+            for grp in range(a // ps // g, b // ps // g + 1):
+                rows.append((r, grp * g))
+        if not rows:
+            return torch.zeros(0, g, dtype=torch.int64, device=self.device)
+        r = torch.tensor([x[0] for x in rows], device=self.device)
+        start = torch.tensor([x[1] for x in rows], device=self.device)
+        cols = start[:, None] + torch.arange(g, device=self.device)
+        ok = cols < self.page_table.shape[1]
+        pages = self.page_table[r[:, None], cols.clamp(max=self.page_table.shape[1] - 1)]
+        return torch.where(ok, pages.to(torch.int64), -1)
+
+    def _update_groups(self, ids: list[int], old: list[int], n: int) -> None:
+        """Re-encode every group-granularity group the append touched, over its valid tokens."""
+        for spec in self.key_code_specs:
+            if spec.granularity != "group":
+                continue
+            gp = self.group_pages(ids, old, [o + n - 1 for o in old], spec.group_pages)
+            self.encode_groups(spec, gp)
+
+    def encode_groups(self, spec: KeyCodeSpec, gp: Tensor) -> None:
+        """Min/max (at each group's first page) and codes of the groups ``gp int64 [N, G]``."""
+        codes, ps = self.key_codes[spec], self.page_size
+        n, g = gp.shape
+        if n == 0:
+            return
+        pg = gp.clamp(min=0)
+        keys = self.k_pages[pg].float()  # [N, G, Hkv, ps, D]
+        keys = keys.transpose(1, 2).reshape(n, self.num_kv_heads, g * ps, self.head_dim)
+        fill = torch.where(gp >= 0, self.page_fill[pg], 0)  # [N, G]
+        valid = (torch.arange(ps, device=self.device) < fill[..., None]).reshape(n, g * ps)
+        packed, lo, hi = quantize_page(keys, valid[:, None, :], spec.bits)
+        codes.lo[gp[:, 0]] = lo.to(self.dtype)
+        codes.hi[gp[:, 0]] = hi.to(self.dtype)
+        packed = packed.reshape(n, self.num_kv_heads, g, ps, -1).transpose(1, 2)
+        live = gp >= 0
+        codes.packed[gp[live]] = packed[live]
+
+    def set_smoothing(self, spec: KeyCodeSpec, factors: Tensor) -> None:
+        """Use ``factors float32 [Hkv, D]`` (positive) for the smoothed format ``spec`` instead
+        of fitting them on the first append; tokens already stored are re-encoded."""
+        if spec not in self.smoothing_fitted:
+            raise InputError(f"set_smoothing: the cache keeps no smoothed format {spec.name}")
+        want = (self.num_kv_heads, self.head_dim)
+        if tuple(factors.shape) != want or not bool((factors > 0).all()):
+            raise InputError(f"factors: expected positive values of shape {list(want)}, got "
+                             f"{tuple(factors.shape)}")
+        codes = self.key_codes[spec]
+        codes.smooth.copy_(factors.to(codes.smooth))
+        self.smoothing_fitted[spec] = True
+        used = torch.nonzero(self.page_fill > 0).flatten()
+        if used.numel():
+            k = self.k_pages[used].float() / codes.smooth[:, None, :]  # [P, Hkv, ps, D]
+            codes.packed[used], codes.scale[used], codes.zero[used] = quantize_token(k, spec.bits)
 
     # ---- read ------------------------------------------------------------------------------
 
@@ -353,9 +488,10 @@ class PagedKVCache:
         }
         parts |= {f"summary:{n}": t for n, t in self.summaries.items()}
         out = {name: t.numel() * t.element_size() for name, t in parts.items()}
-        for spec, codes in self.key_codes.items():
+        shared = {id(t) for t in self.summaries.values()}
+        for spec, codes in self.key_codes.items():  # a page format's lo/hi are summaries
             out[f"key_codes:{spec.name}"] = sum(
-                t.numel() * t.element_size() for t in codes.tensors()
+                t.numel() * t.element_size() for t in codes.tensors() if id(t) not in shared
             )
         out["total"] = sum(out.values())
         return out

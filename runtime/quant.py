@@ -1,16 +1,20 @@
 """Low-precision key formats for the top-p pruner's weight estimate.
 
-Two granularities of asymmetric min-max quantization, both computed in float32 whatever the
-input dtype:
+Asymmetric min-max quantization, computed in float32 whatever the input dtype, at three
+granularities (a :class:`KeyCodeSpec`):
 
 * ``"token"`` (Twilight's published estimator): per token, over its ``head_dim`` channels,
-  ``zero = min(x)``, ``scale = (max(x) - min(x)) / (2**bits - 1)``, one float32 scale and zero
-  per token.
+  ``zero = min(x)``, ``scale = (max(x) - min(x)) / (2**bits - 1)``; one float32 scale and zero
+  per token. With ``smooth`` the token is first divided channel-wise by factors ``s [Hkv, D]``
+  (:func:`fit_smoothing`: each channel's absolute maximum), and the estimate multiplies the
+  query by ``s``: ``q·k = (q∘s)·(k/s)``. A few outlier channels then no longer set the range
+  that every other channel is rounded to.
 * ``"page"`` (KIVI-style, per channel): per page and KV head, over the page's *valid* tokens,
-  ``zero[c] = min(x[:, c])``, ``scale[c] = (max - min) / (2**bits - 1)``. This is the Quest
-  min/max page summary reused as zero point and scale; it survives outlier key channels that
-  flatten every other channel under per-token quantization (ALGORITHMS.md, "Where the published
-  estimator breaks").
+  ``zero[c] = min(x[:, c])``, ``scale[c] = (max - min) / (2**bits - 1)``. ``min``/``max`` are
+  exactly Quest's page summary, kept in the cache dtype (the min or max of values of a dtype is
+  a value of that dtype, so nothing is rounded), and shared with it when the pipeline has it.
+* ``"group"``: per channel over the valid tokens of ``group_pages`` consecutive pages of a
+  request; the min/max are stored once per group (at the group's first page).
 
 ``code = clamp(round((x - zero) / scale), 0, 2**bits - 1)`` and ``dequant = code * scale + zero``,
 so ``|x - dequant(x)| <= scale / 2`` (plus float32 rounding). When ``max == min`` the scale is 0,
@@ -21,11 +25,14 @@ Codes are packed into ``uint8``: 8 bits one code a byte, 4 bits two (channel ``2
 nibble, ``2j+1`` in the high one), 2 bits four (channel ``4j+i`` at bit ``2i``). The last byte is
 zero-padded when ``head_dim * bits`` is not a multiple of 8.
 
-Bytes per token and KV head (:func:`bytes_per_token`), with ``packed = ceil(head_dim * bits / 8)``:
+Bytes read per candidate token and KV head (:func:`bytes_per_token`), with
+``packed = ceil(head_dim * bits / 8)`` and ``e`` the cache dtype's size (2 for fp16/bf16):
 
-* token granularity: ``packed + 8`` (float32 scale and zero);
-* page granularity: ``packed + 8 * head_dim / page_size`` (float32 scale and zero per channel,
-  shared by the page's tokens).
+* token (smoothed or not): ``packed + 8`` (float32 scale and zero; the smoothing factors are
+  ``4 * head_dim`` bytes per KV head for the whole cache);
+* page: ``packed + 2 * e * head_dim / page_size`` (the page's min and max per channel). When
+  Quest's summary is shared, the cache stores only the packed codes beyond what Quest keeps;
+* group of ``G`` pages: ``packed + 2 * e * head_dim / (page_size * G)``.
 
 Example:
     >>> import torch
@@ -51,8 +58,10 @@ __all__ = [
     "SUPPORTED_BITS",
     "KeyCodeSpec",
     "bytes_per_token",
-    "dequantize_page",
+    "codes_from_minmax",
+    "dequantize_minmax",
     "dequantize_token",
+    "fit_smoothing",
     "pack_codes",
     "packed_bytes",
     "quantize_page",
@@ -61,20 +70,23 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (2, 4, 8)
-GRANULARITIES = ("token", "page")
+GRANULARITIES = ("token", "page", "group")
 
 
 @dataclass(frozen=True)
 class KeyCodeSpec:
     """One quantized-key format kept by the cache: ``bits`` in (2, 4, 8), ``granularity`` in
-    ("token", "page").
+    ("token", "page", "group"), ``group_pages`` (≥ 2, a power of two, for "group" only) and
+    ``smooth`` (per-channel smoothing, "token" only).
 
-    >>> KeyCodeSpec(4, "page").name
-    'int4_page'
+    >>> KeyCodeSpec(4, "page").name, KeyCodeSpec(4, "group", 4).name
+    ('int4_page', 'int4_group4')
     """
 
     bits: int
     granularity: str = "token"
+    group_pages: int = 1
+    smooth: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -83,10 +95,29 @@ class KeyCodeSpec:
             raise ValueError(
                 f"KeyCodeSpec.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
             )
+        g = self.group_pages
+        if g < 1 or g & (g - 1) or (g > 1) != (self.granularity == "group"):
+            raise ValueError(f"KeyCodeSpec.group_pages={g}: a power of two ≥ 2 for 'group', "
+                             "1 otherwise")
+        if self.smooth and self.granularity != "token":
+            raise ValueError("KeyCodeSpec.smooth applies to 'token' granularity only")
+
+    @classmethod
+    def of(cls, estimator) -> KeyCodeSpec:
+        """The format a quantized ``ir.Estimator`` reads."""
+        return cls(estimator.bits, estimator.granularity, estimator.group_pages,
+                   estimator.smooth)
+
+    @property
+    def per_channel(self) -> bool:
+        """Codes share per-channel min/max across tokens ("page" and "group")."""
+        return self.granularity != "token"
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}_{self.granularity}"
+        if self.granularity == "group":
+            return f"int{self.bits}_group{self.group_pages}"
+        return f"int{self.bits}_{self.granularity}" + ("_smooth" if self.smooth else "")
 
 
 def _check_bits(bits: int) -> int:
@@ -100,16 +131,19 @@ def packed_bytes(head_dim: int, bits: int) -> int:
     return math.ceil(head_dim * _check_bits(bits) / 8)
 
 
-def bytes_per_token(spec: KeyCodeSpec, head_dim: int, page_size: int) -> float:
-    """Bytes per token and KV head of ``spec``: packed codes plus its share of scale and zero.
+def bytes_per_token(spec: KeyCodeSpec, head_dim: int, page_size: int,
+                    elem_bytes: int = 2) -> float:
+    """Bytes read per candidate token and KV head of ``spec``: packed codes plus its share of
+    scale and zero (``elem_bytes``: the cache dtype's size, for the per-channel min/max).
 
-    >>> bytes_per_token(KeyCodeSpec(4, "token"), 128, 16), bytes_per_token(KeyCodeSpec(4, "page"), 128, 16)
-    (72.0, 128.0)
+    >>> [bytes_per_token(KeyCodeSpec(4, g, n), 128, 16) for g, n in
+    ...  (("token", 1), ("page", 1), ("group", 4))]
+    [72.0, 96.0, 72.0]
     """
     codes = packed_bytes(head_dim, spec.bits)
     if spec.granularity == "token":
         return float(codes + 8)
-    return codes + 8 * head_dim / page_size
+    return codes + 2 * elem_bytes * head_dim / (page_size * spec.group_pages)
 
 
 def _shifts(bits: int, device: torch.device) -> Tensor:
@@ -170,29 +204,51 @@ def dequantize_token(
 
 
 def quantize_page(x: Tensor, valid: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel min-max quantization within a page.
+    """Per-channel min-max quantization within a page (or any set of tokens).
 
-    ``x [..., ps, D]`` holds one page per leading index, ``valid [..., ps]`` (bool, broadcastable
+    ``x [..., n, D]`` holds one page per leading index, ``valid [..., n]`` (bool, broadcastable
     to ``x.shape[:-1]``) marks its filled slots; the min and max run over valid tokens only.
-    Returns ``(packed uint8 [..., ps, nbytes], scale float32 [..., D], zero float32 [..., D])``.
-    Invalid slots get code 0; a page without valid tokens gets scale 0 and zero 0.
+    Returns ``(packed uint8 [..., n, nbytes], lo float32 [..., D], hi float32 [..., D])``: the
+    per-channel min and max, i.e. zero point and ``scale = (hi - lo) / (2**bits - 1)``.
+    Invalid slots get code 0; a page without valid tokens gets ``lo = hi = 0``.
     """
-    levels = (1 << _check_bits(bits)) - 1
     xf = x.float()
     v = valid.to(torch.bool)[..., None]
     lo = xf.masked_fill(~v, math.inf).amin(-2)
     hi = xf.masked_fill(~v, -math.inf).amax(-2)
     any_valid = v.any(-2)
-    zero = torch.where(any_valid, lo, torch.zeros_like(lo))
-    scale = torch.where(any_valid, (hi - lo) / levels, torch.zeros_like(lo))
-    codes = _encode(xf, scale[..., None, :], zero[..., None, :], bits)
-    codes = codes.masked_fill(~v, 0)
-    return pack_codes(codes, bits), scale, zero
+    lo = torch.where(any_valid, lo, torch.zeros_like(lo))
+    hi = torch.where(any_valid, hi, torch.zeros_like(hi))
+    return codes_from_minmax(xf, valid, lo, hi, bits), lo, hi
 
 
-def dequantize_page(
-    packed: Tensor, scale: Tensor, zero: Tensor, bits: int, head_dim: int
+def codes_from_minmax(x: Tensor, valid: Tensor, lo: Tensor, hi: Tensor, bits: int) -> Tensor:
+    """Packed codes ``[..., n, nbytes]`` of ``x [..., n, D]`` against per-channel ``lo``/``hi``
+    ``[..., D]`` (any float dtype; read as float32). Invalid slots get code 0."""
+    levels = (1 << _check_bits(bits)) - 1
+    lo, hi = lo.float(), hi.float()
+    scale = (hi - lo) / levels
+    codes = _encode(x.float(), scale[..., None, :], lo[..., None, :], bits)
+    codes = codes.masked_fill(~valid.to(torch.bool)[..., None], 0)
+    return pack_codes(codes, bits)
+
+
+def dequantize_minmax(
+    packed: Tensor, lo: Tensor, hi: Tensor, bits: int, head_dim: int
 ) -> Tensor:
-    """Float32 ``[..., ps, head_dim]`` values of per-page codes (``scale``/``zero`` ``[..., D]``)."""
+    """Float32 ``[..., n, head_dim]`` values of per-channel codes (``lo``/``hi`` ``[..., D]``)."""
+    levels = (1 << _check_bits(bits)) - 1
+    lo, hi = lo.float(), hi.float()
     codes = unpack_codes(packed, bits, head_dim).float()
-    return codes * scale[..., None, :] + zero[..., None, :]
+    return codes * ((hi - lo) / levels)[..., None, :] + lo[..., None, :]
+
+
+def fit_smoothing(k: Tensor) -> Tensor:
+    """Per-channel smoothing factors ``float32 [Hkv, D]`` of keys ``k [Hkv, n, D]``: each
+    channel's absolute maximum over the finite values, floored at 1e-3 of the head's largest
+    (so that a silent channel is not blown up) and 1 for a head with no signal at all."""
+    kf = k.float()
+    a = torch.where(torch.isfinite(kf), kf.abs(), torch.zeros_like(kf)).amax(-2)  # [Hkv, D]
+    top = a.amax(-1, keepdim=True)
+    s = torch.maximum(a, 1e-3 * top)
+    return torch.where(top > 0, s, torch.ones_like(s)).contiguous()

@@ -31,7 +31,7 @@ from ..compiler.verify import verify
 from ..frontend.errors import InputError, NonFiniteInputError
 from .expr_eval import evaluate, summary_fn
 from .paged_cache import PagedKVCache
-from .quant import KeyCodeSpec, dequantize_page, dequantize_token
+from .quant import KeyCodeSpec, dequantize_minmax, dequantize_token
 
 
 @dataclass
@@ -66,10 +66,25 @@ def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float1
     p = as_ir(pipeline)
     verify(p, ir.Shape(num_kv_heads, num_kv_heads, head_dim, p.page_size))
     sums = {f"{s.name}.{f.name}": summary_fn(f.expr) for s in p.summaries() for f in s.fields}
-    codes = [KeyCodeSpec(e.bits, e.granularity) for e in p.estimators() if e.kind == "quantized"]
+    codes = [KeyCodeSpec.of(e) for e in p.estimators() if e.kind == "quantized"]
     return PagedKVCache(num_kv_heads, head_dim, page_size=p.page_size, dtype=dtype,
                         device=device, summaries=sums, key_codes=codes,
-                        initial_pages=initial_pages)
+                        initial_pages=initial_pages, minmax_summaries=minmax_summaries(p))
+
+
+def minmax_summaries(p: ir.PipelineIR) -> tuple[str, str] | None:
+    """Names of the pipeline's summary fields that are exactly the per-channel key min and max
+    of a page (Quest's ``kmin``/``kmax``), which page-granularity codes then share; None if it
+    has none (the cache keeps its own)."""
+    found: dict[str, str] = {}
+    for s in p.summaries():
+        for f in s.fields:
+            e = f.expr
+            page_k = ir.Expr("page_k", (), ())
+            if e.op in ("reduce_min", "reduce_max") and e.inputs == (page_k,) \
+                    and e.attrs == (("axis", "token"),):
+                found.setdefault(e.op[7:], f"{s.name}.{f.name}")
+    return (found["min"], found["max"]) if len(found) == 2 else None
 
 
 class ReferenceExecutor:
@@ -188,17 +203,33 @@ def _decide(rule: str, group: str, s: Tensor, ok: Tensor, budget: ir.Budget | No
 
 
 def _estimated_keys(e: ir.Estimator, cache: PagedKVCache, ids: list[int], k: Tensor) -> Tensor:
+    """What the estimate multiplies q with: exact keys, or the dequantized codes (times the
+    smoothing factors, for smoothed codes) ``float32 [B, Hkv, T, D]``."""
     if e.kind == "exact":
         return k.float()
-    spec = KeyCodeSpec(e.bits, e.granularity)
+    spec = KeyCodeSpec.of(e)
     c = cache.key_codes[spec]
     if e.granularity == "token":
         packed, _ = cache.gather_tokens(c.packed, ids)
         sc, _ = cache.gather_tokens(c.scale, ids)
         zr, _ = cache.gather_tokens(c.zero, ids)
-        return dequantize_token(packed, sc, zr, e.bits, cache.head_dim)
-    pages = dequantize_page(c.packed, c.scale, c.zero, e.bits, cache.head_dim)
-    return cache.gather_tokens(pages, ids)[0]
+        kt = dequantize_token(packed, sc, zr, e.bits, cache.head_dim)
+        return kt * c.smooth[None, :, None, :] if e.smooth else kt
+    if e.granularity == "page":
+        pages = dequantize_minmax(c.packed, c.lo, c.hi, e.bits, cache.head_dim)
+        return cache.gather_tokens(pages, ids)[0]
+    # group: every page reads the min/max stored at its group's first page
+    pages, page_valid = cache.gather_pages(ids)  # [B, NP]
+    g = e.group_pages
+    lead = pages[:, (torch.arange(pages.shape[1], device=pages.device) // g) * g]
+    lo, hi = c.lo[lead.clamp(min=0)], c.hi[lead.clamp(min=0)]  # [B, NP, Hkv, D]
+    packed = c.packed[pages.clamp(min=0)]  # [B, NP, Hkv, ps, nb]
+    kt = dequantize_minmax(packed, lo, hi, e.bits, cache.head_dim)  # [B, NP, Hkv, ps, D]
+    b, npg = pages.shape
+    kt = kt.transpose(1, 2).reshape(b, cache.num_kv_heads, npg * cache.page_size, -1)
+    t_max = int(page_valid.sum(1).max()) if b else 0
+    valid = torch.arange(t_max, device=kt.device) < page_valid.sum(1)[:, None]
+    return kt[:, :, :t_max].masked_fill(~valid[:, None, :, None], 0)
 
 
 def _logits(qg: Tensor, k: Tensor, scale: float, softcap: float | None) -> Tensor:

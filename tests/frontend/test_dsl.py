@@ -75,6 +75,9 @@ def test_estimators() -> None:
     assert tw.exact_keys().name == "exact"
     assert tw.quantized_keys().name == "int4_token"
     assert tw.quantized_keys(8, "page").name == "int8_page"
+    assert tw.quantized_keys(4, "group").name == "int4_group4"
+    assert tw.quantized_keys(2, "group", pages=8).group_pages == 8
+    assert tw.quantized_keys(4, smooth=True).name == "int4_token_smooth"
     assert tw.top_p(0.9).estimator == ir.Estimator("quantized", 4, "token")
 
 

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twilight.runtime import paged_cache
+from twilight.frontend.errors import InputError
+from twilight.runtime import paged_cache, quant
 from twilight.runtime.paged_cache import PagedKVCache
 from twilight.runtime.quant import KeyCodeSpec, quantize_page, quantize_token
 
@@ -34,7 +35,8 @@ def _first3(k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:  # a channel 
 
 
 SUMMARIES = {"min": _kmin, "max": _kmax, "mean": _kmean, "first3": _first3}
-SPECS = [KeyCodeSpec(b, g) for b in (2, 4, 8) for g in ("token", "page")]
+SPECS = [KeyCodeSpec(b, g) for b in (2, 4, 8) for g in ("token", "page")] + [
+    KeyCodeSpec(4, "group", 2), KeyCodeSpec(2, "group", 4)]
 
 
 def _cache(hkv: int, d: int, ps: int, dtype=torch.float32, initial_pages: int = 4):
@@ -60,10 +62,13 @@ def _snapshot(cache: PagedKVCache, ids: list[int]) -> dict[str, torch.Tensor]:
     out |= {f"s:{n}": cache.gather_paged(t, ids) for n, t in cache.summaries.items()}
     for spec, codes in cache.key_codes.items():
         out[f"{spec.name}:packed"] = cache.gather_tokens(codes.packed, ids)[0]
-        side = cache.gather_tokens if spec.granularity == "token" else cache.gather_paged
-        for field in ("scale", "zero"):
-            got = side(getattr(codes, field), ids)
-            out[f"{spec.name}:{field}"] = got[0] if isinstance(got, tuple) else got
+        if spec.granularity == "token":
+            for field in ("scale", "zero"):
+                out[f"{spec.name}:{field}"] = cache.gather_tokens(getattr(codes, field), ids)[0]
+            continue
+        for field in ("lo", "hi"):  # a group's min/max live at its first page only
+            got = cache.gather_paged(getattr(codes, field), ids)
+            out[f"{spec.name}:{field}"] = got[:, :, :: spec.group_pages]
     return out
 
 
@@ -131,10 +136,17 @@ def _check_against_direct(cache: PagedKVCache, rid: int, k: torch.Tensor, v: tor
             assert torch.equal(packed, want[0])
             assert torch.equal(cache.gather_tokens(codes.scale, rid)[0][0, :, :t], want[1])
         else:
-            wp, ws, wz = quantize_page(pages, pvalid[:, None, :], spec.bits)
+            g = spec.group_pages
+            ng = math.ceil(np_ / g)
+            gpages = torch.cat([pages, pages.new_zeros(ng * g - np_, *pages.shape[1:])])
+            gpages = gpages.view(ng, g, hkv, ps, d).transpose(1, 2).reshape(ng, hkv, g * ps, d)
+            gvalid = (torch.arange(ng * g * ps) < t).view(ng, g * ps)
+            wp, lo, hi = quantize_page(gpages, gvalid[:, None, :], spec.bits)
+            wp = wp.view(ng, hkv, g, ps, -1).transpose(1, 2).reshape(ng * g, hkv, ps, -1)
             assert torch.equal(packed, wp.transpose(0, 1).reshape(hkv, -1, wp.shape[-1])[:, :t])
-            assert torch.equal(cache.gather_paged(codes.scale, rid)[0, :, :np_], ws.transpose(0, 1))
-            assert torch.equal(cache.gather_paged(codes.zero, rid)[0, :, :np_], wz.transpose(0, 1))
+            for got, want in ((codes.lo, lo), (codes.hi, hi)):
+                got = cache.gather_paged(got, rid)[0, :, :np_:g]
+                assert torch.equal(got, want.to(dtype).transpose(0, 1)), spec.name
 
 
 SHAPES = list(itertools.product([1, 16, 64], [64, 128, 96, 7]))
@@ -201,7 +213,9 @@ def test_growth_beyond_initial_pages() -> None:
     after = cache.memory_bytes()
     assert after["k_pages"] == cache.capacity_pages * 3 * 4 * 16 * 4
     assert after["total"] == sum(v for n, v in after.items() if n != "total") > before["total"]
-    assert {"summary:min", "key_codes:int4_page"} <= after.keys()
+    assert {"summary:min", "key_codes:int4_page", "summary:key.min"} <= after.keys()
+    # the page format's min/max are the cache's key.min/key.max summaries: counted once
+    assert after["key_codes:int4_page"] == cache.key_codes[KeyCodeSpec(4, "page")].packed.numel()
     for rid, k in zip(ids, seqs, strict=True):
         _check_against_direct(cache, rid, k, k)
     pages, page_valid = cache.gather_pages(ids)
@@ -252,3 +266,42 @@ def test_error_messages() -> None:
         PagedKVCache(1, 8, dtype=torch.int8)
     with pytest.raises(ValueError, match=r"summary 'bad'"):
         PagedKVCache(2, 8, summaries={"bad": lambda k, valid: k.amin(2).amin(1)})
+
+
+def test_page_codes_share_a_named_min_max_summary() -> None:
+    spec = KeyCodeSpec(4, "page")
+    cache = PagedKVCache(2, 8, page_size=4, summaries=SUMMARIES, key_codes=[spec],
+                         initial_pages=1, minmax_summaries=("min", "max"), dtype=torch.float32)
+    assert "key.min" not in cache.summaries
+    k = _seq(2, 23, 8)
+    cache.append(k, k, cache.add_request())  # grows: the link must follow the new tensors
+    codes = cache.key_codes[spec]
+    assert codes.lo is cache.summaries["min"] and codes.hi is cache.summaries["max"]
+    _check_against_direct(cache, 0, k, k)
+    with pytest.raises(ValueError, match="no summary named 'nope'"):
+        PagedKVCache(2, 8, summaries=SUMMARIES, key_codes=[spec], minmax_summaries=("min", "nope"))
+
+
+def test_smoothed_codes_fit_on_first_append_and_can_be_set() -> None:
+    spec = KeyCodeSpec(4, "token", smooth=True)
+    cache = PagedKVCache(2, 8, page_size=4, key_codes=[spec], dtype=torch.float32)
+    a, b = cache.add_requests(2)
+    k = _seq(2, 10, 8)
+    k[:, :, 3] *= 30  # an outlier channel
+    cache.append(k, k, a)
+    codes = cache.key_codes[spec]
+    assert torch.equal(codes.smooth, quant.fit_smoothing(k))
+    k2 = _seq(2, 5, 8)
+    cache.append(k2, k2, b)  # later appends reuse the factors
+    assert torch.equal(codes.smooth, quant.fit_smoothing(k))
+    want = quantize_token(k2 / codes.smooth[:, None, :], 4)
+    assert torch.equal(cache.gather_tokens(codes.packed, b)[0][0], want[0])
+    assert torch.equal(cache.gather_tokens(codes.scale, b)[0][0], want[1])
+    assert codes.tensors()[-1] is codes.smooth
+    new = torch.full((2, 8), 2.0)
+    cache.set_smoothing(spec, new)  # re-encodes what is stored
+    assert torch.equal(cache.gather_tokens(codes.packed, a)[0][0], quantize_token(k / 2, 4)[0])
+    with pytest.raises(InputError, match="positive values of shape"):
+        cache.set_smoothing(spec, torch.zeros(2, 8))
+    with pytest.raises(InputError, match="no smoothed format"):
+        cache.set_smoothing(KeyCodeSpec(4), new)
