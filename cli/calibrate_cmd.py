@@ -11,9 +11,16 @@ HELP = "pick the cheapest key estimator that keeps a pipeline's top-p faithful f
 
 DESCRIPTION = """\
 Top-p is only as good as the attention weights it is computed from. This runs PIPELINE with
-every key estimator — exact keys, and INT8/INT4/INT2 codes per token (over head_dim, as
-published) or per channel within a page (which survives outlier key channels) — on attention
-snapshots of one model, and reports for each:
+every key estimator on attention snapshots of one model — exact keys, and INT8/INT4/INT2 codes
+
+  intN_token         per token over head_dim (Twilight's published estimator)
+  intN_token_smooth  per token after dividing each key channel by its absolute maximum
+                     (the query is multiplied back), so outlier channels set no token's range
+  intN_page          per channel within a page, zero point and scale from the page's key
+                     min/max (Quest's summary, shared with it)
+  intN_group4        per channel within a group of 4 pages (a quarter of the side data)
+
+and reports for each:
 
   fidelity  the true attention mass of the kept set relative to the candidates (mean, and
             the worst head), overall true mass, output error vs dense, kept tokens

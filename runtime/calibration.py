@@ -27,7 +27,20 @@ from .reference import as_ir
 from .snapshot import Snapshot
 
 CHOICES = (ir.Estimator("exact"),) + tuple(
-    ir.Estimator("quantized", bits, gran) for bits in (8, 4, 2) for gran in ("token", "page"))
+    ir.Estimator("quantized", bits, gran, group_pages=g, smooth=sm)
+    for bits in (8, 4, 2)
+    for gran, g, sm in (("token", 1, False), ("token", 1, True), ("page", 1, False),
+                        ("group", 4, False)))
+"""Every estimator ``calibrate`` measures: exact keys, and INT8/4/2 codes per token (plain and
+smoothed), per channel within a page, and per channel within a group of 4 pages."""
+
+
+def estimator_named(name: str) -> ir.Estimator:
+    """The :data:`CHOICES` entry called ``name`` (e.g. ``"int4_page"``)."""
+    for e in CHOICES:
+        if e.name == name:
+            return e
+    raise ValueError(f"unknown estimator {name!r}; choose from {', '.join(e.name for e in CHOICES)}")
 
 
 def with_estimator(p: ir.PipelineIR, est: ir.Estimator) -> ir.PipelineIR:
@@ -36,11 +49,12 @@ def with_estimator(p: ir.PipelineIR, est: ir.Estimator) -> ir.PipelineIR:
                                               for pr in p.prune))
 
 
-def est_bytes(est: ir.Estimator, head_dim: int, page_size: int) -> float:
-    """Bytes read per candidate token and KV head (fp16 keys for the exact estimator)."""
+def est_bytes(est: ir.Estimator, head_dim: int, page_size: int, elem_bytes: int = 2) -> float:
+    """Bytes read per candidate token and KV head (keys in the cache dtype for the exact
+    estimator; ``elem_bytes`` is its size)."""
     if est.kind == "exact":
-        return 2.0 * head_dim
-    return bytes_per_token(KeyCodeSpec(est.bits, est.granularity), head_dim, page_size)
+        return float(elem_bytes * head_dim)
+    return bytes_per_token(KeyCodeSpec.of(est), head_dim, page_size, elem_bytes)
 
 
 @dataclass
@@ -70,6 +84,7 @@ def calibrate(pipeline, snapshots: list[Snapshot], mean_drop: float = 0.02,
     p = as_ir(pipeline)
     top = _top_p(p)
     d = snapshots[0].q.shape[-1]
+    elem = snapshots[0].k.element_size()
     out = []
     for est in CHOICES:
         variant = with_estimator(p, est)
@@ -77,7 +92,7 @@ def calibrate(pipeline, snapshots: list[Snapshot], mean_drop: float = 0.02,
         mean = sum(r["true_mass_in_candidates_mean"] for r in reps) / len(reps)
         worst = min(r["true_mass_in_candidates_min"] for r in reps)
         ms = _estimate_ms(variant, snapshots[0]) if time_estimate else None
-        out.append(Choice(est.name, est_bytes(est, d, p.page_size), mean, worst,
+        out.append(Choice(est.name, est_bytes(est, d, p.page_size, elem), mean, worst,
                           sum(r["true_mass_mean"] for r in reps) / len(reps),
                           sum(r["rel_l2_error_mean"] for r in reps) / len(reps),
                           sum(r["kept_tokens_mean"] for r in reps) / len(reps), ms,
@@ -142,5 +157,5 @@ def calibrated(p: ir.PipelineIR, model: str) -> tuple[ir.PipelineIR, str | None]
     rec = json.loads(path.read_text())["pipelines"].get(p.name)
     if rec is None:
         return p, None
-    est = next(e for e in CHOICES if e.name == rec["estimator"])
+    est = estimator_named(rec["estimator"])
     return with_estimator(p, est), est.name
