@@ -8,8 +8,10 @@ Inputs (from a :class:`~twilight.runtime.paged_cache.PagedKVCache` and the batch
 
 * ``q [B, Hq, D]`` (fp16/bf16/fp32); ``page_table int32 [B, NP]`` (-1 padded, the batch's rows);
   ``lengths int32 [B]``; ``k_pages``/``v_pages [cap, Hkv, ps, D]``; summaries
-  ``[cap, Hkv, C]``; key codes ``packed uint8 [cap, Hkv, ps, nbytes]`` with float32
-  ``scale``/``zero`` ``[cap, Hkv, ps]`` (token granularity) or ``[cap, Hkv, D]`` (page).
+  ``[cap, Hkv, C]``; key codes (``cache.key_codes[KeyCodeSpec.of(estimator)].tensors()``)
+  ``packed uint8 [cap, Hkv, ps, nbytes]`` with float32 ``scale``/``zero`` ``[cap, Hkv, ps]`` and,
+  when smoothed, ``smooth float32 [Hkv, D]`` (token granularity), or the per-channel min/max
+  ``lo``/``hi [cap, Hkv, D]`` in the cache dtype (page; group: at each group's first page).
 
 Stages (lists are per *query* head; a group that shares a decision repeats it):
 

@@ -3,10 +3,16 @@
 * ``append_summary`` — one program per (touched page, KV head): loads the page's keys
   ``[page_size, D]`` (valid slots only), evaluates each field of the pipeline's summary with
   the expression emitter (token reductions mask invalid slots), stores ``[C]`` per field.
-* ``append_codes_token<bits>`` — one program per (new token, KV head): per-token min-max over
-  head_dim, codes packed ``8 // bits`` per byte (channel ``PER·j + i`` at bit ``bits·i``).
-* ``append_codes_page<bits>`` — one program per (touched page, KV head): per-channel min-max
-  over the page's valid tokens; invalid slots get code 0; an empty page scale 0 and zero 0.
+* ``append_codes_int<bits>_token[_smooth]`` — one program per (new token, KV head): per-token
+  min-max over head_dim (of the key divided channel-wise by the smoothing factors, for the
+  smoothed format), codes packed ``8 // bits`` per byte (channel ``PER·j + i`` at bit ``bits·i``).
+* ``append_codes_int<bits>_page`` — one program per (touched page, KV head): the per-channel
+  min/max over the page's valid tokens, stored in the cache dtype into ``lo``/``hi`` (exact: the
+  min of values of a dtype is one of them), and the codes against them; invalid slots get code
+  0, an empty page ``lo = hi = 0``.
+* ``append_codes_int<bits>_group<G>`` — one program per (group, KV head), the group given as
+  its ``G`` physical pages (-1: not allocated): the per-channel min/max over the valid tokens of
+  all its pages, stored at its first page, then the codes of every allocated page.
 
 Divisions are ``div_rn`` and rounding is half-to-even so codes equal torch's bit for bit.
 """
@@ -53,56 +59,125 @@ def _code_consts(c: Ctx, bits: int) -> dict:
                 PER=per, NBYTES=nbytes, NBP=next_pow2(nbytes), LEVELS=(1 << bits) - 1)
 
 
-_PACK = ["code = tl.where(cm, code, 0)",
-         "packed = tl.sum(code << (offs_i * BITS)[None, :], axis=1)"]
+def codes_kernel_name(e: ir.Estimator) -> str:
+    """Name of the append kernel that writes ``e``'s codes (one per key-code format)."""
+    return f"append_codes_{e.name}"
 
 
-def gen_codes_token(c: Ctx, bits: int) -> KernelSpec:
+def gen_codes(c: Ctx, e: ir.Estimator) -> KernelSpec:
+    """The append kernel of a quantized estimator's key-code format."""
+    gen = {"token": gen_codes_token, "page": gen_codes_page, "group": gen_codes_group}
+    return gen[e.granularity](c, e)
+
+
+def gen_codes_token(c: Ctx, e: ir.Estimator) -> KernelSpec:
     args = [("k_ptr", c.dtype_ptr), ("phys_ptr", "*i64"), ("slot_ptr", "*i64"),
             ("packed_ptr", "*u8"), ("scale_ptr", "*fp32"), ("zero_ptr", "*fp32")]
+    if e.smooth:
+        args.append(("smooth_ptr", "*fp32"))
     body = ["t = tl.program_id(0)", "hkv = tl.program_id(1)",
             "tok = (tl.load(phys_ptr + t) * HKV + hkv) * PS + tl.load(slot_ptr + t)",
             "offs_b = tl.arange(0, NBP)", "offs_i = tl.arange(0, PER)",
             "ch = offs_b[:, None] * PER + offs_i[None, :]", "cm = ch < D",
-            "x = tl.load(k_ptr + tok * D + ch, mask=cm, other=0.0).to(tl.float32)",
-            "lo = tl.min(tl.min(tl.where(cm, x, float('inf')), 1), 0)",
-            "hi = tl.max(tl.max(tl.where(cm, x, float('-inf')), 1), 0)",
-            "scale = tl.math.div_rn(hi - lo, LEVELS * 1.0)",
-            "safe = tl.where(scale > 0, scale, 1.0)",
-            "code = _tw_round(tl.math.div_rn(x - lo, safe + tl.zeros_like(x)), LEVELS)"] + _PACK
-    body += ["tl.store(packed_ptr + tok * NBYTES + offs_b, packed.to(tl.uint8), "
+            "x = tl.load(k_ptr + tok * D + ch, mask=cm, other=0.0).to(tl.float32)"]
+    if e.smooth:  # codes of k / s (torch's true division, so div_rn)
+        body.append("x = tl.math.div_rn(x, tl.load(smooth_ptr + hkv * D + ch, mask=cm, "
+                    "other=1.0))")
+    body += ["lo = tl.min(tl.min(tl.where(cm, x, float('inf')), 1), 0)",
+             "hi = tl.max(tl.max(tl.where(cm, x, float('-inf')), 1), 0)",
+             "scale = tl.math.div_rn(hi - lo, LEVELS * 1.0)",
+             "safe = tl.where(scale > 0, scale, 1.0)",
+             "code = _tw_round(tl.math.div_rn(x - lo, safe + tl.zeros_like(x)), LEVELS)",
+             "code = tl.where(cm, code, 0)",
+             "packed = tl.sum(code << (offs_i * BITS)[None, :], axis=1)",
+             "tl.store(packed_ptr + tok * NBYTES + offs_b, packed.to(tl.uint8), "
              "mask=offs_b < NBYTES)",
              "tl.store(scale_ptr + tok, scale)", "tl.store(zero_ptr + tok, lo)"]
-    return make_kernel("append", f"append_codes_token{bits}", args, _code_consts(c, bits), body,
+    return make_kernel("append", codes_kernel_name(e), args, _code_consts(c, e.bits), body,
                        c.schedule["scan_warps"], 1)
 
 
-def gen_codes_page(c: Ctx, bits: int) -> KernelSpec:
+# Encode the keys ``x [PS, NBP, PER]`` of page ``pg`` (valid where ``cm``) against float32
+# ``lo``/``scale`` ``[NBP, PER]`` and store the packed codes (``smask``: whether to store).
+_ENCODE = [
+    "safe = tl.where(scale > 0, scale, 1.0)",
+    "code = _tw_round(tl.math.div_rn(x - lo[None, :, :], safe[None, :, :] + tl.zeros_like(x)),"
+    " LEVELS)",
+    "code = tl.where(cm, code, 0)",
+    "packed = tl.sum(code << (offs_i * BITS)[None, None, :], axis=2)",
+    "tok = (pg * HKV + hkv) * PS + offs_t",
+    "tl.store(packed_ptr + tok[:, None] * NBYTES + offs_b[None, :], packed.to(tl.uint8),"
+    " mask=(offs_b < NBYTES)[None, :] & smask)",
+]
+
+_CHANNELS = ["offs_t = tl.arange(0, PS)", "offs_b = tl.arange(0, NBP)",
+             "offs_i = tl.arange(0, PER)", "ch = offs_b[:, None] * PER + offs_i[None, :]",
+             "chm = ch < D"]
+
+
+def _page_keys(fill: str) -> list[str]:
+    """Float32 keys ``x [PS, NBP, PER]`` of page ``pg`` with ``fill`` valid slots (``cm``)."""
+    return [f"cm = (offs_t < {fill})[:, None, None] & chm[None, :, :]",
+            "x = tl.load(k_ptr + ((pg * HKV + hkv) * PS + offs_t)[:, None, None] * D + "
+            "ch[None, :, :], mask=cm, other=0.0).to(tl.float32)"]
+
+
+# Store float32 min/max ``lo``/``hi`` ``[NBP, PER]`` at page ``lead`` in the cache dtype and
+# read them back as float32 (exact: they are values of that dtype), then the scale.
+_STORE_MINMAX = [
+    "side = (lead * HKV + hkv) * D + ch",
+    "lo = lo.to(lo_ptr.dtype.element_ty)",
+    "hi = hi.to(hi_ptr.dtype.element_ty)",
+    "tl.store(lo_ptr + side, lo, mask=chm & (lead >= 0))",
+    "tl.store(hi_ptr + side, hi, mask=chm & (lead >= 0))",
+    "lo = lo.to(tl.float32)",
+    "hi = hi.to(tl.float32)",
+    "scale = tl.math.div_rn(hi - lo, LEVELS * 1.0 + tl.zeros_like(lo))",
+]
+
+
+def gen_codes_page(c: Ctx, e: ir.Estimator) -> KernelSpec:
     args = [("k_ptr", c.dtype_ptr), ("pages_ptr", "*i64"), ("fill_ptr", "*i64"),
-            ("packed_ptr", "*u8"), ("scale_ptr", "*fp32"), ("zero_ptr", "*fp32")]
+            ("packed_ptr", "*u8"), ("lo_ptr", c.dtype_ptr), ("hi_ptr", c.dtype_ptr)]
     body = ["pg = tl.load(pages_ptr + tl.program_id(0))", "hkv = tl.program_id(1)",
-            "fill = tl.load(fill_ptr + pg).to(tl.int32)",
-            "offs_t = tl.arange(0, PS)", "offs_b = tl.arange(0, NBP)",
-            "offs_i = tl.arange(0, PER)",
-            "ch = offs_b[:, None] * PER + offs_i[None, :]",
-            "cm = (offs_t < fill)[:, None, None] & (ch < D)[None, :, :]",
-            "tok = (pg * HKV + hkv) * PS + offs_t",
-            "x = tl.load(k_ptr + tok[:, None, None] * D + ch[None, :, :], mask=cm, other=0.0)"
-            ".to(tl.float32)",
+            "fill = tl.load(fill_ptr + pg).to(tl.int32)", "lead = pg", "smask = pg >= 0",
+            *_CHANNELS, *_page_keys("fill"),
             "lo = tl.min(tl.where(cm, x, float('inf')), 0)",
             "hi = tl.max(tl.where(cm, x, float('-inf')), 0)",
-            "zero = tl.where(fill > 0, lo, 0.0)",
-            "scale = tl.where(fill > 0, tl.math.div_rn(hi - lo, LEVELS * 1.0 + tl.zeros_like(lo)),"
-            " 0.0)",
-            "safe = tl.where(scale > 0, scale, 1.0)",
-            "code = _tw_round(tl.math.div_rn(x - zero[None, :, :], safe[None, :, :] + "
-            "tl.zeros_like(x)), LEVELS)",
-            "code = tl.where(cm, code, 0)",
-            "packed = tl.sum(code << (offs_i * BITS)[None, None, :], axis=2)",
-            "tl.store(packed_ptr + tok[:, None] * NBYTES + offs_b[None, :], packed.to(tl.uint8),"
-            " mask=(offs_b < NBYTES)[None, :])",
-            "pm = ch < D",
-            "tl.store(scale_ptr + (pg * HKV + hkv) * D + ch, scale, mask=pm)",
-            "tl.store(zero_ptr + (pg * HKV + hkv) * D + ch, zero, mask=pm)"]
-    return make_kernel("append", f"append_codes_page{bits}", args, _code_consts(c, bits), body,
+            "lo = tl.where((fill > 0) & chm, lo, 0.0)",
+            "hi = tl.where((fill > 0) & chm, hi, 0.0)",
+            *_STORE_MINMAX, *_ENCODE]
+    return make_kernel("append", codes_kernel_name(e), args, _code_consts(c, e.bits), body,
+                       c.schedule["scan_warps"], 1)
+
+
+def gen_codes_group(c: Ctx, e: ir.Estimator) -> KernelSpec:
+    """Two passes over the group's pages: the min/max, then the codes (a page's keys are
+    loaded twice rather than the whole group held in registers)."""
+    args = [("k_ptr", c.dtype_ptr), ("gp_ptr", "*i64"), ("fill_ptr", "*i64"),
+            ("packed_ptr", "*u8"), ("lo_ptr", c.dtype_ptr), ("hi_ptr", c.dtype_ptr)]
+    fill = "tl.load(fill_ptr + tl.maximum(pg, 0), mask=pg >= 0, other=0)"
+    body = ["grp = tl.program_id(0).to(tl.int64) * GRP", "hkv = tl.program_id(1)", *_CHANNELS,
+            "lo = tl.full([NBP, PER], float('inf'), tl.float32)",
+            "hi = tl.full([NBP, PER], float('-inf'), tl.float32)",
+            "count = tl.zeros([1], tl.int32).sum(0)",
+            "for j in range(GRP):",
+            "    pg = tl.load(gp_ptr + grp + j)",
+            f"    fill = {fill}.to(tl.int32)",
+            "    pg = tl.maximum(pg, 0)",
+            *["    " + ln for ln in _page_keys("fill")],
+            "    lo = tl.minimum(lo, tl.min(tl.where(cm, x, float('inf')), 0))",
+            "    hi = tl.maximum(hi, tl.max(tl.where(cm, x, float('-inf')), 0))",
+            "    count += fill",
+            "lo = tl.where((count > 0) & chm, lo, 0.0)",
+            "hi = tl.where((count > 0) & chm, hi, 0.0)",
+            "lead = tl.load(gp_ptr + grp)", *_STORE_MINMAX,
+            "for j in range(GRP):",
+            "    pg = tl.load(gp_ptr + grp + j)",
+            "    smask = pg >= 0",
+            f"    fill = {fill}.to(tl.int32)",
+            "    pg = tl.maximum(pg, 0)",
+            *["    " + ln for ln in _page_keys("fill") + _ENCODE]]
+    consts = _code_consts(c, e.bits) | dict(GRP=e.group_pages)
+    return make_kernel("append", codes_kernel_name(e), args, consts, body,
                        c.schedule["scan_warps"], 1)

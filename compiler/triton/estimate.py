@@ -2,19 +2,45 @@
 
 One program per (request, query head) walks its candidate list in blocks of ``estimate_block_n``
 tokens, reads each token's page through the page table and dequantizes the INT2/4/8 codes in
-registers (token granularity: one scale/zero per token; page granularity: per channel of the
-page; or reads the exact keys), forms ``scale · q·k̃`` (softcapped like the attention), and keeps
-an online max and sum. A second pass over the row normalizes the stored logits in place and
-zeroes the padding, so ``est_w`` is exactly the stage ABI: softmax over the candidates.
+registers (or reads the exact keys), forms ``scale · q·k̃`` (softcapped like the attention), and
+keeps an online max and sum. A second pass over the row normalizes the stored logits in place
+and zeroes the padding, so ``est_w`` is exactly the stage ABI: softmax over the candidates.
 A ``kv`` group estimates from the group's mean query.
+
+Key formats (``runtime.quant``; arguments in ``KeyCodes.tensors()`` order):
+
+* ``token`` — ``packed, scale, zero`` (float32 per token): ``k̃ = code · scale + zero``;
+* ``token`` smoothed — also ``smooth float32 [Hkv, D]``: the codes are of ``k / s``, so the
+  query is multiplied by ``s`` once per program: ``q·(k̃ ∘ s) = (q ∘ s)·k̃``;
+* ``page`` — ``packed, lo, hi`` (cache dtype, per page and channel): ``k̃ = code · (hi - lo) /
+  levels + lo``, read at the token's own page;
+* ``group`` of ``GRP`` pages — the same, with ``lo``/``hi`` read at the group's first page,
+  ``page_table[b, (t // PS) // GRP · GRP]``.
 """
 
 from __future__ import annotations
 
+from .. import ir
 from .expr import next_pow2
 from .kernels import KernelSpec, make_kernel
 from .select import Ctx
 from .stages_math import softmax_scale
+
+
+def key_kind(e: ir.Estimator) -> str:
+    """``exact``, ``token``, ``page`` or ``group``: which keys the estimate reads."""
+    return "exact" if e.kind == "exact" else e.granularity
+
+
+def key_args(c: Ctx, e: ir.Estimator) -> list[tuple[str, str]]:
+    """The estimate kernel's key arguments, in ``KeyCodes.tensors()`` order."""
+    kind = key_kind(e)
+    if kind == "exact":
+        return [("k_ptr", c.dtype_ptr)]
+    if kind == "token":
+        smooth = [("smooth_ptr", "*fp32")] if e.smooth else []
+        return [("packed_ptr", "*u8"), ("scale_ptr", "*fp32"), ("zero_ptr", "*fp32"), *smooth]
+    return [("packed_ptr", "*u8"), ("lo_ptr", c.dtype_ptr), ("hi_ptr", c.dtype_ptr)]
 
 
 def _key_lines(kind: str) -> list[str]:
@@ -29,30 +55,28 @@ def _key_lines(kind: str) -> list[str]:
              "code = ((byte >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1))"
              ".to(tl.float32)"]
     if kind == "token":
-        lines += [f"sc = tl.load(scale_ptr + {tok}, mask=jm, other=0.0)",
-                  f"zr = tl.load(zero_ptr + {tok}, mask=jm, other=0.0)",
-                  "kt = code * sc[:, None] + zr[:, None]"]
-    else:
-        page = "((pg * HKV + hkv) * D)"
-        lines += [f"sc = tl.load(scale_ptr + {page}[:, None] + offs_d[None, :], mask={mask}, "
-                  "other=0.0)",
-                  f"zr = tl.load(zero_ptr + {page}[:, None] + offs_d[None, :], mask={mask}, "
-                  "other=0.0)",
-                  "kt = code * sc + zr"]
-    return lines
+        return lines + [f"sc = tl.load(scale_ptr + {tok}, mask=jm, other=0.0)",
+                        f"zr = tl.load(zero_ptr + {tok}, mask=jm, other=0.0)",
+                        "kt = code * sc[:, None] + zr[:, None]"]
+    if kind == "group":  # the side data lives at the group's first page
+        lines.append("lead = tl.load(pt_ptr + b * NP + (tok // PS) // GRP * GRP, mask=jm, "
+                     "other=0).to(tl.int64)")
+    side = f"(({'lead' if kind == 'group' else 'pg'} * HKV + hkv) * D)"
+    # (hi - lo) * (1 / levels): within an ulp of torch's (hi - lo) / levels, no division
+    return lines + [f"lo = tl.load(lo_ptr + {side}[:, None] + offs_d[None, :], mask={mask}, "
+                    "other=0.0).to(tl.float32)",
+                    f"hi = tl.load(hi_ptr + {side}[:, None] + offs_d[None, :], mask={mask}, "
+                    "other=0.0).to(tl.float32)",
+                    "kt = code * ((hi - lo) * INV_LEVELS) + lo"]
 
 
 def gen_estimate(c: Ctx, stage: int) -> KernelSpec:
     pr, sh, sc = c.p.prune[stage], c.shape, c.schedule
     e = pr.estimator
-    kind = "exact" if e.kind == "exact" else e.granularity
+    kind = key_kind(e)
     args = [("q_ptr", c.dtype_ptr), ("pt_ptr", "*i32"), ("cidx_ptr", "*i32"),
-            ("ccnt_ptr", "*i32")]
-    if kind == "exact":
-        args.append(("k_ptr", c.dtype_ptr))
-    else:
-        args += [("packed_ptr", "*u8"), ("scale_ptr", "*fp32"), ("zero_ptr", "*fp32")]
-    args += [("w_ptr", "*fp32"), ("NP", "i32"), ("C", "i32")]
+            ("ccnt_ptr", "*i32"), *key_args(c, e), ("w_ptr", "*fp32"), ("NP", "i32"),
+            ("C", "i32")]
     qmean = pr.group == "kv"
     q_line = ("q = tl.sum(tl.load(q_ptr + (b * HQ + hkv * G + g_ar[:, None]) * D + "
               "offs_d[None, :], mask=(g_ar < G)[:, None] & dmask[None, :], other=0.0)"
@@ -61,15 +85,18 @@ def gen_estimate(c: Ctx, stage: int) -> KernelSpec:
     cap = c.p.attend.softcap
     body = ["pid = tl.program_id(0)", "b = pid // HQ", "h = pid % HQ", "hkv = h // G",
             "offs_d = tl.arange(0, BD)", "dmask = offs_d < D", "g_ar = tl.arange(0, GP)",
-            q_line, "n = tl.load(ccnt_ptr + pid)",
-            "row = pid.to(tl.int64) * C",
-            "m_i = tl.full([1], float('-inf'), tl.float32).max(0)",
-            "l_i = tl.zeros([1], tl.float32).sum(0)",
-            "for start in range(0, n, BN):",
-            "    j = start + tl.arange(0, BN)", "    jm = j < n",
-            "    tok = tl.load(cidx_ptr + row + j, mask=jm, other=0)",
-            "    pg = tl.load(pt_ptr + b * NP + tok // PS, mask=jm, other=0).to(tl.int64)",
-            "    slot = tok % PS"]
+            q_line]
+    if e.smooth:  # (q ∘ s)·(k / s)
+        body.append("q = q * tl.load(smooth_ptr + hkv * D + offs_d, mask=dmask, other=0.0)")
+    body += ["n = tl.load(ccnt_ptr + pid)",
+             "row = pid.to(tl.int64) * C",
+             "m_i = tl.full([1], float('-inf'), tl.float32).max(0)",
+             "l_i = tl.zeros([1], tl.float32).sum(0)",
+             "for start in range(0, n, BN):",
+             "    j = start + tl.arange(0, BN)", "    jm = j < n",
+             "    tok = tl.load(cidx_ptr + row + j, mask=jm, other=0)",
+             "    pg = tl.load(pt_ptr + b * NP + tok // PS, mask=jm, other=0).to(tl.int64)",
+             "    slot = tok % PS"]
     body += ["    " + ln for ln in _key_lines(kind)]
     body += ["    lg = tl.sum(kt * q[None, :], axis=1) * SM_SCALE"]
     if cap:
@@ -93,5 +120,9 @@ def gen_estimate(c: Ctx, stage: int) -> KernelSpec:
     if kind != "exact":
         per = 8 // e.bits
         consts.update(BITS=e.bits, PER=per, NBYTES=-(-sh.head_dim * e.bits // 8))
+    if kind in ("page", "group"):
+        consts.update(INV_LEVELS=1.0 / ((1 << e.bits) - 1))
+    if kind == "group":
+        consts.update(GRP=e.group_pages)
     return make_kernel("estimate", f"estimate{stage}", args, consts, body,
                        sc["estimate_warps"], sc["num_stages"])

@@ -51,9 +51,8 @@ def generate(p: ir.PipelineIR, shape: ir.Shape, schedule: dict,
     for summ in p.summaries():
         specs.append(append.gen_summary(c, summ))
     for e in p.estimators():
-        if e.kind == "quantized":
-            gen = append.gen_codes_token if e.granularity == "token" else append.gen_codes_page
-            specs.append(gen(c, e.bits))
+        if e.kind == "quantized":  # one kernel per key-code format (the dict dedups by name)
+            specs.append(append.gen_codes(c, e))
     return {k.name: k for k in specs}, c.tables
 
 

@@ -19,6 +19,7 @@ from .. import ir
 from ..backend import Artifact, Compiled, Target
 from ..stages import StageInputs, run_stages, stage_inputs
 from . import loader
+from .append import codes_kernel_name
 from .attend import shared_lists
 from .expr import next_pow2
 from .generate import generate, module_source
@@ -146,7 +147,7 @@ class TritonCompiled(Compiled):
         if e.kind == "exact":
             keys = [x.cache.k_pages]
         else:
-            keys = list(x.cache.key_codes[KeyCodeSpec(e.bits, e.granularity)].tensors())
+            keys = list(x.cache.key_codes[KeyCodeSpec.of(e)].tensors())
         w = self._buf(f"est_w{stage}", (b, hq, width), torch.float32, dev)
         self._launch(f"estimate{stage}", (b * hq,), x.q, x.page_table, cand_idx, cand_cnt, *keys,
                      w, x.page_table.shape[1], width)
@@ -200,31 +201,58 @@ class TritonCompiled(Compiled):
         return run_stages(self, x, len(self.p.prune), return_lists)
 
     # ---- cache side --------------------------------------------------------------------------
+    def _code_formats(self, granularity: str) -> list[ir.Estimator]:
+        """The pipeline's quantized estimators of ``granularity``, one per key-code format."""
+        out = {e.name: e for e in self.p.estimators()
+               if e.kind == "quantized" and e.granularity == granularity}
+        return list(out.values())
+
     def update_pages(self, cache, pages: Tensor) -> None:
-        """Recompute summaries and page-granularity codes of ``pages`` (int64 physical ids)
-        with the generated append kernels (what ``PagedKVCache._update_pages`` does in torch)."""
+        """Recompute summaries and page-granularity codes (with their ``lo``/``hi``) of
+        ``pages`` (int64 physical ids) with the generated append kernels (what
+        ``PagedKVCache._update_pages`` does in torch)."""
         from ...runtime.quant import KeyCodeSpec
-        pages = pages.to(torch.int64)
+        pages = pages.to(torch.int64).contiguous()
         grid = (pages.numel(), self.shape.kv_heads)
+        if not pages.numel():
+            return
         for summ in self.p.summaries():
             outs = [cache.summaries[f"{summ.name}.{f}"] for f in summ.field_names()]
             self._launch(f"append_summary_{summ.name}", grid, cache.k_pages, pages,
                          cache.page_fill, self._table(pages.device), *outs)
-        for e in self.p.estimators():
-            if e.kind == "quantized" and e.granularity == "page":
-                codes = cache.key_codes[KeyCodeSpec(e.bits, "page")]
-                self._launch(f"append_codes_page{e.bits}", grid, cache.k_pages, pages,
-                             cache.page_fill, *codes.tensors())
+        for e in self._code_formats("page"):
+            codes = cache.key_codes[KeyCodeSpec.of(e)]
+            self._launch(codes_kernel_name(e), grid, cache.k_pages, pages, cache.page_fill,
+                         *codes.tensors())
 
     def update_token_codes(self, cache, phys: Tensor, slot: Tensor) -> None:
         """Quantize the keys at ``(phys, slot)`` (int64 ``[N]``) into every token-granularity
-        code format the pipeline reads."""
+        code format the pipeline reads (smoothed ones with the cache's current factors)."""
         from ...runtime.quant import KeyCodeSpec
         grid = (phys.numel(), self.shape.kv_heads)
-        for e in self.p.estimators():
-            if e.kind == "quantized" and e.granularity == "token":
-                codes = cache.key_codes[KeyCodeSpec(e.bits, "token")]
-                self._launch(f"append_codes_token{e.bits}", grid, cache.k_pages,
-                             phys.to(torch.int64), slot.to(torch.int64), *codes.tensors())
+        if not phys.numel():
+            return
+        phys, slot = phys.to(torch.int64).contiguous(), slot.to(torch.int64).contiguous()
+        for e in self._code_formats("token"):
+            codes = cache.key_codes[KeyCodeSpec.of(e)]
+            self._launch(codes_kernel_name(e), grid, cache.k_pages, phys, slot,
+                         *codes.tensors())
 
-
+    def update_groups(self, cache, gp: Tensor) -> None:
+        """Min/max (at each group's first page) and codes of the groups ``gp int64 [N, G]``
+        (physical pages, -1 where not allocated: ``PagedKVCache.group_pages``) for every
+        group-granularity format of ``G`` pages the pipeline reads (what
+        ``PagedKVCache.encode_groups`` does in torch)."""
+        from ...runtime.quant import KeyCodeSpec
+        formats = [e for e in self._code_formats("group") if e.group_pages == gp.shape[-1]]
+        if gp.dim() != 2 or not formats:
+            have = sorted({e.group_pages for e in self._code_formats("group")})
+            raise ValueError(f"update_groups: gp must be [N, G] with G among the pipeline's "
+                             f"group sizes {have}, got {tuple(gp.shape)}")
+        gp = gp.to(torch.int64).contiguous()
+        if not gp.shape[0]:
+            return
+        for e in formats:
+            codes = cache.key_codes[KeyCodeSpec.of(e)]
+            self._launch(codes_kernel_name(e), (gp.shape[0], self.shape.kv_heads),
+                         cache.k_pages, gp, cache.page_fill, *codes.tensors())

@@ -72,6 +72,22 @@ def test_fused_prune_compact_compiles_without_spills(group):
     assert not {"prune0_compact", "prune1_compact"} & names
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_key_code_formats_compile_without_spills(dtype):
+    """The page, group and smoothed-token estimate kernels (one pruner each, a ``kv`` group
+    among them) and their append kernels compile for sm_80 without spills."""
+    ests = [tw.quantized_keys(4, "page"), tw.quantized_keys(2, "group", pages=4),
+            tw.quantized_keys(8, "group", pages=2), tw.quantized_keys(4, smooth=True)]
+    pipe = tw.Pipeline(select=tw.top_k(B.quest, tw.tokens(8192)),
+                       prune=[tw.top_p(0.95, estimate=e, group="kv" if i == 1 else None)
+                              for i, e in enumerate(ests)], group="mean")
+    arts = _check(pipe, Target("cuda", "sm_80"), shape=tw.Shape(32, 8, 128, 16, dtype))
+    names = {a.name for a in arts}
+    assert {f"estimate{i}" for i in range(4)} <= names
+    assert {"append_codes_int4_page", "append_codes_int2_group4", "append_codes_int8_group2",
+            "append_codes_int4_token_smooth"} <= names
+
+
 def test_user_selector_compiles_at_odd_head_dim():
     @tw.score(per="token")
     def odd(q, k):
