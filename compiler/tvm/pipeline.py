@@ -17,7 +17,7 @@ from ...runtime.paged_cache import PagedKVCache
 from ...runtime.quant import KeyCodeSpec
 from .. import stages
 from ..backend import Artifact, Compiled
-from .append import AppendMixin, gen_page_codes, gen_summaries, gen_token_codes
+from .append import AppendMixin, append_sources, gen_summaries
 from .attend import attend_rows, gen_attend, gen_combine, splits
 from .build import Kernel, aligned, build, set_threads
 from .context import StageCtx
@@ -167,7 +167,7 @@ class TVMCompiled(Compiled, AppendMixin):
         if e.kind == "exact":
             keys = [x.cache.k_pages]
         else:
-            keys = list(x.cache.key_codes[KeyCodeSpec(e.bits, e.granularity)].tensors())
+            keys = list(x.cache.key_codes[KeyCodeSpec.of(e)].tensors())
         self.kernels[f"estimate{stage}"](x.q, x.page_table, aligned(idx), aligned(cnt), *keys, w)
         return w
 
@@ -214,9 +214,7 @@ def pipeline_sources(ctx: StageCtx):
         yield gen_combine(ctx)
     for summ in p.summaries():
         yield gen_summaries(ctx, summ)
-    for e in p.estimators():
-        if e.kind == "quantized":
-            yield (gen_token_codes if e.granularity == "token" else gen_page_codes)(ctx, e.bits)
+    yield from append_sources(ctx)
 
 
 def _fit(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

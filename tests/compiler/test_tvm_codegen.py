@@ -26,8 +26,11 @@ def builtin_pipelines():
     return {"dense": b.dense(), "quest_top_k": b.quest_top_k(), "quest_twilight": b.quest_twilight(),
             "oracle_top_k": b.oracle_top_k(), "streaming": b.streaming(),
             "double_sparsity": b.double_sparsity(CHANNELS), "ds_twilight": b.ds_twilight(CHANNELS),
-            # the estimator that survives outlier key channels (per channel within a page)
-            "quest_twilight_page": b.quest_twilight(granularity="page")}
+            # every key-code format: the published per-token codes, smoothed ones, per channel
+            # within a group of pages (quest_twilight's default is per channel within a page)
+            "quest_twilight_token": b.quest_twilight(granularity="token"),
+            "quest_twilight_smooth": b.quest_twilight(granularity="token", smooth=True),
+            "quest_twilight_group": b.quest_twilight(granularity="group", group_pages=4)}
 
 
 def cuda_kernels(schedules=({},)) -> dict[str, tuple[str, str]]:
@@ -50,7 +53,8 @@ def kernels():
 def test_every_stage_has_cuda_source(kernels):
     names = {n for n, _ in kernels.values()}
     for stage in ("score", "rank", "candidates", "estimate0", "decide0", "kept0", "attend",
-                  "summary_minmax", "token_codes4", "page_codes4"):
+                  "summary_minmax", "token_codes4", "token_codes4_smooth", "page_codes4",
+                  "group_codes4_g4"):
         assert any(n.endswith("." + stage) for n in names), stage
     for _, src in kernels.values():
         assert "__global__" in src and "blockIdx.x" in src and "threadIdx.x" in src
@@ -92,6 +96,23 @@ def attend_source(staging: str) -> str:
     k = get_backend("tvm").lower(tw.builtins.quest_top_k().ir, SHAPE, sched,
                                  Target.parse("cuda:sm_90"))
     return cuda_source(k.kernels["attend"])
+
+
+def test_key_code_formats_cuda_source():
+    """Each estimate reads its own side data: per-token scale/zero (and the smoothing factors),
+    or per-channel lo/hi in the cache dtype read as words of packed values (page, group)."""
+    pipes = builtin_pipelines()
+    est = {}
+    for f in ("", "_token", "_smooth", "_group"):
+        k = get_backend("tvm").lower(pipes[f"quest_twilight{f}"].ir, SHAPE, {},
+                                     Target.parse("cuda:sm_90"))
+        est[f] = cuda_source(k.kernels["estimate0"])
+    assert "smooth" in est["_smooth"] and "smooth" not in est["_token"]
+    for f in ("", "_group"):
+        assert "klo" in est[f] and "khi" in est[f] and "ksc" not in est[f]
+        assert "uint" in est[f]  # lo/hi read as words
+    assert "ksc" in est["_token"] and "klo" not in est["_token"]
+    assert est[""] != est["_group"]
 
 
 def test_attend_smem_staging_source():

@@ -130,3 +130,17 @@ def test_ties_all_equal_keys():
     f.query = lambda hq, seed=0: torch.ones(1, hq, 64)
     for strategy in ("sort", "radix"):
         check(pipe, f, 4, "float32", top_p_strategy=strategy)
+
+
+@pytest.mark.parametrize("lengths", [[150, 33, 1, 16], [1], [16, 5]])
+@pytest.mark.parametrize("group", [None, "kv"])
+def test_key_code_formats(lengths, group, fill_cache):
+    """Group, page and smoothed codes in one pipeline (each pruner reads its own format, the
+    page one sharing Quest's min/max), one token, one page of 16, ragged: kept sets equal."""
+    q = tw.quantized_keys
+    pipe = tw.Pipeline(select=tw.top_k(tw.builtins.quest, tw.tokens(96), group="max"),
+                       prune=[tw.top_p(0.97, estimate=q(2, "group", pages=2), group=group),
+                              tw.top_p(0.97, estimate=q(8, "page"), group=group),
+                              tw.top_p(0.95, estimate=q(4, smooth=True), group=group)])
+    f = fill_cache(pipe, 2, 64, lengths, grid=True)
+    check(pipe, f, 8, "float32")
