@@ -11,7 +11,13 @@ import pytest
 import twilight as tw
 from twilight.cli import main
 from twilight.runtime import knobs
-from twilight.runtime.calibration import CHOICES, calibrate, calibrated, write_choice
+from twilight.runtime.calibration import (
+    CHOICES,
+    calibrate,
+    calibrated,
+    estimator_named,
+    write_choice,
+)
 from twilight.runtime.snapshot import load_snapshot
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "smollm2_2k.npz"
@@ -31,6 +37,9 @@ def test_every_choice_is_measured_and_the_target_can_fail(measured):
     assert not by["int2_token"].meets_target  # 2-bit per-token keys collapse the estimate
     assert by["int4_token"].bytes_per_token < by["int8_token"].bytes_per_token < \
         by["exact"].bytes_per_token
+    assert by["int4_group4"].bytes_per_token < by["int4_token"].bytes_per_token < \
+        by["int4_page"].bytes_per_token  # D=64, fp16: 32 + 4, 32 + 8, 32 + 16
+    assert by["int4_page"].meets_target and by["int4_group4"].meets_target
     ok = [c for c in choices if c.meets_target]
     assert best is not None and best.bytes_per_token == min(c.bytes_per_token for c in ok)
 
@@ -57,3 +66,10 @@ def test_cli_reports_and_writes(tmp_path, capsys):
         assert main(["calibrate", "--pipeline", "quest_top_k", "--snapshot", str(FIXTURE),
                      "--no-timing"]) == 1  # no top-p pruner: nothing to calibrate
         assert "no top-p pruner" in capsys.readouterr().err
+
+
+def test_every_choice_has_a_unique_name():
+    assert len({e.name for e in CHOICES}) == len(CHOICES) == 13
+    assert estimator_named("int2_token_smooth").smooth
+    with pytest.raises(ValueError, match="unknown estimator 'int3_page'"):
+        estimator_named("int3_page")
