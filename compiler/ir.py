@@ -109,6 +109,11 @@ class Budget:
         return max(1, -(-int(round(self.value * context * 1e6)) // 1_000_000))
 
 
+def smooth_suffix(alpha: float) -> str:
+    """``""`` (no smoothing), ``"_smooth"`` (α = 1) or ``"_smooth0.5"``: estimator names."""
+    return "" if not alpha else "_smooth" if alpha == 1 else f"_smooth{alpha:g}"
+
+
 @dataclass(frozen=True)
 class Estimator:
     """How a pruner estimates attention weights: exact keys or quantized keys.
@@ -116,8 +121,8 @@ class Estimator:
     ``granularity`` of the min-max codes (``runtime.quant`` documents formats and bytes):
 
     * ``token`` — per token over head_dim (Twilight's published estimator); with ``smooth``
-      the keys are first divided by per-channel factors (and the query multiplied by them), so
-      outlier channels no longer set every token's range;
+      ``= α > 0`` the keys are first divided by per-channel factors ``absmax_c^α`` (and the
+      query multiplied by them), so outlier channels no longer set every token's range;
     * ``page`` — per channel within a page and KV head, zero point and scale from the page's
       key min/max summary (shared with Quest's when the pipeline has one);
     * ``group`` — per channel within a group of ``group_pages`` consecutive pages of a request.
@@ -128,7 +133,7 @@ class Estimator:
     granularity: str = "token"
     loc: SourceLoc | None = field(**_LOC)
     group_pages: int = 1
-    smooth: bool = False
+    smooth: float = 0.0  # 0: off; else the smoothing strength α in (0, 1]
 
     @property
     def name(self) -> str:
@@ -136,7 +141,7 @@ class Estimator:
             return "exact"
         if self.granularity == "group":
             return f"int{self.bits}_group{self.group_pages}"
-        return f"int{self.bits}_{self.granularity}" + ("_smooth" if self.smooth else "")
+        return f"int{self.bits}_{self.granularity}" + smooth_suffix(self.smooth)
 
 
 @dataclass(frozen=True)

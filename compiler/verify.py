@@ -67,6 +67,9 @@ def _verify_prune(p: ir.Prune, where: str) -> None:
     if e.kind == "quantized" and (g < 1 or g & (g - 1) or (g > 1) != (e.granularity == "group")):
         raise StructureError(f"estimator {e.name}: group_pages={g} must be a power of two ≥ 2 "
                              f"for granularity 'group' and 1 otherwise{where}", e.loc)
+    if not 0 <= e.smooth <= 1:
+        raise StructureError(f"estimator {e.name}: smoothing strength {e.smooth!r} must lie "
+                             f"in (0, 1] (0: off){where}", e.loc)
     if e.smooth and (e.kind != "quantized" or e.granularity != "token"):
         raise StructureError(f"estimator {e.name}: smoothing applies to per-token codes only "
                              f"(per-channel codes already scale each channel){where}", e.loc)

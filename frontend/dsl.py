@@ -146,14 +146,15 @@ def exact_keys() -> ir.Estimator:
 
 
 def quantized_keys(bits: int = 4, granularity: str = "token", *, pages: int | None = None,
-                   smooth: bool = False) -> ir.Estimator:
+                   smooth: bool | float = False) -> ir.Estimator:
     """Estimate with low-bit (2/4/8) min-max key codes kept in the paged cache.
 
     ``granularity``:
 
     * ``"token"`` — per token over head_dim, as published; ``smooth=True`` first divides keys
-      by per-channel factors (fitted on the cache's first append) so that a few outlier channels
-      do not set every token's range;
+      by per-channel factors, each channel's absolute maximum on the cache's first append, so
+      that a few outlier channels do not set every token's range; ``smooth=α`` in (0, 1] uses
+      ``absmax^α`` (α < 1 flattens the channels less);
     * ``"page"`` — per channel within a page, zero point and scale from the page's key min/max
       (Quest's summary, shared with it): survives outlier key channels;
     * ``"group"`` — per channel within a group of ``pages`` consecutive pages (default 4):
@@ -172,11 +173,16 @@ def quantized_keys(bits: int = 4, granularity: str = "token", *, pages: int | No
     if granularity == "group" and (not isinstance(g, int) or g < 2 or g & (g - 1)):
         raise StructureError(f"quantized_keys(pages={pages!r}): a group is a power of two ≥ 2 "
                              "of pages", loc)
-    if smooth and granularity != "token":
+    alpha = 1.0 if smooth is True else 0.0 if smooth is False else smooth
+    if not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        raise StructureError(f"quantized_keys(smooth={smooth!r}): use True, False or a "
+                             "strength in (0, 1]", loc)
+    if alpha and granularity != "token":
         raise StructureError(f"quantized_keys(smooth=True, granularity={granularity!r}): "
                              "smoothing applies to per-token codes only (per-channel codes "
                              "already scale each channel)", loc)
-    return ir.Estimator("quantized", bits, granularity, loc, group_pages=g, smooth=bool(smooth))
+    return ir.Estimator("quantized", bits, granularity, loc, group_pages=g,
+                        smooth=float(alpha))
 
 
 # ---- budget rules --------------------------------------------------------------------------------

@@ -29,10 +29,12 @@ from .snapshot import Snapshot
 CHOICES = (ir.Estimator("exact"),) + tuple(
     ir.Estimator("quantized", bits, gran, group_pages=g, smooth=sm)
     for bits in (8, 4, 2)
-    for gran, g, sm in (("token", 1, False), ("token", 1, True), ("page", 1, False),
-                        ("group", 4, False)))
+    for gran, g, sm in (("token", 1, 0.0), ("token", 1, 1.0), ("token", 1, 0.5),
+                        ("page", 1, 0.0), ("group", 4, 0.0))
+    if not (sm == 0.5 and bits != 4))
 """Every estimator ``calibrate`` measures: exact keys, and INT8/4/2 codes per token (plain and
-smoothed), per channel within a page, and per channel within a group of 4 pages."""
+smoothed with strength 1; INT4 also 0.5), per channel within a page, and per channel within a
+group of 4 pages."""
 
 
 def estimator_named(name: str) -> ir.Estimator:

@@ -344,7 +344,7 @@ class PagedKVCache:
         self.lengths[idx] = old + n
         for spec, fitted in self.smoothing_fitted.items():
             if not fitted:  # the first append sets the factors (a prefill, in practice)
-                self.key_codes[spec].smooth.copy_(fit_smoothing(k_tok.transpose(0, 1)))
+                self.key_codes[spec].smooth.copy_(fit_smoothing(k_tok.transpose(0, 1), spec.smooth))
                 self.smoothing_fitted[spec] = True
         self._update_token_codes(k_tok, phys, slot)
         self._update_pages(torch.unique(phys))

@@ -5,8 +5,9 @@ granularities (a :class:`KeyCodeSpec`):
 
 * ``"token"`` (Twilight's published estimator): per token, over its ``head_dim`` channels,
   ``zero = min(x)``, ``scale = (max(x) - min(x)) / (2**bits - 1)``; one float32 scale and zero
-  per token. With ``smooth`` the token is first divided channel-wise by factors ``s [Hkv, D]``
-  (:func:`fit_smoothing`: each channel's absolute maximum), and the estimate multiplies the
+  per token. With ``smooth = α`` the token is first divided channel-wise by factors
+  ``s [Hkv, D]`` (:func:`fit_smoothing`: each channel's absolute maximum to the power α, on the
+  cache's first append), and the estimate multiplies the
   query by ``s``: ``q·k = (q∘s)·(k/s)``. A few outlier channels then no longer set the range
   that every other channel is rounded to.
 * ``"page"`` (KIVI-style, per channel): per page and KV head, over the page's *valid* tokens,
@@ -77,7 +78,7 @@ GRANULARITIES = ("token", "page", "group")
 class KeyCodeSpec:
     """One quantized-key format kept by the cache: ``bits`` in (2, 4, 8), ``granularity`` in
     ("token", "page", "group"), ``group_pages`` (≥ 2, a power of two, for "group" only) and
-    ``smooth`` (per-channel smoothing, "token" only).
+    ``smooth`` (per-channel smoothing strength α in (0, 1], 0 for none; "token" only).
 
     >>> KeyCodeSpec(4, "page").name, KeyCodeSpec(4, "group", 4).name
     ('int4_page', 'int4_group4')
@@ -86,7 +87,7 @@ class KeyCodeSpec:
     bits: int
     granularity: str = "token"
     group_pages: int = 1
-    smooth: bool = False
+    smooth: float = 0.0
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -99,6 +100,8 @@ class KeyCodeSpec:
         if g < 1 or g & (g - 1) or (g > 1) != (self.granularity == "group"):
             raise ValueError(f"KeyCodeSpec.group_pages={g}: a power of two ≥ 2 for 'group', "
                              "1 otherwise")
+        if not 0 <= self.smooth <= 1:
+            raise ValueError(f"KeyCodeSpec.smooth={self.smooth!r}: a strength in (0, 1], or 0")
         if self.smooth and self.granularity != "token":
             raise ValueError("KeyCodeSpec.smooth applies to 'token' granularity only")
 
@@ -117,7 +120,9 @@ class KeyCodeSpec:
     def name(self) -> str:
         if self.granularity == "group":
             return f"int{self.bits}_group{self.group_pages}"
-        return f"int{self.bits}_{self.granularity}" + ("_smooth" if self.smooth else "")
+        suffix = "" if not self.smooth else "_smooth" if self.smooth == 1 else \
+            f"_smooth{self.smooth:g}"
+        return f"int{self.bits}_{self.granularity}" + suffix
 
 
 def _check_bits(bits: int) -> int:
@@ -243,12 +248,15 @@ def dequantize_minmax(
     return codes * ((hi - lo) / levels)[..., None, :] + lo[..., None, :]
 
 
-def fit_smoothing(k: Tensor) -> Tensor:
+def fit_smoothing(k: Tensor, alpha: float = 1.0) -> Tensor:
     """Per-channel smoothing factors ``float32 [Hkv, D]`` of keys ``k [Hkv, n, D]``: each
     channel's absolute maximum over the finite values, floored at 1e-3 of the head's largest
-    (so that a silent channel is not blown up) and 1 for a head with no signal at all."""
+    (so that a silent channel is not blown up), to the power ``alpha``; 1 for a head with no
+    signal at all. ``alpha = 1`` flattens every channel to the range [-1, 1]; smaller values
+    (SmoothQuant's migration strength) flatten less."""
     kf = k.float()
     a = torch.where(torch.isfinite(kf), kf.abs(), torch.zeros_like(kf)).amax(-2)  # [Hkv, D]
     top = a.amax(-1, keepdim=True)
     s = torch.maximum(a, 1e-3 * top)
+    s = s if alpha == 1 else s.pow(alpha)
     return torch.where(top > 0, s, torch.ones_like(s)).contiguous()

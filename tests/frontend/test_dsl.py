@@ -78,6 +78,8 @@ def test_estimators() -> None:
     assert tw.quantized_keys(4, "group").name == "int4_group4"
     assert tw.quantized_keys(2, "group", pages=8).group_pages == 8
     assert tw.quantized_keys(4, smooth=True).name == "int4_token_smooth"
+    assert tw.quantized_keys(4, smooth=0.5).name == "int4_token_smooth0.5"
+    assert tw.quantized_keys(4, smooth=True).smooth == 1.0 and not tw.quantized_keys().smooth
     assert tw.top_p(0.9).estimator == ir.Estimator("quantized", 4, "token")
 
 

@@ -266,7 +266,8 @@ def test_top_k_needs_a_score_function() -> None:
 
 @pytest.mark.parametrize("kw", [dict(bits=3), dict(granularity="channel"),
                                 dict(granularity="group", pages=3), dict(granularity="page", pages=2),
-                                dict(granularity="group", pages=1), dict(granularity="page", smooth=True)])
+                                dict(granularity="group", pages=1), dict(granularity="page", smooth=True),
+                                dict(smooth=1.5), dict(smooth="yes")])
 def test_quantized_keys_options(kw) -> None:
     with raises_at(errors.StructureError, "quant"):
         tw.quantized_keys(**kw)  # <quant>

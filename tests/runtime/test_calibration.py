@@ -69,7 +69,8 @@ def test_cli_reports_and_writes(tmp_path, capsys):
 
 
 def test_every_choice_has_a_unique_name():
-    assert len({e.name for e in CHOICES}) == len(CHOICES) == 13
+    assert len({e.name for e in CHOICES}) == len(CHOICES) == 14
+    assert estimator_named("int4_token_smooth0.5").smooth == 0.5
     assert estimator_named("int2_token_smooth").smooth
     with pytest.raises(ValueError, match="unknown estimator 'int3_page'"):
         estimator_named("int3_page")

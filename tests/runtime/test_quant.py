@@ -46,7 +46,8 @@ def test_key_code_spec_validates_and_names() -> None:
     assert KeyCodeSpec(4, "group", 8).name == "int4_group8"
     assert KeyCodeSpec(2, "token", smooth=True).name == "int2_token_smooth"
     for bad in (dict(granularity="group"), dict(granularity="group", group_pages=3),
-                dict(granularity="page", group_pages=2), dict(granularity="page", smooth=True)):
+                dict(granularity="page", group_pages=2), dict(granularity="page", smooth=True),
+                dict(smooth=2.0)):
         with pytest.raises(ValueError):
             KeyCodeSpec(4, **bad)
 
@@ -150,3 +151,5 @@ def test_fit_smoothing_is_the_channel_absmax_with_floors() -> None:
     assert torch.allclose(s[0], torch.tensor([4.0, 2.0, 4e-3, 4e-3]))  # inf ignored; floors
     assert torch.allclose(s[1], torch.tensor([1e-12, 1e-9, 1e-12, 1e-12]))
     assert s[2].tolist() == [1.0] * 4  # nothing at all: no scaling
+    half = fit_smoothing(k, 0.5)  # a weaker strength flattens less
+    assert torch.allclose(half[:2], s[:2].sqrt()) and half[2].tolist() == [1.0] * 4
