@@ -96,20 +96,29 @@ def quest_top_k(budget: int = 1024, page_size: int = 16, sink_tokens: int = 0,
 
 
 def quest_twilight(budget: int = 8192, p: float = 0.9, bits: int = 4,
-                   granularity: str = "token", page_size: int = 16, sink_tokens: int = 0,
-                   window_tokens: int = 0) -> Pipeline:
+                   granularity: str = "page", page_size: int = 16, sink_tokens: int = 0,
+                   window_tokens: int = 0, group_pages: int = 4,
+                   smooth: bool = False) -> Pipeline:
     """Quest with a conservative budget, then Twilight's top-p over low-bit key estimates.
 
-    ``granularity="page"`` (INT4 per channel within a page) survives outlier key channels that
-    fool the published per-token codes; it is not the default yet because the CPU (TVM) page
-    estimate kernel is ~3x slower than the per-token one (``twilightc calibrate`` weighs both).
+    The estimate defaults to INT4 per channel within a page, with Quest's page min/max as zero
+    point and scale (so it costs only the packed codes beyond what Quest keeps): unlike the
+    published per-token codes (``granularity="token"``) it survives outlier key channels
+    (ALGORITHMS.md, "Where the published estimator breaks"). ``granularity="group"`` shares
+    the min/max over ``group_pages`` pages; ``smooth`` smooths per-token codes; ``twilightc
+    calibrate`` weighs every choice for a model.
     ``sink_tokens``/``window_tokens`` always keep the first/last tokens: not in the published
     algorithms (so 0 by default), but on SmolLM2 at 8k, Quest's page bound often ranks the
     attention-sink page out of a 1024-token budget (see ``twilightc eval``)."""
     return Pipeline(select=top_k(quest, tokens(budget)),
-                    prune=top_p(p, estimate=quantized_keys(bits, granularity)),
+                    prune=top_p(p, estimate=_estimator(bits, granularity, group_pages, smooth)),
                     page_size=page_size, keep=sink(sink_tokens) | window(window_tokens),
                     name="quest_twilight")
+
+
+def _estimator(bits: int, granularity: str, group_pages: int, smooth: bool):
+    pages = group_pages if granularity == "group" else None
+    return quantized_keys(bits, granularity, pages=pages, smooth=smooth)
 
 
 def oracle_top_k(budget: int = 1024) -> Pipeline:
@@ -133,13 +142,17 @@ def double_sparsity(channels=None, budget: int = 1024, r: int = 16):
 
 
 def ds_twilight(channels=None, budget: int = 8192, p: float = 0.9, bits: int = 4, r: int = 16,
-                granularity: str = "token"):
-    """Double Sparsity with a conservative budget, then top-p over low-bit key estimates."""
+                granularity: str = "group", group_pages: int = 4, smooth: bool = False):
+    """Double Sparsity with a conservative budget, then top-p over low-bit key estimates.
+
+    Double Sparsity keeps no page min/max to share, so the estimate defaults to INT4 per
+    channel within a group of 4 pages: robust to outlier key channels like the page variant,
+    with a quarter of its side data."""
     if channels is None:
         return Calibrated("ds_twilight", lambda q, k: ds_twilight(
-            calibrate_channels(q, k, r), budget, p, bits, r, granularity))
+            calibrate_channels(q, k, r), budget, p, bits, r, granularity, group_pages, smooth))
     return Pipeline(select=top_k(double_sparsity_score(channels), tokens(budget)),
-                    prune=top_p(p, estimate=quantized_keys(bits, granularity)),
+                    prune=top_p(p, estimate=_estimator(bits, granularity, group_pages, smooth)),
                     name="ds_twilight")
 
 
