@@ -107,7 +107,7 @@ _ENCODE = [
     "packed = tl.sum(code << (offs_i * BITS)[None, None, :], axis=2)",
     "tok = (pg * HKV + hkv) * PS + offs_t",
     "tl.store(packed_ptr + tok[:, None] * NBYTES + offs_b[None, :], packed.to(tl.uint8),"
-    " mask=(offs_b < NBYTES)[None, :] & smask)",
+    " mask=(offs_b < NBYTES)[None, :] & smask[:, None])",
 ]
 
 _CHANNELS = ["offs_t = tl.arange(0, PS)", "offs_b = tl.arange(0, NBP)",
@@ -128,8 +128,10 @@ _STORE_MINMAX = [
     "side = (lead * HKV + hkv) * D + ch",
     "lo = lo.to(lo_ptr.dtype.element_ty)",
     "hi = hi.to(hi_ptr.dtype.element_ty)",
-    "tl.store(lo_ptr + side, lo, mask=chm & (lead >= 0))",
-    "tl.store(hi_ptr + side, hi, mask=chm & (lead >= 0))",
+    # tensor masks only: Triton 3.9's interpreter rejects a tensor mask and-ed with a scalar
+    "smask2 = chm & ((lead + tl.zeros_like(ch).to(tl.int64)) >= 0)",
+    "tl.store(lo_ptr + side, lo, mask=smask2)",
+    "tl.store(hi_ptr + side, hi, mask=smask2)",
     "lo = lo.to(tl.float32)",
     "hi = hi.to(tl.float32)",
     "scale = tl.math.div_rn(hi - lo, LEVELS * 1.0 + tl.zeros_like(lo))",
@@ -140,7 +142,7 @@ def gen_codes_page(c: Ctx, e: ir.Estimator) -> KernelSpec:
     args = [("k_ptr", c.dtype_ptr), ("pages_ptr", "*i64"), ("fill_ptr", "*i64"),
             ("packed_ptr", "*u8"), ("lo_ptr", c.dtype_ptr), ("hi_ptr", c.dtype_ptr)]
     body = ["pg = tl.load(pages_ptr + tl.program_id(0))", "hkv = tl.program_id(1)",
-            "fill = tl.load(fill_ptr + pg).to(tl.int32)", "lead = pg", "smask = pg >= 0",
+            "fill = tl.load(fill_ptr + pg).to(tl.int32)", "lead = pg", "smask = (pg + tl.zeros([PS], tl.int64)) >= 0",
             *_CHANNELS, *_page_keys("fill"),
             "lo = tl.min(tl.where(cm, x, float('inf')), 0)",
             "hi = tl.max(tl.where(cm, x, float('-inf')), 0)",
@@ -174,7 +176,7 @@ def gen_codes_group(c: Ctx, e: ir.Estimator) -> KernelSpec:
             "lead = tl.load(gp_ptr + grp)", *_STORE_MINMAX,
             "for j in range(GRP):",
             "    pg = tl.load(gp_ptr + grp + j)",
-            "    smask = pg >= 0",
+            "    smask = (pg + tl.zeros([PS], tl.int64)) >= 0",
             f"    fill = {fill}.to(tl.int32)",
             "    pg = tl.maximum(pg, 0)",
             *["    " + ln for ln in _page_keys("fill") + _ENCODE]]
