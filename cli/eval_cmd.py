@@ -26,7 +26,8 @@ Reported per layer and overall:
   rel. L2 error    ||out - dense|| / ||dense|| of each head's output
 
 A pipeline whose true mass falls far below its estimated mass is being fooled by its key
-estimator (see 'Where the published estimator breaks' in ALGORITHMS.md).
+estimator (see 'Where the published estimator breaks' in ALGORITHMS.md); compare estimators
+with 'twilightc calibrate', or declare one in the pipeline (tw.quantized_keys(bits, granularity)).
 """
 
 EPILOG = """\
