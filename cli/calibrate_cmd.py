@@ -92,8 +92,11 @@ def run(args) -> int:
                    "choices": [dataclasses.asdict(c) for c in choices]}, sys.stdout, indent=1)
         print()
         return 0
-    table = Table("estimator", "bytes/token", "true/cand mean", "true/cand min", "true mean",
-                  "err mean", "kept", "estimate ms", "meets target")
+    table = Table()
+    table.add_column("estimator", no_wrap=True)
+    for name in ("B/token", "true/cand mean", "true/cand min", "true mean", "err mean",
+                 "kept", "estimate ms", "meets target"):
+        table.add_column(name)
     for c in choices:
         table.add_row(c.estimator, f"{c.bytes_per_token:.0f}", f"{c.true_in_cand_mean:.3f}",
                       f"{c.true_in_cand_min:.3f}", f"{c.true_mass_mean:.3f}",
@@ -103,6 +106,12 @@ def run(args) -> int:
     out = Console(width=max(Console().width, 120))
     out.print(f"{pipe.ir.name} on {model} ({len(snaps)} snapshot(s))")
     out.print(table)
-    out.print(f"recommended: {best.estimator} → {path}" if best else
-              "no estimator meets the target; loosen --mean-drop/--min-drop or raise p")
+    out.print("B/token: bytes read per candidate token and KV head · true/cand: true attention "
+              "mass of the kept set relative to the candidates · estimate ms: the estimate "
+              "stage alone on this device (tuned schedule if logged, else the default)")
+    if best is None:
+        out.print("no estimator meets the target; loosen --mean-drop/--min-drop or raise p")
+    else:
+        out.print(f"recommended: {best.estimator} → {path}" if path else
+                  f"recommended: {best.estimator} (not written: --no-write)")
     return 0

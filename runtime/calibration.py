@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,14 +110,16 @@ def calibrate(pipeline, snapshots: list[Snapshot], mean_drop: float = 0.02,
 def _estimate_ms(p: ir.PipelineIR, snap: Snapshot) -> float | None:
     """The first pruner's estimate stage, compiled for this device, on the snapshot's last
     layer (all its queries as one batch)."""
-    from .load import load
+    from .load import DefaultScheduleWarning, load
     from .measure import median_time
     from .reference import make_cache
     q, k, v = snap.q[-1], snap.k[-1], snap.v[-1]
     shape = ir.Shape(q.shape[1], k.shape[0], k.shape[-1], p.page_size,
                      str(q.dtype).removeprefix("torch."))
     try:
-        dp = load(p, shape=shape, batch=q.shape[0], context=k.shape[1])
+        with warnings.catch_warnings():  # an untuned variant runs its default schedule
+            warnings.simplefilter("ignore", DefaultScheduleWarning)
+            dp = load(p, shape=shape, batch=q.shape[0], context=k.shape[1])
     except Exception:  # no backend for this device: report fidelity and bytes only
         return None
     cache = make_cache(p, k.shape[0], k.shape[-1], dtype=k.dtype)
