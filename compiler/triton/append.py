@@ -60,8 +60,9 @@ def _code_consts(c: Ctx, bits: int) -> dict:
 
 
 def codes_kernel_name(e: ir.Estimator) -> str:
-    """Name of the append kernel that writes ``e``'s codes (one per key-code format)."""
-    return f"append_codes_{e.name}"
+    """Name of the append kernel that writes ``e``'s codes (one per key-code format; a
+    Python identifier: ``int4_token_smooth0.5`` → ``append_codes_int4_token_smooth0_5``)."""
+    return f"append_codes_{e.name}".replace(".", "_")
 
 
 def gen_codes(c: Ctx, e: ir.Estimator) -> KernelSpec:

@@ -133,6 +133,21 @@ def test_append_smoothing_set_by_user(lower):
     _recode(lower(pipe, 2, 2, 16, schedule=EXACT), cache, ids, spec)
 
 
+def test_fractional_smoothing_strength(lower):
+    """``smooth=0.5``: the append kernel's name stays an identifier; codes and estimate agree."""
+    est = tw.quantized_keys(4, smooth=0.5)
+    pipe = _pipe(est)
+    cache, ids = _filled(pipe, 2, 16, [21, 9])
+    comp = lower(pipe, 4, 2, 16, schedule=EXACT)
+    _recode(comp, cache, ids, KeyCodeSpec.of(est))
+    x = S.stage_inputs(torch.randn(2, 4, 16), cache, ids)
+    idx, cnt = comp.select(x)
+    w = comp.estimate(0, x, idx, cnt)
+    want = S.ref_estimate(pipe.ir, 0, x, S.ref_select(pipe.ir, x))
+    torch.testing.assert_close(S.rows_to_dense(w, idx, cnt, x.max_len), want, atol=1e-5,
+                               rtol=1e-4)
+
+
 def test_append_all_equal_keys(lower):
     """Constant keys: every scale is 0, every code 0, nothing divides by zero."""
     ests = [_est(*FORMATS[f]) for f in ("token_smooth", "page", "group2")]
