@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
@@ -31,18 +29,13 @@ from twilight.compiler import ir
 from twilight.compiler.backend import Target, get_backend
 from twilight.compiler.stages import ref_estimate, ref_select, rows_to_dense, run_stages
 from twilight.runtime.calibration import CHOICES, est_bytes, with_estimator
+from twilight.runtime.measure import median_time
 from twilight.runtime.reference import make_cache
 
 
-def median_ms(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+def median_ms(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` (the tuner's own timer: warmed up, synchronized)."""
+    return median_time(fn, repeats=repeats, max_seconds=30.0) * 1e3
 
 
 def make_data(p: ir.PipelineIR, shape: ir.Shape, batch: int, context: int, seed: int = 0):
