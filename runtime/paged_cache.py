@@ -20,6 +20,8 @@ Layout (``cap`` = capacity in pages, ``ps`` = page size):
     when the pipeline has it) or ``key.min``/``key.max``, which the cache then adds itself;
   - "group": ``lo``/``hi`` ``[cap, Hkv, D]`` in the cache dtype, meaningful at each group's
     first page (logical page ``j`` of a request belongs to the group of page ``j - j % G``).
+    Like all side data they are allocated per physical page: a group reads ``G`` times less
+    side data than a page, but allocates as much.
 
 Appending to a page re-encodes that page's per-channel codes (its min/max may have moved), and
 appending to a group re-encodes the whole group (``G · ps`` tokens).
