@@ -109,9 +109,36 @@ class Budget:
         return max(1, -(-int(round(self.value * context * 1e6)) // 1_000_000))
 
 
-def smooth_suffix(alpha: float) -> str:
-    """``""`` (no smoothing), ``"_smooth"`` (α = 1) or ``"_smooth0.5"``: estimator names."""
-    return "" if not alpha else "_smooth" if alpha == 1 else f"_smooth{alpha:g}"
+GRANULARITIES = ("token", "page", "group")
+
+
+def code_name(bits: int, granularity: str, group_pages: int = 1, smooth: float = 0.0) -> str:
+    """The name of a key-code format (estimator and cache alike): ``int4_token``,
+    ``int4_token_smooth`` (α = 1), ``int4_token_smooth0.5``, ``int4_page``, ``int4_group4``."""
+    if granularity == "group":
+        return f"int{bits}_group{group_pages}"
+    suffix = "" if not smooth else "_smooth" if smooth == 1 else f"_smooth{smooth:g}"
+    return f"int{bits}_{granularity}{suffix}"
+
+
+def code_problem(bits: int, granularity: str, group_pages: int = 1,
+                 smooth: float = 0.0) -> str | None:
+    """What is wrong with a key-code format, or None: the one statement of the rules that the
+    DSL, ``verify`` and ``KeyCodeSpec`` enforce."""
+    if bits not in (2, 4, 8):
+        return f"bits={bits!r}: use 2, 4 or 8"
+    if granularity not in GRANULARITIES:
+        return f"granularity={granularity!r}: use 'token', 'page' or 'group'"
+    g = group_pages
+    if not isinstance(g, int) or g < 1 or g & (g - 1) or (g > 1) != (granularity == "group"):
+        return (f"pages={g!r}: a group is a power of two ≥ 2 of pages, and only "
+                "granularity='group' has one")
+    if not isinstance(smooth, int | float) or not 0 <= smooth <= 1:
+        return f"smooth={smooth!r}: use True, False or a strength in (0, 1]"
+    if smooth and granularity != "token":
+        return (f"smooth with granularity={granularity!r}: smoothing applies to per-token codes "
+                "only (per-channel codes already scale each channel)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -139,9 +166,7 @@ class Estimator:
     def name(self) -> str:
         if self.kind == "exact":
             return "exact"
-        if self.granularity == "group":
-            return f"int{self.bits}_group{self.group_pages}"
-        return f"int{self.bits}_{self.granularity}" + smooth_suffix(self.smooth)
+        return code_name(self.bits, self.granularity, self.group_pages, self.smooth)
 
 
 @dataclass(frozen=True)

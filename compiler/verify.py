@@ -59,20 +59,12 @@ def _verify_prune(p: ir.Prune, where: str) -> None:
     elif p.rule != "threshold":
         raise StructureError(f"unknown prune rule {p.rule!r}{where}", p.loc)
     e = p.estimator
-    if e.kind not in ("exact", "quantized") or (e.kind == "quantized" and e.bits not in (2, 4, 8)):
-        raise StructureError(f"unsupported estimator {e.name}{where}", e.loc)
-    if e.kind == "quantized" and e.granularity not in ("token", "page", "group"):
-        raise StructureError(f"unknown estimator granularity {e.granularity!r}{where}", e.loc)
-    g = e.group_pages
-    if e.kind == "quantized" and (g < 1 or g & (g - 1) or (g > 1) != (e.granularity == "group")):
-        raise StructureError(f"estimator {e.name}: group_pages={g} must be a power of two ≥ 2 "
-                             f"for granularity 'group' and 1 otherwise{where}", e.loc)
-    if not 0 <= e.smooth <= 1:
-        raise StructureError(f"estimator {e.name}: smoothing strength {e.smooth!r} must lie "
-                             f"in (0, 1] (0: off){where}", e.loc)
-    if e.smooth and (e.kind != "quantized" or e.granularity != "token"):
-        raise StructureError(f"estimator {e.name}: smoothing applies to per-token codes only "
-                             f"(per-channel codes already scale each channel){where}", e.loc)
+    if e.kind not in ("exact", "quantized"):
+        raise StructureError(f"unsupported estimator kind {e.kind!r}{where}", e.loc)
+    problem = e.kind == "quantized" and ir.code_problem(e.bits, e.granularity, e.group_pages,
+                                                        e.smooth)
+    if problem:
+        raise StructureError(f"quantized keys: {problem}{where}", e.loc)
 
 
 def _verify_budget(b: ir.Budget | None, loc, where: str) -> None:

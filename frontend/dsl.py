@@ -161,26 +161,11 @@ def quantized_keys(bits: int = 4, granularity: str = "token", *, pages: int | No
       the page variant's robustness with ``pages``x less side data.
     """
     loc = user_location()
-    if bits not in (2, 4, 8):
-        raise StructureError(f"quantized_keys(bits={bits!r}): bits must be 2, 4 or 8", loc)
-    if granularity not in ("token", "page", "group"):
-        raise StructureError(f"quantized_keys(granularity={granularity!r}): use 'token', "
-                             "'page' or 'group'", loc)
-    if pages is not None and granularity != "group":
-        raise StructureError(f"quantized_keys(pages={pages!r}): pages applies to "
-                             "granularity='group' only", loc)
-    g = 4 if pages is None and granularity == "group" else (pages or 1)
-    if granularity == "group" and (not isinstance(g, int) or g < 2 or g & (g - 1)):
-        raise StructureError(f"quantized_keys(pages={pages!r}): a group is a power of two ≥ 2 "
-                             "of pages", loc)
+    g = (4 if granularity == "group" else 1) if pages is None else pages
     alpha = 1.0 if smooth is True else 0.0 if smooth is False else smooth
-    if not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
-        raise StructureError(f"quantized_keys(smooth={smooth!r}): use True, False or a "
-                             "strength in (0, 1]", loc)
-    if alpha and granularity != "token":
-        raise StructureError(f"quantized_keys(smooth=True, granularity={granularity!r}): "
-                             "smoothing applies to per-token codes only (per-channel codes "
-                             "already scale each channel)", loc)
+    problem = ir.code_problem(bits, granularity, g, alpha)
+    if problem:
+        raise StructureError(f"quantized_keys: {problem}", loc)
     return ir.Estimator("quantized", bits, granularity, loc, group_pages=g,
                         smooth=float(alpha))
 

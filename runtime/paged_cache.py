@@ -58,6 +58,7 @@ from torch import Tensor
 from ..frontend.errors import InputError
 from .quant import (
     KeyCodeSpec,
+    channel_extreme,
     codes_from_minmax,
     fit_smoothing,
     packed_bytes,
@@ -94,16 +95,6 @@ class KeyCodes:
 
 MINMAX = ("key.min", "key.max")
 """Summaries the cache adds for page-granularity codes when no ``minmax_summaries`` are given."""
-
-
-def key_min_max(k: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel min and max ``[P, Hkv, D]`` of pages ``k [P, Hkv, ps, D]`` over valid slots
-    ``[P, ps]`` (0 for an empty page): the page-granularity codes' zero point and scale."""
-    v = valid[:, None, :, None]
-    lo = k.masked_fill(~v, math.inf).amin(2)
-    hi = k.masked_fill(~v, -math.inf).amax(2)
-    empty = ~valid.any(1)[:, None, None]
-    return lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
 
 
 def _grow(t: Tensor, rows: int, fill: float | int = 0) -> Tensor:
@@ -147,8 +138,8 @@ class PagedKVCache:
         if any(sp.granularity == "page" for sp in self.key_code_specs):
             if minmax_summaries is None:
                 minmax_summaries = MINMAX
-                self.summary_fns[MINMAX[0]] = lambda k, valid: key_min_max(k, valid)[0]
-                self.summary_fns[MINMAX[1]] = lambda k, valid: key_min_max(k, valid)[1]
+                self.summary_fns[MINMAX[0]] = lambda k, v: channel_extreme(k, v[:, None], "min")
+                self.summary_fns[MINMAX[1]] = lambda k, v: channel_extreme(k, v[:, None], "max")
             missing = [n for n in minmax_summaries if n not in self.summary_fns]
             if missing:
                 raise ValueError(f"minmax_summaries: no summary named {missing[0]!r} (have "
@@ -218,11 +209,11 @@ class PagedKVCache:
         self.k_pages, self.v_pages = _grow(self.k_pages, new), _grow(self.v_pages, new)
         self.page_fill = _grow(self.page_fill, new)
         self.summaries = {n: _grow(t, new) for n, t in self.summaries.items()}
-        for c in self.key_codes.values():
+        for spec, c in self.key_codes.items():
             c.packed = _grow(c.packed, new)
-            for name in ("scale", "zero", "lo", "hi"):
-                if getattr(c, name) is not None:
-                    setattr(c, name, _grow(getattr(c, name), new))
+            own = {"token": ("scale", "zero"), "group": ("lo", "hi")}.get(spec.granularity, ())
+            for name in own:  # a page format's lo/hi are summaries, grown above
+                setattr(c, name, _grow(getattr(c, name), new))
         self._link_minmax()
         self._free_pages = list(range(new - 1, old - 1, -1)) + self._free_pages
 

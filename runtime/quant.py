@@ -54,11 +54,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..compiler.ir import GRANULARITIES, code_name, code_problem
+
 __all__ = [
     "GRANULARITIES",
     "SUPPORTED_BITS",
     "KeyCodeSpec",
     "bytes_per_token",
+    "channel_extreme",
     "codes_from_minmax",
     "dequantize_minmax",
     "dequantize_token",
@@ -71,7 +74,6 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (2, 4, 8)
-GRANULARITIES = ("token", "page", "group")
 
 
 @dataclass(frozen=True)
@@ -90,20 +92,9 @@ class KeyCodeSpec:
     smooth: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"KeyCodeSpec.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"KeyCodeSpec.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
-            )
-        g = self.group_pages
-        if g < 1 or g & (g - 1) or (g > 1) != (self.granularity == "group"):
-            raise ValueError(f"KeyCodeSpec.group_pages={g}: a power of two ≥ 2 for 'group', "
-                             "1 otherwise")
-        if not 0 <= self.smooth <= 1:
-            raise ValueError(f"KeyCodeSpec.smooth={self.smooth!r}: a strength in (0, 1], or 0")
-        if self.smooth and self.granularity != "token":
-            raise ValueError("KeyCodeSpec.smooth applies to 'token' granularity only")
+        problem = code_problem(self.bits, self.granularity, self.group_pages, self.smooth)
+        if problem:
+            raise ValueError(f"KeyCodeSpec: {problem}")
 
     @classmethod
     def of(cls, estimator) -> KeyCodeSpec:
@@ -111,18 +102,17 @@ class KeyCodeSpec:
         return cls(estimator.bits, estimator.granularity, estimator.group_pages,
                    estimator.smooth)
 
-    @property
-    def per_channel(self) -> bool:
-        """Codes share per-channel min/max across tokens ("page" and "group")."""
-        return self.granularity != "token"
+    @classmethod
+    def of_pipeline(cls, p, granularity: str | None = None) -> list[KeyCodeSpec]:
+        """The distinct formats the quantized estimators of pipeline IR ``p`` read (of one
+        ``granularity``, if given), in pruner order: what its cache keeps and its append
+        kernels write."""
+        specs = dict.fromkeys(cls.of(e) for e in p.estimators() if e.kind == "quantized")
+        return [s for s in specs if granularity in (None, s.granularity)]
 
     @property
     def name(self) -> str:
-        if self.granularity == "group":
-            return f"int{self.bits}_group{self.group_pages}"
-        suffix = "" if not self.smooth else "_smooth" if self.smooth == 1 else \
-            f"_smooth{self.smooth:g}"
-        return f"int{self.bits}_{self.granularity}" + suffix
+        return code_name(self.bits, self.granularity, self.group_pages, self.smooth)
 
 
 def _check_bits(bits: int) -> int:
@@ -218,13 +208,18 @@ def quantize_page(x: Tensor, valid: Tensor, bits: int) -> tuple[Tensor, Tensor, 
     Invalid slots get code 0; a page without valid tokens gets ``lo = hi = 0``.
     """
     xf = x.float()
-    v = valid.to(torch.bool)[..., None]
-    lo = xf.masked_fill(~v, math.inf).amin(-2)
-    hi = xf.masked_fill(~v, -math.inf).amax(-2)
-    any_valid = v.any(-2)
-    lo = torch.where(any_valid, lo, torch.zeros_like(lo))
-    hi = torch.where(any_valid, hi, torch.zeros_like(hi))
+    lo, hi = channel_extreme(xf, valid, "min"), channel_extreme(xf, valid, "max")
     return codes_from_minmax(xf, valid, lo, hi, bits), lo, hi
+
+
+def channel_extreme(x: Tensor, valid: Tensor, which: str) -> Tensor:
+    """Per-channel ``"min"`` or ``"max"`` ``[..., D]`` of ``x [..., n, D]`` over the tokens
+    marked by ``valid [..., n]`` (broadcastable); 0 where none is valid. The cache's own
+    ``key.min``/``key.max`` summaries and page codes' zero point and scale."""
+    v = valid.to(torch.bool)[..., None]
+    fill = math.inf if which == "min" else -math.inf
+    out = getattr(x.masked_fill(~v, fill), f"a{which}")(-2)
+    return out.masked_fill(~v.any(-2), 0)
 
 
 def codes_from_minmax(x: Tensor, valid: Tensor, lo: Tensor, hi: Tensor, bits: int) -> Tensor:

@@ -66,9 +66,8 @@ def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float1
     p = as_ir(pipeline)
     verify(p, ir.Shape(num_kv_heads, num_kv_heads, head_dim, p.page_size))
     sums = {f"{s.name}.{f.name}": summary_fn(f.expr) for s in p.summaries() for f in s.fields}
-    codes = [KeyCodeSpec.of(e) for e in p.estimators() if e.kind == "quantized"]
     return PagedKVCache(num_kv_heads, head_dim, page_size=p.page_size, dtype=dtype,
-                        device=device, summaries=sums, key_codes=codes,
+                        device=device, summaries=sums, key_codes=KeyCodeSpec.of_pipeline(p),
                         initial_pages=initial_pages, minmax_summaries=minmax_summaries(p))
 
 
@@ -215,21 +214,16 @@ def _estimated_keys(e: ir.Estimator, cache: PagedKVCache, ids: list[int], k: Ten
         zr, _ = cache.gather_tokens(c.zero, ids)
         kt = dequantize_token(packed, sc, zr, e.bits, cache.head_dim)
         return kt * c.smooth[None, :, None, :] if e.smooth else kt
-    if e.granularity == "page":
-        pages = dequantize_minmax(c.packed, c.lo, c.hi, e.bits, cache.head_dim)
-        return cache.gather_tokens(pages, ids)[0]
-    # group: every page reads the min/max stored at its group's first page
-    pages, page_valid = cache.gather_pages(ids)  # [B, NP]
-    g = e.group_pages
-    lead = pages[:, (torch.arange(pages.shape[1], device=pages.device) // g) * g]
-    lo, hi = c.lo[lead.clamp(min=0)], c.hi[lead.clamp(min=0)]  # [B, NP, Hkv, D]
-    packed = c.packed[pages.clamp(min=0)]  # [B, NP, Hkv, ps, nb]
-    kt = dequantize_minmax(packed, lo, hi, e.bits, cache.head_dim)  # [B, NP, Hkv, ps, D]
-    b, npg = pages.shape
-    kt = kt.transpose(1, 2).reshape(b, cache.num_kv_heads, npg * cache.page_size, -1)
-    t_max = int(page_valid.sum(1).max()) if b else 0
-    valid = torch.arange(t_max, device=kt.device) < page_valid.sum(1)[:, None]
-    return kt[:, :, :t_max].masked_fill(~valid[:, None, :, None], 0)
+    lo, hi = c.lo, c.hi
+    if e.granularity == "group":  # every page reads the min/max at its group's first page
+        pages, _ = cache.gather_pages(ids)  # [B, NP]
+        lead = pages[:, torch.arange(pages.shape[1], device=pages.device) // e.group_pages
+                     * e.group_pages]
+        live = pages >= 0
+        lo, hi = lo.clone(), hi.clone()
+        lo[pages[live]], hi[pages[live]] = c.lo[lead[live]], c.hi[lead[live]]
+    return cache.gather_tokens(dequantize_minmax(c.packed, lo, hi, e.bits, cache.head_dim),
+                               ids)[0]
 
 
 def _logits(qg: Tensor, k: Tensor, scale: float, softcap: float | None) -> Tensor:
