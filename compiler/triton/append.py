@@ -59,8 +59,9 @@ def _code_consts(c: Ctx, bits: int) -> dict:
                 PER=per, NBYTES=nbytes, NBP=next_pow2(nbytes), LEVELS=(1 << bits) - 1)
 
 
-def codes_kernel_name(e: ir.Estimator) -> str:
-    """Name of the append kernel that writes ``e``'s codes (one per key-code format; a
+def codes_kernel_name(e) -> str:
+    """Name of the append kernel that writes the codes of ``e`` (an ``ir.Estimator`` or a
+    ``KeyCodeSpec``: they share names; one kernel per key-code format; a
     Python identifier: ``int4_token_smooth0.5`` → ``append_codes_int4_token_smooth0_5``)."""
     return f"append_codes_{e.name}".replace(".", "_")
 

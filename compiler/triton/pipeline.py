@@ -201,12 +201,6 @@ class TritonCompiled(Compiled):
         return run_stages(self, x, len(self.p.prune), return_lists)
 
     # ---- cache side --------------------------------------------------------------------------
-    def _code_formats(self, granularity: str) -> list[ir.Estimator]:
-        """The pipeline's quantized estimators of ``granularity``, one per key-code format."""
-        out = {e.name: e for e in self.p.estimators()
-               if e.kind == "quantized" and e.granularity == granularity}
-        return list(out.values())
-
     def update_pages(self, cache, pages: Tensor) -> None:
         """Recompute summaries and page-granularity codes (with their ``lo``/``hi``) of
         ``pages`` (int64 physical ids) with the generated append kernels (what
@@ -220,10 +214,9 @@ class TritonCompiled(Compiled):
             outs = [cache.summaries[f"{summ.name}.{f}"] for f in summ.field_names()]
             self._launch(f"append_summary_{summ.name}", grid, cache.k_pages, pages,
                          cache.page_fill, self._table(pages.device), *outs)
-        for e in self._code_formats("page"):
-            codes = cache.key_codes[KeyCodeSpec.of(e)]
-            self._launch(codes_kernel_name(e), grid, cache.k_pages, pages, cache.page_fill,
-                         *codes.tensors())
+        for spec in KeyCodeSpec.of_pipeline(self.p, "page"):
+            self._launch(codes_kernel_name(spec), grid, cache.k_pages, pages, cache.page_fill,
+                         *cache.key_codes[spec].tensors())
 
     def update_token_codes(self, cache, phys: Tensor, slot: Tensor) -> None:
         """Quantize the keys at ``(phys, slot)`` (int64 ``[N]``) into every token-granularity
@@ -233,10 +226,9 @@ class TritonCompiled(Compiled):
         if not phys.numel():
             return
         phys, slot = phys.to(torch.int64).contiguous(), slot.to(torch.int64).contiguous()
-        for e in self._code_formats("token"):
-            codes = cache.key_codes[KeyCodeSpec.of(e)]
-            self._launch(codes_kernel_name(e), grid, cache.k_pages, phys, slot,
-                         *codes.tensors())
+        for spec in KeyCodeSpec.of_pipeline(self.p, "token"):
+            self._launch(codes_kernel_name(spec), grid, cache.k_pages, phys, slot,
+                         *cache.key_codes[spec].tensors())
 
     def update_groups(self, cache, gp: Tensor) -> None:
         """Min/max (at each group's first page) and codes of the groups ``gp int64 [N, G]``
@@ -244,15 +236,15 @@ class TritonCompiled(Compiled):
         group-granularity format of ``G`` pages the pipeline reads (what
         ``PagedKVCache.encode_groups`` does in torch)."""
         from ...runtime.quant import KeyCodeSpec
-        formats = [e for e in self._code_formats("group") if e.group_pages == gp.shape[-1]]
+        groups = KeyCodeSpec.of_pipeline(self.p, "group")
+        formats = [sp for sp in groups if sp.group_pages == gp.shape[-1]]
         if gp.dim() != 2 or not formats:
-            have = sorted({e.group_pages for e in self._code_formats("group")})
+            have = sorted({sp.group_pages for sp in groups})
             raise ValueError(f"update_groups: gp must be [N, G] with G among the pipeline's "
                              f"group sizes {have}, got {tuple(gp.shape)}")
         gp = gp.to(torch.int64).contiguous()
         if not gp.shape[0]:
             return
-        for e in formats:
-            codes = cache.key_codes[KeyCodeSpec.of(e)]
-            self._launch(codes_kernel_name(e), (gp.shape[0], self.shape.kv_heads),
-                         cache.k_pages, gp, cache.page_fill, *codes.tensors())
+        for spec in formats:
+            self._launch(codes_kernel_name(spec), (gp.shape[0], self.shape.kv_heads),
+                         cache.k_pages, gp, cache.page_fill, *cache.key_codes[spec].tensors())

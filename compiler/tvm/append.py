@@ -187,14 +187,7 @@ def gen_group_codes(ctx: StageCtx, bits: int, group_pages: int) -> KernelSource:
 
 def append_sources(ctx: StageCtx):
     """The key-code kernels a pipeline's estimators need (one per distinct format)."""
-    seen = set()
-    for e in ctx.p.estimators():
-        if e.kind != "quantized":
-            continue
-        spec = KeyCodeSpec.of(e)
-        if spec in seen:
-            continue
-        seen.add(spec)
+    for spec in KeyCodeSpec.of_pipeline(ctx.p):
         if spec.granularity == "token":
             yield gen_token_codes(ctx, spec.bits, spec.smooth)
         elif spec.granularity == "page":
@@ -206,10 +199,6 @@ def append_sources(ctx: StageCtx):
 class AppendMixin:
     """The append kernels on a cache: recompute what ``PagedKVCache.append`` keeps beside K/V."""
 
-    def _code_specs(self, granularity: str) -> list[KeyCodeSpec]:
-        specs = (KeyCodeSpec.of(e) for e in self.p.estimators() if e.kind == "quantized")
-        return [sp for sp in dict.fromkeys(specs) if sp.granularity == granularity]
-
     def refresh_pages(self, cache: PagedKVCache, pages: torch.Tensor) -> None:
         """Summaries and page-granularity codes (with their min/max) of physical ``pages``
         (int64), in place."""
@@ -218,7 +207,7 @@ class AppendMixin:
             outs = [cache.summaries[f"{summ.name}.{f.name}"] for f in summ.fields]
             self.kernels[f"summary_{summ.name}"](cache.k_pages, cache.page_fill, pages,
                                                  *self.summary_tables, *outs)
-        for spec in self._code_specs("page"):
+        for spec in KeyCodeSpec.of_pipeline(self.p, "page"):
             self.kernels[f"page_codes{spec.bits}"](cache.k_pages, cache.page_fill, pages,
                                                    *cache.key_codes[spec].tensors())
 
@@ -226,7 +215,7 @@ class AppendMixin:
         """Token-granularity codes (smoothed or not) of the tokens at (``phys``, ``slot``)
         (int64), in place."""
         phys, slot = aligned(phys.to(torch.int64)), aligned(slot.to(torch.int64))
-        for spec in self._code_specs("token"):
+        for spec in KeyCodeSpec.of_pipeline(self.p, "token"):
             self.kernels[token_codes_name(spec)](cache.k_pages, phys, slot,
                                                  *cache.key_codes[spec].tensors())
 
@@ -234,7 +223,7 @@ class AppendMixin:
         """Group-granularity codes of the groups ``gp int64 [N, G]`` (``cache.group_pages(...,
         G)``: physical pages, -1 = not allocated), in place, for every group format of ``G``
         pages: min/max at each group's first page, codes of each of its pages."""
-        specs = self._code_specs("group")
+        specs = KeyCodeSpec.of_pipeline(self.p, "group")
         if gp.dim() != 2 or gp.shape[1] not in {sp.group_pages for sp in specs}:
             raise ValueError(f"refresh_groups: gp {tuple(gp.shape)} must be [N, G] with G one "
                              "of the pipeline's group sizes "
