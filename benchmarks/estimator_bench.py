@@ -7,6 +7,8 @@ estimator is compiled for this machine and timed on the same cache and queries:
 * ``estimate_ms`` — the estimate stage alone (the stage the choice changes), median of repeats;
 * ``pipeline_ms`` — the whole step (select → estimate → top-p → attend);
 * ``x_vs_token``  — ``estimate_ms`` of INT4 per token (the published estimator) over this one's;
+* ``x_vs_sdpa``   — torch dense ``scaled_dot_product_attention`` (float32, GQA) on the same
+  K/V over ``pipeline_ms``;
 * ``bytes/token`` — bytes the estimate reads per candidate token and KV head;
 * ``max_err``     — the estimate's largest deviation from the torch reference's weights.
 
@@ -66,10 +68,15 @@ def measure(p: ir.PipelineIR, shape: ir.Shape, batch: int, context: int, repeats
     w = kern.estimate(0, x, idx, cnt)
     want = ref_estimate(p, 0, x, ref_select(p, x))
     err = (rows_to_dense(w, idx, cnt, x.max_len) - want).abs().max().item()
-    return {"estimator": est.name, "bytes/token": est_bytes(est, shape.head_dim, p.page_size),
-            "estimate_ms": median_ms(lambda: kern.estimate(0, x, idx, cnt), repeats),
-            "pipeline_ms": median_ms(lambda: run_stages(kern, x, len(p.prune)), repeats),
-            "max_err": err}
+    k, v, _ = cache.gather(ids)
+    q4, k, v = q.float()[:, :, None], k.float(), v.float()
+    sdpa_ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q4, k, v, enable_gqa=True), repeats)
+    row = {"estimator": est.name, "bytes/token": est_bytes(est, shape.head_dim, p.page_size),
+           "estimate_ms": median_ms(lambda: kern.estimate(0, x, idx, cnt), repeats),
+           "pipeline_ms": median_ms(lambda: run_stages(kern, x, len(p.prune)), repeats),
+           "sdpa_ms": sdpa_ms, "max_err": err}
+    return row | {"x_vs_sdpa": sdpa_ms / row["pipeline_ms"]}
 
 
 def main() -> None:
@@ -91,7 +98,8 @@ def main() -> None:
         row = measure(with_estimator(base, est), shape, args.batch, args.context, args.repeats)
         rows.append(row)
         print(f"{row['estimator']:18s} {row['bytes/token']:6.1f} B/token  estimate "
-              f"{row['estimate_ms']:8.3f} ms  pipeline {row['pipeline_ms']:8.3f} ms  "
+              f"{row['estimate_ms']:8.3f} ms  pipeline {row['pipeline_ms']:8.3f} ms "
+              f"({row['x_vs_sdpa']:.2f}x SDPA {row['sdpa_ms']:.3f} ms)  "
               f"max_err {row['max_err']:.2e}", flush=True)
     tok = next((r["estimate_ms"] for r in rows if r["estimator"] == "int4_token"), None)
     if tok:
