@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .compiler.ir import PipelineIR, Shape
 from .compiler.verify import verify
+from .errors import InputError, NonFiniteInputError, PipelineError, TwilightError
 from .frontend import builtins
 from .frontend.dsl import (
     Pipeline,
@@ -28,13 +29,11 @@ from .frontend.dsl import (
     top_p,
     window,
 )
-from .frontend.errors import InputError, NonFiniteInputError, PipelineError, TwilightError
 from .frontend.ops import abs, absmax, dot, exp, max, maximum, mean, min, minimum, sum
-from .runtime.load import DecodePipeline, load
-from .runtime.paged_cache import PagedKVCache
-from .runtime.reference import reference
-
-__version__ = "0.1.0"
+from .runtime.evaluation.reference import reference
+from .runtime.serving.load import DecodePipeline, load
+from .runtime.serving.paged_cache import PagedKVCache
+from .version import __version__ as __version__
 
 __all__ = [
     "DecodePipeline", "InputError", "NonFiniteInputError", "PagedKVCache", "Pipeline",

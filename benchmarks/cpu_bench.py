@@ -32,7 +32,7 @@ import twilight as tw
 from twilight.compiler import ir
 from twilight.compiler.backend import Target, get_backend
 from twilight.compiler.stages import lists_to_mask
-from twilight.runtime.reference import make_cache
+from twilight.runtime.serving.pipeline_cache import make_cache
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     """Both models on the same prompt; the figures as a dict (see the module docstring)."""
     from transformers import DynamicCache
 
-    from twilight.runtime.hf_attention import install
+    from twilight.runtime.serving.hf_attention import install
 
     if args.threads:
         torch.set_num_threads(args.threads)

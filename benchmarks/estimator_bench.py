@@ -29,10 +29,12 @@ import torch
 import twilight as tw
 from twilight.compiler import ir
 from twilight.compiler.backend import Target, get_backend
-from twilight.compiler.stages import ref_estimate, ref_select, rows_to_dense, run_stages
-from twilight.runtime.calibration import CHOICES, est_bytes, with_estimator
-from twilight.runtime.measure import median_time
-from twilight.runtime.reference import make_cache
+from twilight.compiler.stages import rows_to_dense, run_stages
+from twilight.runtime.evaluation.estimators import est_bytes
+from twilight.runtime.evaluation.measure import median_time
+from twilight.runtime.evaluation.reference_stages import ref_estimate, ref_select
+from twilight.runtime.serving.pipeline_cache import make_cache
+from twilight.runtime.store.estimator_choice import CHOICES, with_estimator
 
 
 def median_ms(fn, repeats: int) -> float:

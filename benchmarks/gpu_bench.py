@@ -32,7 +32,7 @@ import twilight as tw  # noqa: E402
 from twilight.compiler.backend import Target  # noqa: E402
 from twilight.compiler.stages import lists_to_mask, stage_inputs  # noqa: E402
 from twilight.compiler.triton import TritonBackend  # noqa: E402
-from twilight.runtime.reference import make_cache  # noqa: E402
+from twilight.runtime.serving.pipeline_cache import make_cache  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

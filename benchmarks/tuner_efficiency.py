@@ -23,9 +23,10 @@ import optuna
 import twilight as tw
 from twilight.compiler.backend import Target, get_backend
 from twilight.frontend.resolve import resolve_pipeline
-from twilight.runtime.measure import ShapeBucket, correctness_gate, make_problem, median_time
+from twilight.runtime.evaluation.measure import correctness_gate, make_problem, median_time
+from twilight.runtime.store.tuning_log import ShapeBucket
+from twilight.runtime.tuning.tuner import make_sampler
 from twilight.schedules.space import Space
-from twilight.schedules.tuner import make_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..frontend.errors import TwilightError
-from ..runtime import knobs
+from .. import knobs
+from ..errors import TwilightError
 from . import cache_cmd, calibrate_cmd, compile_cmd, eval_cmd, logs_cmd, tune_cmd
 
 COMMANDS = (eval_cmd, calibrate_cmd, tune_cmd, compile_cmd, cache_cmd, logs_cmd)

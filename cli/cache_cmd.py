@@ -73,7 +73,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..runtime.kernel_cache import KernelCache
+    from ..runtime.store.kernel_cache import KernelCache
 
     cache = KernelCache(args.cache_dir)
     return {"ls": _ls, "info": _info, "verify": _verify, "clear": _clear}[args.action](cache,

@@ -64,11 +64,12 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from ..errors import InputError
     from ..frontend.builtins import Calibrated
-    from ..frontend.errors import InputError
     from ..frontend.resolve import resolve_pipeline
-    from ..runtime.calibration import calibrate, write_choice
-    from ..runtime.snapshot import load_snapshot
+    from ..runtime.evaluation.estimators import calibrate
+    from ..runtime.evaluation.snapshot import load_snapshot
+    from ..runtime.store.estimator_choice import write_choice
     from .eval_cmd import _parse_layers
 
     pipe = resolve_pipeline(args.pipeline)

@@ -52,7 +52,7 @@ def register(sub) -> None:
 
 def parse_shape(text: str, page_size: int):
     from ..compiler.ir import Shape
-    from ..frontend.errors import InputError
+    from ..errors import InputError
     fields = {"page_size": page_size}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
@@ -72,8 +72,8 @@ def run(args) -> int:
     from ..compiler.backend import Target, get_backend
     from ..compiler.ir import canonical_json
     from ..compiler.verify import verify
+    from ..errors import InputError, StructureError
     from ..frontend.builtins import Calibrated
-    from ..frontend.errors import InputError, StructureError
     from ..frontend.resolve import resolve_pipeline
 
     pipe = resolve_pipeline(args.pipeline)

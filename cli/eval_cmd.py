@@ -74,8 +74,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..frontend.resolve import resolve_pipeline
-    from ..runtime.evaluation import evaluate_snapshot
-    from ..runtime.snapshot import load_snapshot
+    from ..runtime.evaluation.evaluate import evaluate_snapshot
+    from ..runtime.evaluation.snapshot import load_snapshot
 
     pipeline = resolve_pipeline(args.pipeline)
     snap = load_snapshot(args.snapshot)
@@ -100,7 +100,7 @@ def run(args) -> int:
 def _parse_layers(text: str | None, num_layers: int) -> list[int] | None:
     if not text:
         return None
-    from ..frontend.errors import InputError
+    from ..errors import InputError
     try:
         idx = [int(x) for x in text.split(",")]
     except ValueError:

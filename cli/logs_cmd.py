@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 
 def _entries(args):
-    from ..runtime.tuning_log import SHIPPED, read_log, user_root
+    from ..runtime.store.tuning_log import SHIPPED, read_log, user_root
     roots = [Path(r) for r in args.root] if args.root else [user_root(), SHIPPED]
     for root in roots:
         for path in sorted(Path(root).glob("*/*.json")):
@@ -55,7 +55,7 @@ def _entries(args):
 def run(args) -> int:
     entries = list(_entries(args))
     if not entries:
-        from ..frontend.errors import InputError
+        from ..errors import InputError
         raise InputError("no tuning logs match (try 'twilightc logs show' without filters)")
     return _show(entries) if args.action == "show" else _plot(entries, args.out)
 
@@ -85,7 +85,7 @@ def _plot(entries, out: Path) -> int:
     import matplotlib.pyplot as plt
     import optuna
 
-    from ..schedules.tuner import open_storage
+    from ..runtime.tuning.tuner import open_storage
     buckets = [(data, e, r) for _p, data, e in entries for r in e["buckets"]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     hist, bars = axes

@@ -84,16 +84,15 @@ def run(args) -> int:
 
     from rich.console import Console
 
+    from .. import knobs
     from ..compiler.backend import get_backend
-    from ..frontend.errors import InputError
+    from ..errors import InputError
     from ..frontend.resolve import resolve_pipeline
-    from ..runtime import knobs
-    from ..runtime.measure import ShapeBucket
-    from ..runtime.tuning_log import user_root
+    from ..runtime.store.tuning_log import ShapeBucket, user_root
+    from ..runtime.tuning.tuner import TuneConfig
     from ..schedules.devices import DeviceError, resolve_device
-    from ..schedules.tuner import TuneConfig
     from .compile_cmd import parse_shape
-    from .tune_report import run_tune
+    from .tune_report import tune_and_report
 
     try:
         device = resolve_device(args.gpu)
@@ -103,14 +102,14 @@ def run(args) -> int:
     shape = parse_shape(args.head_shape, pipe.ir.page_size)
     if args.snapshot:
         from ..compiler.ir import Shape
-        from ..runtime.snapshot import load_snapshot
+        from ..runtime.evaluation.snapshot import load_snapshot
         snap = load_snapshot(args.snapshot)
         _, nq, hq, d = snap.q.shape
         shape = Shape(hq, snap.k.shape[1], d, pipe.ir.page_size,
                       str(snap.q.dtype).removeprefix("torch."))
         if len(set(snap.scale.tolist())) == 1:  # as 'twilightc eval' will run it
             from ..frontend.dsl import Pipeline
-            from ..runtime.evaluation import with_model_scale
+            from ..runtime.evaluation.evaluate import with_model_scale
             pipe = Pipeline.from_ir(with_model_scale(pipe.ir, float(snap.scale[0]), d))
         args.shapes = args.shapes or f"{nq}x{int(snap.q_pos.max()) + 1}"
     backend = args.backend if args.backend != "any" else \
@@ -133,5 +132,6 @@ def run(args) -> int:
             "host_cores": os.cpu_count(),
             # timings on a busy machine are worth less: say how busy it was when tuning began
             "host_load_1min": round(os.getloadavg()[0], 2)}
-    run_tune(cfg, root, meta, Console(width=max(Console().width, 120)), workers=args.workers)
+    tune_and_report(cfg, root, meta, Console(width=max(Console().width, 120)),
+                    workers=args.workers)
     return 0

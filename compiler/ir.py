@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..frontend.errors import SourceLoc
+from ..errors import SourceLoc
 
 IR_VERSION = 1
 
@@ -145,7 +145,7 @@ def code_problem(bits: int, granularity: str, group_pages: int = 1,
 class Estimator:
     """How a pruner estimates attention weights: exact keys or quantized keys.
 
-    ``granularity`` of the min-max codes (``runtime.quant`` documents formats and bytes):
+    ``granularity`` of the min-max codes (``compiler.keycodes`` documents formats and bytes):
 
     * ``token`` — per token over head_dim (Twilight's published estimator); with ``smooth``
       ``= α > 0`` the keys are first divided by per-channel factors ``absmax_c^α`` (and the
@@ -239,6 +239,11 @@ class PipelineIR:
         for p in self.prune:
             seen.setdefault(p.estimator)
         return tuple(seen)
+
+
+def as_ir(pipeline) -> PipelineIR:
+    """The IR of a ``tw.Pipeline`` (its ``.ir``), or the IR itself."""
+    return pipeline if isinstance(pipeline, PipelineIR) else pipeline.ir
 
 
 @dataclass(frozen=True)

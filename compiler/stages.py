@@ -4,7 +4,8 @@ A pipeline runs as four stages over torch tensors (DLPack-shareable, any device)
 fuse stages, but each stage's inputs and outputs are these, so stages from different backends
 can be mixed and every stage can be checked against the reference on its own.
 
-Inputs (from a :class:`~twilight.runtime.paged_cache.PagedKVCache` and the batch's ids):
+Inputs (from a paged cache — :class:`PagedCache`, which ``runtime``'s ``PagedKVCache`` is —
+and the batch's ids):
 
 * ``q [B, Hq, D]`` (fp16/bf16/fp32); ``page_table int32 [B, NP]`` (-1 padded, the batch's rows);
   ``lengths int32 [B]``; ``k_pages``/``v_pages [cap, Hkv, ps, D]``; summaries
@@ -23,21 +24,40 @@ Stages (lists are per *query* head; a group that shares a decision repeats it):
    always kept);
 4. **attend** → ``out [B, Hq, D]`` in q's dtype: exact attention over ``kept_idx``.
 
-The ``ref_*`` functions below give each stage's exact answer as dense masks/weights over
-``[B, Hq, T]``; ``lists_to_mask`` and ``rows_to_dense`` turn a backend's lists into that form.
+The exact answer of each stage lives with the reference executor
+(``twilight.runtime.evaluation.reference_stages``, dense masks/weights over ``[B, Hq, T]``);
+``lists_to_mask`` and ``rows_to_dense`` below turn a backend's lists into that form.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ..runtime import reference as R
-from ..runtime.paged_cache import PagedKVCache
-from . import ir
+
+class PagedCache(Protocol):
+    """What stage kernels read of a paged KV cache (the layout above; ``runtime``'s
+    ``PagedKVCache`` is one). The compiler names only this, never the runtime class."""
+
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    k_pages: Tensor
+    v_pages: Tensor
+    page_table: Tensor
+    lengths: Tensor
+    page_fill: Tensor
+    summaries: dict[str, Tensor]
+    key_codes: dict[Any, Any]
+
+    def resolve_ids(self, req: int | Sequence[int] | None) -> list[int]: ...
+
+    def gather_pages(self, req: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]: ...
+
 
 
 @dataclass
@@ -47,7 +67,7 @@ class StageInputs:
     q: Tensor
     page_table: Tensor  # int32 [B, NP]
     lengths: Tensor  # int32 [B]
-    cache: PagedKVCache
+    cache: PagedCache
     ids: list[int]
 
     @property
@@ -55,7 +75,7 @@ class StageInputs:
         return int(self.lengths.max()) if self.lengths.numel() else 0
 
 
-def stage_inputs(q: Tensor, cache: PagedKVCache, req=None) -> StageInputs:
+def stage_inputs(q: Tensor, cache: PagedCache, req=None) -> StageInputs:
     ids = cache.resolve_ids(req)
     pages, page_valid = cache.gather_pages(ids)
     return StageInputs(q, pages.to(torch.int32), page_valid.sum(1).to(torch.int32), cache, ids)
@@ -98,51 +118,3 @@ def rows_to_dense(values: Tensor, idx: Tensor, cnt: Tensor, t: int) -> Tensor:
     live = torch.arange(idx.shape[-1], device=idx.device) < cnt[..., None].long()
     out = torch.zeros(*idx.shape[:-1], t + 1, dtype=values.dtype, device=values.device)
     return out.scatter_(-1, torch.where(live, idx.long(), t), values * live)[..., :t]
-
-
-# ---- the reference of each stage (dense [B, Hq, T] forms) ----------------------------------------
-def _qg(x: StageInputs) -> Tensor:
-    b, hq, d = x.q.shape
-    return x.q.float().view(b, x.cache.num_kv_heads, hq // x.cache.num_kv_heads, d)
-
-
-def softmax_scale(p: ir.PipelineIR, head_dim: int) -> float:
-    return p.attend.scale or 1.0 / math.sqrt(head_dim)
-
-
-def ref_select(p: ir.PipelineIR, x: StageInputs) -> Tensor:
-    """Candidates after the selector and the keep rules: ``bool [B, Hq, T]``."""
-    k, _, valid = x.cache.gather(x.ids)
-    keep = R._keep_mask(p.keep, valid, valid.sum(-1))
-    cand = R._select(p, _qg(x), k, valid, x.cache, x.ids) | keep[:, None, None]
-    return cand.flatten(1, 2)
-
-
-def ref_estimate(p: ir.PipelineIR, stage: int, x: StageInputs, cand: Tensor) -> Tensor:
-    """Estimated weights ``float32 [B, Hq, T]`` of pruner ``stage`` over candidates ``cand``."""
-    k, _, _ = x.cache.gather(x.ids)
-    qg = _qg(x)
-    c = cand.view(*qg.shape[:3], -1)
-    w = R._estimate(p.prune[stage], qg, c, x.cache, x.ids, k, softmax_scale(p, qg.shape[-1]),
-                    p.attend.softcap)
-    return w.flatten(1, 2)
-
-
-def ref_prune(p: ir.PipelineIR, stage: int, x: StageInputs, w: Tensor, cand: Tensor) -> Tensor:
-    """Kept set ``bool [B, Hq, T]`` of pruner ``stage`` given its weights and candidates."""
-    _, _, valid = x.cache.gather(x.ids)
-    lengths = valid.sum(-1)
-    hkv = x.cache.num_kv_heads
-    shape = (w.shape[0], hkv, w.shape[1] // hkv, -1)
-    kept = R._prune(p.prune[stage], w.view(shape), cand.view(shape), lengths)
-    keep = R._keep_mask(p.keep, valid, lengths)
-    return (kept | keep[:, None, None]).flatten(1, 2)
-
-
-def ref_attend(p: ir.PipelineIR, x: StageInputs, kept: Tensor) -> Tensor:
-    """Exact attention ``[B, Hq, D]`` (q's dtype) over the kept mask."""
-    k, v, _ = x.cache.gather(x.ids)
-    qg = _qg(x)
-    out = R._attend(qg, k.float(), v.float(), kept.view(*qg.shape[:3], -1),
-                    softmax_scale(p, qg.shape[-1]), p.attend.softcap)
-    return out.reshape(x.q.shape).to(x.q.dtype)

@@ -6,7 +6,7 @@ made the offending node, and the stage that ran the check (``stage=``).
 
 from __future__ import annotations
 
-from ..frontend.errors import BudgetError, ChannelIndexError, ExprTypeError, StructureError
+from ..errors import BudgetError, ChannelIndexError, ExprTypeError, StructureError
 from . import ir
 
 

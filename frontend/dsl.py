@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from ..compiler import ir
-from .errors import BudgetError, ExprTypeError, StructureError, UnknownSummaryError
+from ..errors import BudgetError, ExprTypeError, StructureError, UnknownSummaryError
 from .location import user_location
 from .trace import Value, leaf
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import SourceLoc
+from ..errors import SourceLoc
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # twilight's own code lives in these folders of the project root; frames there are internal.

@@ -17,9 +17,9 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from ..errors import StructureError
 from .builtins import PIPELINES, Calibrated
 from .dsl import Pipeline
-from .errors import StructureError
 
 
 def resolve_pipeline(spec: str) -> Pipeline | Calibrated:

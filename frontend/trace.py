@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from numbers import Real
 
 from ..compiler.ir import Expr
-from .errors import AxisError, ChannelIndexError, ExprTypeError
+from ..errors import AxisError, ChannelIndexError, ExprTypeError
 from .location import user_location
 
 

@@ -29,8 +29,8 @@ import pytest
 import torch
 from hypothesis import settings
 
-from twilight.runtime.paged_cache import PagedKVCache
-from twilight.runtime.reference import make_cache
+from twilight.runtime.serving.paged_cache import PagedKVCache
+from twilight.runtime.serving.pipeline_cache import make_cache
 
 # CI runs the same examples every time (a red CI then means a real regression, reproducible
 # locally with HYPOTHESIS_PROFILE=ci); a developer's run explores new ones.

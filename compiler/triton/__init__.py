@@ -21,14 +21,15 @@ Example::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import triton
 
 from ...schedules.triton import TRITON
+from ...version import source_stamp
 from .. import ir
 from ..backend import Backend, Target, register_backend
 from ..verify import verify
-
-CODEGEN_VERSION = "1"
 
 
 @register_backend
@@ -49,7 +50,11 @@ class TritonBackend(Backend):
         return TritonCompiled(p, shape, TRITON.complete(dict(schedule or {})), target)
 
     def version_stamp(self) -> dict[str, str]:
-        return {"triton": triton.__version__, "twilight_triton_codegen": CODEGEN_VERSION}
+        """Triton's version and a hash of this backend's own generators (and the IR), so that
+        editing a generator invalidates the kernels it made."""
+        here = Path(__file__).resolve().parent
+        return {"triton": triton.__version__,
+                "codegen_sources": source_stamp(here, here.parent / "ir.py")}
 
     def dump_artifacts(self, compiled, target: Target):
         """On a cuda target, AOT-compile every kernel (ttir … cubin, registers, spills)."""

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 from ..backend import Artifact, Target
 from . import loader
 from .kernels import KernelSpec
-from .library import LIBRARY
+from .prelude import LIBRARY
 
 _CACHE: dict[str, tuple[dict, dict]] = {}
 _STAGES = ("ttir", "ttgir", "llir", "ptx", "cubin")

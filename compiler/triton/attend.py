@@ -13,10 +13,10 @@ Logits are ``scale · q·k`` (then ``softcap · tanh(·/softcap)`` when set); an
 from __future__ import annotations
 
 from .. import ir
+from ..passes import softmax_scale
 from .expr import next_pow2
 from .kernels import KernelSpec, make_kernel
 from .select import Ctx
-from .stages_math import softmax_scale
 
 
 def shared_lists(p: ir.PipelineIR) -> bool:

@@ -7,7 +7,7 @@ keeps an online max and sum. A second pass over the row normalizes the stored lo
 and zeroes the padding, so ``est_w`` is exactly the stage ABI: softmax over the candidates.
 A ``kv`` group estimates from the group's mean query.
 
-Key formats (``runtime.quant``; arguments in ``KeyCodes.tensors()`` order):
+Key formats (``compiler.keycodes``; arguments in ``KeyCodes.tensors()`` order):
 
 * ``token`` — ``packed, scale, zero`` (float32 per token): ``k̃ = code · scale + zero``;
 * ``token`` smoothed — also ``smooth float32 [Hkv, D]``: the codes are of ``k / s``, so the
@@ -21,10 +21,10 @@ Key formats (``runtime.quant``; arguments in ``KeyCodes.tensors()`` order):
 from __future__ import annotations
 
 from .. import ir
+from ..passes import softmax_scale
 from .expr import next_pow2
 from .kernels import KernelSpec, make_kernel
 from .select import Ctx
-from .stages_math import softmax_scale
 
 
 def key_kind(e: ir.Estimator) -> str:

@@ -6,7 +6,7 @@ from .. import ir
 from . import append, attend, estimate, select, top_p
 from .expr import ChannelTables
 from .kernels import KernelSpec
-from .library import HEADER, LIBRARY
+from .prelude import HEADER, LIBRARY
 from .select import Ctx
 
 MERGING = ("mean", "max", "union", "kv")

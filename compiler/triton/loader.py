@@ -27,7 +27,7 @@ from types import ModuleType
 
 import triton
 
-from ...runtime import knobs
+from ... import knobs
 
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
 

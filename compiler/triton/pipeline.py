@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import ir
 from ..backend import Artifact, Compiled, Target
+from ..keycodes import KeyCodeSpec
 from ..stages import StageInputs, run_stages, stage_inputs
 from . import loader
 from .append import codes_kernel_name
@@ -140,7 +141,6 @@ class TritonCompiled(Compiled):
 
     def estimate(self, stage: int, x: StageInputs, cand_idx: Tensor, cand_cnt: Tensor) -> Tensor:
         """``est_w float32 [B, Hq, C]``: softmax of ``scale · q·K̃`` over each row's candidates."""
-        from ...runtime.quant import KeyCodeSpec
         b, hq, _ = x.q.shape
         width, dev = cand_idx.shape[-1], x.q.device
         e = self.p.prune[stage].estimator
@@ -205,7 +205,6 @@ class TritonCompiled(Compiled):
         """Recompute summaries and page-granularity codes (with their ``lo``/``hi``) of
         ``pages`` (int64 physical ids) with the generated append kernels (what
         ``PagedKVCache._update_pages`` does in torch)."""
-        from ...runtime.quant import KeyCodeSpec
         pages = pages.to(torch.int64).contiguous()
         grid = (pages.numel(), self.shape.kv_heads)
         if not pages.numel():
@@ -221,7 +220,6 @@ class TritonCompiled(Compiled):
     def update_token_codes(self, cache, phys: Tensor, slot: Tensor) -> None:
         """Quantize the keys at ``(phys, slot)`` (int64 ``[N]``) into every token-granularity
         code format the pipeline reads (smoothed ones with the cache's current factors)."""
-        from ...runtime.quant import KeyCodeSpec
         grid = (phys.numel(), self.shape.kv_heads)
         if not phys.numel():
             return
@@ -235,7 +233,6 @@ class TritonCompiled(Compiled):
         (physical pages, -1 where not allocated: ``PagedKVCache.group_pages``) for every
         group-granularity format of ``G`` pages the pipeline reads (what
         ``PagedKVCache.encode_groups`` does in torch)."""
-        from ...runtime.quant import KeyCodeSpec
         groups = KeyCodeSpec.of_pipeline(self.p, "group")
         formats = [sp for sp in groups if sp.group_pages == gp.shape[-1]]
         if gp.dim() != 2 or not formats:

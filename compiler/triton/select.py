@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .. import ir
 from .expr import Chan, ChannelTables, Emitter, as_rows, expr_width, next_pow2
 from .kernels import PTR, KernelSpec, make_kernel
-from .library import radix_passes
+from .prelude import radix_passes
 
 SCORE_MODES = {"none": 0, "union": 0, "mean": 1, "max": 2, "kv": 3}
 

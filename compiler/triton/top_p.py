@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from .. import ir
 from .kernels import KernelSpec, make_kernel
-from .library import radix_passes
+from .prelude import radix_passes
 from .select import Ctx
 
 

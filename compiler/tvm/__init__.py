@@ -8,7 +8,7 @@ Example::
 
     import torch, twilight as tw
     from twilight.compiler.backend import Target, get_backend
-    from twilight.runtime.reference import make_cache
+    from twilight.runtime.serving.pipeline_cache import make_cache
 
     pipe = tw.builtins.quest_twilight(budget=64)
     cache = make_cache(pipe, num_kv_heads=2, head_dim=64)
@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from ...schedules.tvm import TVM
+from ...version import dist_version, source_stamp
 from .. import ir
 from ..backend import Backend, Target, register_backend
 from ..verify import verify
@@ -69,8 +70,6 @@ class TVMBackend(Backend):
 
 @functools.cache
 def _version_stamp() -> dict[str, str]:
-    from ...runtime.kernel_key import _dist_version, source_stamp  # noqa: PLC0415
-
     here = Path(__file__).resolve().parent
-    return {"tvm": _dist_version("apache-tvm", "tvm"), "twilight_tvm_codegen": "1",
+    return {"tvm": dist_version("apache-tvm", "tvm"), "twilight_tvm_codegen": "1",
             "codegen_sources": source_stamp(here, here.parent / "ir.py")}

@@ -4,7 +4,7 @@ After an append, the pages it touched need their summaries (any ``@tw.page_summa
 is a reduction over the page's valid tokens, lowered by ``expr.Lowering``) and their key codes
 recomputed: per token (min/max over head_dim) or per page (min/max per channel over the valid
 tokens, stored as the page's min/max in the cache dtype) or per group of pages (the same over
-the group's pages, stored at its first page), packed as ``runtime.quant`` packs them. Smoothed
+the group's pages, stored at its first page), packed as ``compiler.keycodes`` packs them. Smoothed
 token codes divide the keys by the factors ``smooth [Hkv, D]`` first. Rows are (touched page,
 token or group, KV head). Rounding is half-to-even (``T.nearbyint``) as ``torch.round``.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ...runtime.paged_cache import PagedKVCache
-from ...runtime.quant import KeyCodeSpec
 from ..ir import Summary
+from ..keycodes import KeyCodeSpec
+from ..stages import PagedCache
 from .build import KernelSource, aligned
 from .context import StageCtx
 from .dialect import NEG_INF, POS_INF, Src, ceil_div
@@ -105,7 +105,7 @@ def _minmax_codes(ctx: StageCtx, s: Src, bits: int, pages: list[str]) -> None:
     """Per-channel min/max codes over the valid tokens of ``pages`` (TVMScript expressions of
     physical page ids, -1 = none): the min/max go to ``klo``/``khi`` at ``pages[0]`` in the cache
     dtype (0 when no token is valid), then every page's codes are encoded from those stored
-    values (invalid slots get code 0), as ``runtime.quant.quantize_page`` /
+    values (invalid slots get code 0), as ``compiler.keycodes.quantize_page`` /
     ``codes_from_minmax``."""
     d, per, levels = ctx.D, 8 // bits, (1 << bits) - 1
     nb = ceil_div(d * bits, 8)
@@ -199,7 +199,7 @@ def append_sources(ctx: StageCtx):
 class AppendMixin:
     """The append kernels on a cache: recompute what ``PagedKVCache.append`` keeps beside K/V."""
 
-    def refresh_pages(self, cache: PagedKVCache, pages: torch.Tensor) -> None:
+    def refresh_pages(self, cache: PagedCache, pages: torch.Tensor) -> None:
         """Summaries and page-granularity codes (with their min/max) of physical ``pages``
         (int64), in place."""
         pages = aligned(pages.to(torch.int64))
@@ -211,7 +211,7 @@ class AppendMixin:
             self.kernels[f"page_codes{spec.bits}"](cache.k_pages, cache.page_fill, pages,
                                                    *cache.key_codes[spec].tensors())
 
-    def refresh_tokens(self, cache: PagedKVCache, phys: torch.Tensor, slot: torch.Tensor) -> None:
+    def refresh_tokens(self, cache: PagedCache, phys: torch.Tensor, slot: torch.Tensor) -> None:
         """Token-granularity codes (smoothed or not) of the tokens at (``phys``, ``slot``)
         (int64), in place."""
         phys, slot = aligned(phys.to(torch.int64)), aligned(slot.to(torch.int64))
@@ -219,7 +219,7 @@ class AppendMixin:
             self.kernels[token_codes_name(spec)](cache.k_pages, phys, slot,
                                                  *cache.key_codes[spec].tensors())
 
-    def refresh_groups(self, cache: PagedKVCache, gp: torch.Tensor) -> None:
+    def refresh_groups(self, cache: PagedCache, gp: torch.Tensor) -> None:
         """Group-granularity codes of the groups ``gp int64 [N, G]`` (``cache.group_pages(...,
         G)``: physical pages, -1 = not allocated), in place, for every group format of ``G``
         pages: min/max at each group's first page, codes of each of its pages."""

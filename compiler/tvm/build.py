@@ -68,7 +68,7 @@ class Kernel:
     """A compiled kernel: call it with torch tensors (zero copy through DLPack).
 
     ``executable`` is a ``tvm.runtime.Executable`` when built here, or a ``tvm_ffi`` module
-    loaded from an exported library (``library.py``; then ``prim_func`` is None)."""
+    loaded from an exported library (``artifacts.py``; then ``prim_func`` is None)."""
 
     source: KernelSource
     target: Target

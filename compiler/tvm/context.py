@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...frontend.errors import StructureError
-from .. import ir
+from ...errors import StructureError
+from .. import ir, passes
 from .dialect import Dialect
 from .expr import Lowering, channel_tables
 
@@ -75,7 +75,7 @@ class StageCtx:
                     hint="use group='union' or 'max' for the selector, or group='none' here")
 
     def softmax_scale(self) -> float:
-        return self.p.attend.scale or 1.0 / self.D ** 0.5
+        return passes.softmax_scale(self.p, self.D)
 
 
 def f32(x: float) -> str:

@@ -1,5 +1,5 @@
 """The estimate stage: ``est_w [B, Hq, C] = softmax(scale · q·K̃)`` over each row's candidates,
-with ``K̃`` exact keys or INT2/4/8 min-max codes (``runtime.quant``: token, token smoothed, page
+with ``K̃`` exact keys or INT2/4/8 min-max codes (``compiler.keycodes``: token, token smoothed, page
 or group granularity).
 
 When a GQA group's heads share one candidate list (``StageCtx.uniform_after``) a row is a

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ...runtime.paged_cache import PagedKVCache
-from ...runtime.quant import KeyCodeSpec
 from .. import stages
 from ..backend import Artifact, Compiled
+from ..keycodes import KeyCodeSpec
+from ..stages import PagedCache
 from .append import AppendMixin, append_sources, gen_summaries
 from .attend import attend_rows, gen_attend, gen_combine, splits
 from .build import Kernel, aligned, build, set_threads
@@ -39,7 +39,7 @@ class Plan:
 class TVMCompiled(Compiled, AppendMixin):
     def __init__(self, ctx: StageCtx, target, kernels: dict[str, Kernel] | None = None):
         """Builds every stage kernel, or takes ``kernels`` (name → Kernel, e.g. loaded from an
-        exported library by ``library.load_pipeline``) as they are."""
+        exported library by ``artifacts.load_pipeline``) as they are."""
         ctx.check_supported()
         self.ctx, self.target, self.p = ctx, target, ctx.p
         self.kernels: dict[str, Kernel] = dict(kernels or {})
@@ -120,11 +120,11 @@ class TVMCompiled(Compiled, AppendMixin):
         return self.ctx.sched.get("top_p_strategy", "bisect") if pr.rule == "top_p" else pr.rule
 
     # ---- run ----------------------------------------------------------------------------------
-    def run(self, q, cache: PagedKVCache, req=None, return_lists: bool = False):
+    def run(self, q, cache: PagedCache, req=None, return_lists: bool = False):
         return stages.run_stages(self, self.inputs(q, cache, req), len(self.p.prune),
                                  return_lists)
 
-    def inputs(self, q, cache: PagedKVCache, req=None) -> stages.StageInputs:
+    def inputs(self, q, cache: PagedCache, req=None) -> stages.StageInputs:
         """The stage inputs of requests ``req``: their page-table rows and lengths as int32."""
         ids = cache.resolve_ids(req)
         rows = torch.tensor(ids, dtype=torch.int64)
@@ -154,7 +154,7 @@ class TVMCompiled(Compiled, AppendMixin):
             k["candidates"](x.lengths, bufs["idx0"], bufs["cnt0"])
         return bufs["idx0"], bufs["cnt0"]
 
-    def _score_leaves(self, cache: PagedKVCache) -> list[torch.Tensor]:
+    def _score_leaves(self, cache: PagedCache) -> list[torch.Tensor]:
         sc = self.p.select.score
         if sc.per == "token":
             return [cache.k_pages]

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import twilight as tw
-from twilight.frontend import errors
-from twilight.runtime.paged_cache import PagedKVCache
-from twilight.runtime.reference import make_cache
+from twilight import errors
+from twilight.runtime.serving.paged_cache import PagedKVCache
+from twilight.runtime.serving.pipeline_cache import make_cache
 
 HERE = Path(__file__)
 LINES = HERE.read_text().splitlines()

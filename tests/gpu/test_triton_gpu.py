@@ -24,7 +24,7 @@ def test_builtins_on_gpu(strategy):
     from twilight.compiler.backend import Target
     from twilight.compiler.stages import lists_to_mask
     from twilight.compiler.triton import TritonBackend
-    from twilight.runtime.reference import make_cache
+    from twilight.runtime.serving.pipeline_cache import make_cache
     major, minor = torch.cuda.get_device_capability()
     for pipe in _pipes():
         cache = make_cache(pipe, 8, 128, device="cuda")

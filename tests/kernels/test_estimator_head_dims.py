@@ -14,7 +14,8 @@ from twilight.compiler import ir
 from twilight.compiler import stages as S
 from twilight.compiler.backend import Target, get_backend
 from twilight.frontend import builtins as B
-from twilight.runtime.reference import make_cache
+from twilight.runtime.evaluation import reference_stages as RS
+from twilight.runtime.serving.pipeline_cache import make_cache
 
 ESTIMATORS = {"page": dict(granularity="page"), "group2": dict(granularity="group", pages=2),
               "smooth0.5": dict(smooth=0.5)}
@@ -47,7 +48,7 @@ def test_estimator_on_unusual_head_dims(target, d, ps, name):
     x = S.stage_inputs(q, cache, ids)
     idx, cnt = kern.select(x)
     w = kern.estimate(0, x, idx, cnt)
-    want = S.ref_estimate(pipe.ir, 0, x, S.ref_select(pipe.ir, x))
+    want = RS.ref_estimate(pipe.ir, 0, x, RS.ref_select(pipe.ir, x))
     torch.testing.assert_close(S.rows_to_dense(w, idx, cnt, x.max_len), want, atol=1e-5,
                                rtol=1e-4)
     out, (kidx, kcnt) = S.run_stages(kern, x, 1, return_lists=True)

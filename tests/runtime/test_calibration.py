@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 import twilight as tw
+from twilight import knobs
 from twilight.cli import main
-from twilight.runtime import knobs
-from twilight.runtime.calibration import (
+from twilight.runtime.evaluation.estimators import calibrate
+from twilight.runtime.evaluation.snapshot import load_snapshot
+from twilight.runtime.store.estimator_choice import (
     CHOICES,
-    calibrate,
     calibrated,
     estimator_named,
     write_choice,
 )
-from twilight.runtime.snapshot import load_snapshot
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "smollm2_2k.npz"
 

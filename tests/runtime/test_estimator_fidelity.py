@@ -12,7 +12,7 @@ import torch
 
 import twilight as tw
 from twilight.frontend.builtins import quest_twilight
-from twilight.runtime.reference import make_cache
+from twilight.runtime.serving.pipeline_cache import make_cache
 
 P, HKV, G, D, T = 0.9, 2, 4, 64, 1024
 

@@ -11,9 +11,9 @@ import torch
 
 import twilight as tw
 from twilight.cli import main
-from twilight.frontend.errors import InputError
-from twilight.runtime.evaluation import METRIC_KEYS, evaluate_snapshot, spearman
-from twilight.runtime.snapshot import load_snapshot, save_snapshot
+from twilight.errors import InputError
+from twilight.runtime.evaluation.evaluate import METRIC_KEYS, evaluate_snapshot, spearman
+from twilight.runtime.evaluation.snapshot import load_snapshot, save_snapshot
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "smollm2_2k.npz"
 
@@ -89,7 +89,7 @@ def test_bad_snapshot_is_a_clear_error(tmp_path):
 
 
 def test_compiled_backend_agrees_with_the_reference_and_is_timed(snap, tmp_path):
-    from twilight.runtime import knobs
+    from twilight import knobs
     pipe = tw.builtins.quest_twilight(budget=512)
     with knobs.scope(cache_dir=tmp_path / "cache", tuning_logs=tmp_path / "logs"):
         ours = evaluate_snapshot(pipe, snap, [1], backend="tvm", repeats=2).to_json()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import twilight as tw
-from twilight.runtime import knobs
+from twilight import knobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +52,7 @@ def test_prefill_keeps_its_causal_mask_and_pages_fill(bench):
     and every sparse layer's paged cache holds the prompt plus the decoded token."""
     from transformers import DynamicCache
 
-    from twilight.runtime.hf_attention import install
+    from twilight.runtime.serving.hf_attention import install
 
     cap = bench.capture_module()
     model, tok = cap.load_model(cap.DEFAULT_CACHE)
@@ -75,7 +75,7 @@ def test_prefill_keeps_its_causal_mask_and_pages_fill(bench):
 
 
 def test_install_refuses_a_mismatched_scale(bench):
-    from twilight.runtime.hf_attention import install
+    from twilight.runtime.serving.hf_attention import install
 
     cap = bench.capture_module()
     model, _ = cap.load_model(cap.DEFAULT_CACHE)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from twilight import knobs
 from twilight.cli import main
-from twilight.runtime import kernel_key, knobs
-from twilight.runtime.filelock import FileLock
-from twilight.runtime.kernel_cache import (
+from twilight.runtime.store import kernel_key
+from twilight.runtime.store.filelock import FileLock
+from twilight.runtime.store.kernel_cache import (
     BuildOutputError,
     CacheLookupError,
     CacheMissError,
@@ -257,7 +258,7 @@ def test_file_lock_survives_its_file_being_deleted(tmp_path):
 WORKER = """\
 import hashlib, os, sys, time
 from pathlib import Path
-from twilight.runtime.kernel_cache import KernelCache, cache_key
+from twilight.runtime.store.kernel_cache import KernelCache, cache_key
 
 cache_dir, count_file, sync_dir, name, mode = sys.argv[1:6]
 key = cache_key(**{base!r})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from twilight.runtime import knobs
+from twilight import knobs
 
 ENVS = [k.env for k in knobs.KNOBS.values()]
 

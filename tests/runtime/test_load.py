@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import twilight as tw
-from twilight.runtime import kernel_key, knobs, tuning_log
-from twilight.runtime import load as load_mod
-from twilight.runtime.kernel_cache import CacheMissError, CorruptEntryWarning, KernelCache
+from twilight import knobs
+from twilight.runtime.serving import load as load_mod
+from twilight.runtime.store import kernel_key, tuning_log
+from twilight.runtime.store.kernel_cache import CacheMissError, CorruptEntryWarning, KernelCache
 
 PIPE = tw.builtins.quest_twilight(budget=64, p=0.9)
 SHAPE = tw.Shape(8, 2, 64, 16, "float32")
@@ -195,7 +196,7 @@ def test_load_needs_a_shape_that_fits():
 
 CHILD = textwrap.dedent("""
     import sys, torch, twilight as tw
-    from twilight.runtime.kernel_cache import KernelCache
+    from twilight.runtime.store.kernel_cache import KernelCache
     sys.stdin.read(1)  # start together
     torch.manual_seed(0)  # bisection may keep eps-ties the exact reference drops: fixed data
     pipe = tw.builtins.quest_twilight(budget=64, p=0.9)

@@ -9,10 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twilight.frontend.errors import InputError
-from twilight.runtime import paged_cache, quant
-from twilight.runtime.paged_cache import PagedKVCache
-from twilight.runtime.quant import KeyCodeSpec, quantize_page, quantize_token
+from twilight.compiler import keycodes as quant
+from twilight.compiler.keycodes import KeyCodeSpec, quantize_page, quantize_token
+from twilight.errors import InputError
+from twilight.runtime.serving import paged_cache
+from twilight.runtime.serving.paged_cache import PagedKVCache
 
 INF = float("inf")
 

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twilight.runtime import quant
-from twilight.runtime.quant import (
+from twilight.compiler import keycodes as quant
+from twilight.compiler.keycodes import (
     KeyCodeSpec,
     bytes_per_token,
     dequantize_minmax,

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import twilight as tw
+from twilight.compiler.torch_expr import evaluate
 from twilight.frontend.builtins import PIPELINES, quest
-from twilight.runtime.expr_eval import evaluate
 
 BIG = 10_000  # a budget above every context used here
 

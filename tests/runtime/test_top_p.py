@@ -1,6 +1,6 @@
 """Top-p pruning: ``top_p_mask`` alone, and end to end through the reference executor.
 
-The contract (runtime/reference.py): the minimal set of each row whose float64 mass is ≥ p of
+The contract (runtime/evaluation/reference.py): the minimal set of each row whose float64 mass is ≥ p of
 the row's total; equal weights keep the lower index first; zero weights are never kept.
 """
 
@@ -15,7 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import twilight as tw
-from twilight.runtime.reference import top_p_mask
+from twilight.runtime.evaluation.reference import top_p_mask
 
 SLACK = Fraction(1, 10**9)  # relative: the executor sums in float64, rounding the last bits
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import twilight as tw
-from twilight.runtime import knobs, torch_op
+from twilight import knobs
+from twilight.runtime.serving import torch_op
 
 PIPE = tw.builtins.quest_twilight(budget=64, p=0.9)
 SHAPE = tw.Shape(8, 2, 64, 16, "float32")

@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 
 import twilight as tw
-from twilight.runtime.measure import ShapeBucket
-from twilight.runtime.tuning_log import find_schedule, log_path, shape_dict, write_entry
+from twilight.runtime.store.tuning_log import (
+    ShapeBucket,
+    find_schedule,
+    log_path,
+    shape_dict,
+    write_entry,
+)
 
 
 def _entry(pipe, shape, buckets, backend="tvm", latency=1.0):

@@ -15,13 +15,12 @@ import pytest
 from optuna.trial import TrialState
 
 import twilight as tw
+from twilight import knobs
 from twilight.cli import main
 from twilight.compiler.backend import Backend, get_backend, register_backend
-from twilight.runtime import knobs
-from twilight.runtime.measure import ShapeBucket
-from twilight.runtime.tuning_log import find_schedule
+from twilight.runtime.store.tuning_log import ShapeBucket, find_schedule
+from twilight.runtime.tuning.tuner import TuneConfig, best_trial, open_storage, tune_bucket
 from twilight.schedules.devices import PROFILES
-from twilight.schedules.tuner import TuneConfig, best_trial, open_storage, tune_bucket
 
 HEADS = "q_heads=4,kv_heads=2,head_dim=32,dtype=float32"
 PIPE = "quest_twilight(budget=128)"

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from twilight.schedules.tuner import (
+from twilight.runtime.tuning.tuner import (
     StorageError,
     finished_count,
     open_storage,

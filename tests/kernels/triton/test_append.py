@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import twilight as tw
+from twilight.compiler.keycodes import KeyCodeSpec
 from twilight.frontend import builtins as B
-from twilight.runtime.quant import KeyCodeSpec
 
 
 @tw.page_summary

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 import twilight as tw
 from twilight.compiler import stages as S
+from twilight.compiler.keycodes import KeyCodeSpec
 from twilight.frontend import builtins as B
-from twilight.runtime.quant import KeyCodeSpec
-from twilight.runtime.reference import make_cache
+from twilight.runtime.evaluation import reference_stages as RS
+from twilight.runtime.serving.pipeline_cache import make_cache
 
 EXACT = {"top_p_strategy": "sort"}
 FORMATS = {  # name: (bits, granularity, group pages, smooth)
@@ -94,10 +95,10 @@ def _recode(comp, cache, ids, spec: KeyCodeSpec) -> None:
 def _check_estimate(pipe, comp, cache, q, atol=1e-6, rtol=1e-5):
     x = S.stage_inputs(q, cache)
     idx, cnt = comp.select(x)
-    cand = S.ref_select(pipe.ir, x)
+    cand = RS.ref_select(pipe.ir, x)
     assert torch.equal(S.lists_to_mask(idx, cnt, x.max_len), cand)
     w = comp.estimate(0, x, idx, cnt)
-    ref_w = S.ref_estimate(pipe.ir, 0, x, cand)
+    ref_w = RS.ref_estimate(pipe.ir, 0, x, cand)
     got = S.rows_to_dense(w, idx, cnt, x.max_len)
     torch.testing.assert_close(got, ref_w, atol=atol, rtol=rtol)
     return got
@@ -143,7 +144,7 @@ def test_fractional_smoothing_strength(lower):
     x = S.stage_inputs(torch.randn(2, 4, 16), cache, ids)
     idx, cnt = comp.select(x)
     w = comp.estimate(0, x, idx, cnt)
-    want = S.ref_estimate(pipe.ir, 0, x, S.ref_select(pipe.ir, x))
+    want = RS.ref_estimate(pipe.ir, 0, x, RS.ref_select(pipe.ir, x))
     torch.testing.assert_close(S.rows_to_dense(w, idx, cnt, x.max_len), want, atol=1e-5,
                                rtol=1e-4)
 

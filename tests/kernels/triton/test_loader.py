@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     import twilight as tw
     from twilight.compiler.backend import Target, get_backend
     from twilight.compiler.triton.aot import compile_artifacts
-    from twilight.runtime.reference import make_cache
+    from twilight.runtime.serving.pipeline_cache import make_cache
     pipe = tw.builtins.quest_twilight(budget=32)
     shape = tw.Shape(2, 1, 16, 16, "float32")
     def interp():

@@ -1,5 +1,5 @@
 """Top-p strategies (sort / bisect / radix) and the top-k / threshold pruners vs the exact
-reference on crafted weight rows (``compiler.stages.ref_prune``)."""
+reference on crafted weight rows (``runtime.evaluation.reference_stages.ref_prune``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import twilight as tw
 from twilight.compiler import stages as S
 from twilight.frontend import builtins as B
+from twilight.runtime.evaluation import reference_stages as RS
 
 STRATEGIES = [{"top_p_strategy": "sort"}, {"top_p_strategy": "radix", "radix_bits": 4},
               {"top_p_strategy": "radix", "radix_bits": 8},
@@ -35,7 +36,7 @@ def _rows(fill_cache, lower, prune, schedule, lengths=(90, 41, 7), temp=3.0, see
     dense_w = S.rows_to_dense(w, idx, cnt, t)
     cand = S.lists_to_mask(idx, cnt, t)
     kidx, kcnt = comp.prune(0, x, w.contiguous(), idx, cnt)
-    return S.lists_to_mask(kidx, kcnt, t), S.ref_prune(pipe.ir, 0, x, dense_w, cand), dense_w
+    return S.lists_to_mask(kidx, kcnt, t), RS.ref_prune(pipe.ir, 0, x, dense_w, cand), dense_w
 
 
 @pytest.mark.parametrize("schedule", STRATEGIES, ids=lambda s: "-".join(map(str, s.values())))
@@ -84,12 +85,12 @@ def test_pruner_groups_stagewise(group, fill_cache, lower):
     comp = lower(pipe, 4, 2, 16, schedule={"top_p_strategy": "sort"})
     x = S.stage_inputs(f.query(4), f.cache)
     idx, cnt = comp.select(x)
-    cand = S.ref_select(pipe.ir, x)
+    cand = RS.ref_select(pipe.ir, x)
     assert torch.equal(S.lists_to_mask(idx, cnt, x.max_len), cand)
     w = comp.estimate(0, x, idx, cnt)
-    ref_w = S.ref_estimate(pipe.ir, 0, x, cand)
+    ref_w = RS.ref_estimate(pipe.ir, 0, x, cand)
     torch.testing.assert_close(S.rows_to_dense(w, idx, cnt, x.max_len), ref_w, atol=1e-6,
                                rtol=1e-5)
     kidx, kcnt = comp.prune(0, x, w, idx, cnt)
     assert torch.equal(S.lists_to_mask(kidx, kcnt, x.max_len),
-                       S.ref_prune(pipe.ir, 0, x, ref_w, cand))
+                       RS.ref_prune(pipe.ir, 0, x, ref_w, cand))

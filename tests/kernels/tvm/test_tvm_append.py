@@ -9,7 +9,7 @@ import torch
 import twilight as tw
 from twilight.compiler import ir
 from twilight.compiler.backend import Target, get_backend
-from twilight.runtime.quant import KeyCodeSpec
+from twilight.compiler.keycodes import KeyCodeSpec
 
 
 @tw.page_summary

@@ -24,14 +24,15 @@ from hypothesis import strategies as st
 import twilight as tw
 from twilight.compiler import ir, stages
 from twilight.compiler.backend import Target
+from twilight.compiler.keycodes import KeyCodeSpec
 from twilight.compiler.tvm.append import append_sources, gen_summaries
 from twilight.compiler.tvm.build import build
 from twilight.compiler.tvm.context import StageCtx
 from twilight.compiler.tvm.dialect import Dialect
 from twilight.compiler.tvm.estimate import gen_estimate
 from twilight.compiler.tvm.pipeline import TVMCompiled
-from twilight.runtime.quant import KeyCodeSpec
-from twilight.runtime.reference import make_cache
+from twilight.runtime.evaluation import reference_stages as RS
+from twilight.runtime.serving.pipeline_cache import make_cache
 from twilight.schedules.tvm import TVM
 
 LLVM = Target.parse("llvm")
@@ -125,7 +126,7 @@ def check_estimates(pipe, comp, cache, ids, q, cand, atol=2e-6, rtol=1e-4) -> li
         live = torch.arange(idx.shape[-1]) < cnt[..., None]
         assert not w[~live].any(), pr.estimator.name  # zero past each row's candidates
         got = stages.rows_to_dense(w, idx, cnt, t)
-        want = stages.ref_estimate(pipe.ir, i, ref_x, cand)
+        want = RS.ref_estimate(pipe.ir, i, ref_x, cand)
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol,
                                    msg=lambda m, n=pr.estimator.name: f"{n}: {m}")
         out.append(got)

@@ -119,7 +119,7 @@ def test_ties_all_equal_keys():
     pipe = tw.Pipeline(select=tw.top_k(tw.builtins.oracle, tw.tokens(10)),
                        prune=tw.top_p(0.5, estimate=tw.exact_keys(), group="none"),
                        keep=tw.window(2))
-    cache = tw.runtime.reference.make_cache(pipe, 2, 64, dtype=torch.float32)
+    cache = tw.runtime.serving.pipeline_cache.make_cache(pipe, 2, 64, dtype=torch.float32)
     rid = cache.add_request()
     cache.append(torch.ones(2, 50, 64), torch.randn(2, 50, 64), rid)
 

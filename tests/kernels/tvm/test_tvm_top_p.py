@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import twilight as tw
 from twilight.compiler import ir
 from twilight.compiler.backend import Target, get_backend
-from twilight.runtime.reference import top_p_mask
+from twilight.runtime.evaluation.reference import top_p_mask
 
 HQ, C = 4, 300
 SCHEDULES = [{"top_p_strategy": "sort"}, {"top_p_strategy": "radix", "radix_bits": 4},

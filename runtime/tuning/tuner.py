@@ -1,6 +1,6 @@
 """The search: Optuna over a backend's declared schedule space, one study per shape bucket.
 
-Space (``schedules.space``), search (this module) and store (``runtime.tuning_log``) are three
+Space (``schedules.space``), search (this module) and store (``runtime.store.tuning_log``) are three
 separate pieces. Each trial: draw a schedule (conditional parameters only when active), reject
 illegal ones for the device before compiling, lower, pass the correctness gate against the
 torch reference, then time it (median of repeats). Compile failures and gate failures are
@@ -25,12 +25,13 @@ import optuna
 import optuna.storages
 from optuna.trial import TrialState
 
-from ..compiler import ir
-from ..compiler.backend import Target, get_backend
-from ..frontend.errors import TwilightError
-from ..runtime.measure import Problem, ShapeBucket, correctness_gate, make_problem, median_time
-from .devices import DeviceProfile
-from .space import Space
+from ...compiler import ir
+from ...compiler.backend import Target, get_backend
+from ...errors import TwilightError
+from ...schedules.devices import DeviceProfile
+from ...schedules.space import Space
+from ..evaluation.measure import Problem, correctness_gate, make_problem, median_time
+from ..store.tuning_log import ShapeBucket
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -14,15 +14,15 @@ Example::
 
     import twilight as tw
     from twilight.compiler.backend import Target, get_backend
-    from twilight.compiler.tvm import library
-    from twilight.runtime.kernel_cache import KernelCache, cache_key
+    from twilight.compiler.tvm import artifacts
+    from twilight.runtime.store.kernel_cache import KernelCache, cache_key
 
     pipe, shape, llvm = tw.builtins.quest_twilight(budget=64), tw.Shape(8, 2, 64), Target("llvm")
     cache = KernelCache("/tmp/tw-cache")
     key = cache_key(pipe.ir.key(), {}, llvm, "tvm", {}, extra={"shape": shape})
-    entry = cache.get_or_build(key, lambda out: library.export_pipeline(
+    entry = cache.get_or_build(key, lambda out: artifacts.export_pipeline(
         get_backend("tvm").lower(pipe.ir, shape, {}, llvm), out))
-    compiled = library.load_pipeline(pipe.ir, shape, {}, llvm, entry)   # a TVMCompiled
+    compiled = artifacts.load_pipeline(pipe.ir, shape, {}, llvm, entry)   # a TVMCompiled
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Beside K and V pages the cache keeps, per physical page and KV head, any number of page
 *summaries* (e.g. Quest's per-channel min and max) and any number of quantized-key formats
-(:class:`~twilight.runtime.quant.KeyCodeSpec`) for the top-p pruner's estimate. Every append
+(:class:`~twilight.compiler.keycodes.KeyCodeSpec`) for the top-p pruner's estimate. Every append
 recomputes the summaries (and the page-granularity codes) of each page it touched, over that
 page's valid tokens only, so the stored side data never depends on how a sequence was chunked.
 
@@ -28,11 +28,11 @@ appending to a group re-encodes the whole group (``G · ps`` tokens).
 
 Request ids are page-table rows; a freed id is reused by the next :meth:`PagedKVCache.add_request`.
 Keys holding NaN or inf are stored as they are; their summaries follow torch's arithmetic and
-their codes are unspecified (see :mod:`twilight.runtime.quant`).
+their codes are unspecified (see :mod:`twilight.compiler.keycodes`).
 
 Example:
     >>> import torch
-    >>> from twilight.runtime.quant import KeyCodeSpec
+    >>> from twilight.compiler.keycodes import KeyCodeSpec
     >>> quest = {"min": lambda k, valid: k.masked_fill(~valid[:, None, :, None], float("inf")).amin(2)}
     >>> cache = PagedKVCache(2, 64, page_size=16, summaries=quest, key_codes=[KeyCodeSpec(4, "token")])
     >>> a, b = cache.add_requests(2)
@@ -55,8 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..frontend.errors import InputError
-from .quant import (
+from ...compiler.keycodes import (
     KeyCodeSpec,
     channel_extreme,
     codes_from_minmax,
@@ -65,13 +64,16 @@ from .quant import (
     quantize_page,
     quantize_token,
 )
+from ...errors import InputError
 
 __all__ = ["KeyCodes", "PagedKVCache", "SummaryFn"]
 
 SummaryFn = Callable[[Tensor, Tensor], Tensor]
 """``(keys float32 [P, Hkv, ps, D], valid bool [P, ps]) -> [P, Hkv, C]``."""
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+"""The cache (and query) dtypes, by the names ``Shape.dtype`` uses."""
+_DTYPES = tuple(DTYPES.values())
 
 
 @dataclass

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..compiler.ir import GRANULARITIES, code_name, code_problem
+from .ir import GRANULARITIES, code_name, code_problem
 
 __all__ = [
     "GRANULARITIES",

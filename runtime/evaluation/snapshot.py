@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..frontend.errors import InputError
+from ...errors import InputError
 
 
 @dataclass(frozen=True)

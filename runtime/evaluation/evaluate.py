@@ -27,9 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler import ir
-from ..frontend.builtins import Calibrated
-from .reference import as_ir, make_cache, reference
+from ...compiler import ir
+from ...compiler.stages import lists_to_mask, stage_inputs
+from ...frontend.builtins import Calibrated
+from ..serving.load import load
+from ..serving.pipeline_cache import make_cache
+from .measure import Problem, dense_baseline_ms, median_time
+from .reference import Kept, reference
+from .reference_stages import ref_estimate, ref_select
 from .snapshot import Snapshot
 
 METRIC_KEYS = ("kept_tokens_mean", "kept_tokens_max", "kept_fraction_mean", "kept_fraction_max",
@@ -113,8 +118,8 @@ def evaluate_snapshot(pipeline, snap: Snapshot, layers: list[int] | None = None,
     results, name, key, source = [], "", "", ""
     for i in idx:
         pipe = _pipeline_for_layer(pipeline, calibration or snap, i)
-        name, key = as_ir(pipe).name, as_ir(pipe).key()
-        result, source = evaluate_layer(as_ir(pipe), snap, i, backend, repeats)
+        name, key = ir.as_ir(pipe).name, ir.as_ir(pipe).key()
+        result, source = evaluate_layer(ir.as_ir(pipe), snap, i, backend, repeats)
         results.append(result)
         if progress:
             progress(i)
@@ -173,10 +178,6 @@ def with_model_scale(p: ir.PipelineIR, scale: float, head_dim: int) -> ir.Pipeli
 def _run_compiled(p: ir.PipelineIR, q, cache, ids, backend: str, repeats: int):
     """The compiled pipeline's answer as a ``Kept`` (estimates from the reference's estimator
     over the reference's candidates, so the figures compare like for like) and its timing."""
-    from ..compiler.stages import lists_to_mask, ref_estimate, ref_select, stage_inputs
-    from .load import load
-    from .measure import Problem, dense_baseline_ms, median_time
-    from .reference import Kept
     nq, hq, d = q.shape
     t = int(cache.lengths[ids].max())
     shape = ir.Shape(hq, cache.num_kv_heads, d, p.page_size, str(q.dtype).removeprefix("torch."))

@@ -7,7 +7,7 @@ transformers passes no mask at all, and prefill would silently lose its causal m
 switches the model to it. ``new_cache()`` then makes the cache (``cache=``, formerly
 ``past_key_values=``) to run the model with: the first ``dense_layers`` layers keep transformers' dense ``DynamicLayer`` (published
 Quest/Twilight setups keep the first two layers dense), the others a :class:`TwilightLayer`
-that appends every new key and value to a :class:`~twilight.runtime.paged_cache.PagedKVCache`
+that appends every new key and value to a :class:`~twilight.runtime.serving.paged_cache.PagedKVCache`
 of its own (page summaries and quantized keys are kept as it grows).
 
 * prefill (more than one query token) is dense: SDPA over the prompt's own keys, or, for a later
@@ -22,7 +22,7 @@ Example::
 
     from transformers import AutoModelForCausalLM
     import twilight as tw
-    from twilight.runtime.hf_attention import install
+    from twilight.runtime.serving.hf_attention import install
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tw_attn = install(model, tw.builtins.quest_twilight(budget=1024), dense_layers=2)
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..compiler import ir
+from ...compiler import ir
 from .load import DecodePipeline, load
 from .paged_cache import PagedKVCache
 

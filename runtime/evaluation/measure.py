@@ -16,36 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler import ir
-from .paged_cache import PagedKVCache
-from .reference import make_cache, reference
-
-
-@dataclass(frozen=True)
-class ShapeBucket:
-    """A (batch, context) point the tuner measures; the head layout comes from ``Shape``."""
-
-    batch: int
-    context: int
-
-    @property
-    def name(self) -> str:
-        return f"b{self.batch}_t{self.context}"
-
-    @classmethod
-    def parse(cls, text: str) -> ShapeBucket:
-        """``b4_t16384``, ``4x16384`` or ``4x16k``."""
-        t = text.strip().lower().lstrip("b").replace("_t", "x")
-        b, _, c = t.partition("x")
-        mult = 1024 if c.endswith("k") else 1
-        try:
-            return cls(int(b), int(c.rstrip("k")) * mult)
-        except ValueError:
-            raise ValueError(f"shape bucket {text!r}: write BATCHxCONTEXT, e.g. 4x16k") from None
-
-    def distance(self, other: ShapeBucket) -> float:
-        return abs(math.log2(self.batch / other.batch)) + abs(math.log2(self.context /
-                                                                          other.context))
+from ...compiler import ir
+from ...compiler.stages import lists_to_mask, stage_inputs
+from ..serving.paged_cache import DTYPES, PagedKVCache
+from ..serving.pipeline_cache import make_cache
+from ..store.tuning_log import ShapeBucket
+from .reference import reference
+from .reference_stages import ref_estimate, ref_select
 
 
 @dataclass
@@ -55,7 +32,6 @@ class Problem:
     ids: list[int]
 
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def make_problem(p: ir.PipelineIR, shape: ir.Shape, bucket: ShapeBucket, seed: int = 0,
@@ -127,7 +103,6 @@ def correctness_gate(p: ir.PipelineIR, prob: Problem, out: torch.Tensor,
         -> GateResult:
     """Compare a backend's answer with the torch reference: output relative L2 error ≤ ``tol``
     and, for top-p pipelines, estimated mass of the kept set ≥ p of the reference estimate."""
-    from ..compiler.stages import lists_to_mask
     ref_out, ref_kept = reference(p).run(prob.q, prob.cache, prob.ids, return_kept=True)
     err = float((out.float() - ref_out.float()).norm() / ref_out.float().norm().clamp(min=1e-30))
     if not math.isfinite(err) or err > tol:
@@ -145,7 +120,6 @@ def correctness_gate(p: ir.PipelineIR, prob: Problem, out: torch.Tensor,
 
 
 def _estimated_mass(p: ir.PipelineIR, prob: Problem, mask: torch.Tensor) -> float:
-    from ..compiler.stages import ref_estimate, ref_select, stage_inputs
     x = stage_inputs(prob.q, prob.cache, prob.ids)
     w = ref_estimate(p, 0, x, ref_select(p, x))
     return float((w.double() * mask).sum(-1).min())

@@ -11,7 +11,7 @@ without touching the cache. With ``k``/``v`` the op first appends the step's key
 Example::
 
     >>> import torch, twilight as tw
-    >>> from twilight.runtime import torch_op
+    >>> from twilight.runtime.serving import torch_op
     >>> dec = tw.load(tw.builtins.quest_twilight(budget=64), backend="tvm",
     ...               shape=tw.Shape(8, 2, 64, 16, "float32"))             # doctest: +SKIP
     >>> cache = dec.make_cache(); rid = cache.add_request()                 # doctest: +SKIP
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..frontend.errors import InputError
+from ...errors import InputError
 from .load import DecodePipeline
 from .paged_cache import PagedKVCache
 
@@ -64,7 +64,7 @@ def bound(handle: str) -> Binding:
         return _BOUND[handle]
     except KeyError:
         raise InputError(f"twilight::decode: no pipeline bound to handle {handle!r}; make one "
-                         "with twilight.runtime.torch_op.bind(pipeline, cache)") from None
+                         "with twilight.runtime.serving.torch_op.bind(pipeline, cache)") from None
 
 
 def unbind(handle: str) -> None:

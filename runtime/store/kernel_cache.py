@@ -51,8 +51,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ..frontend.errors import TwilightError
-from . import knobs
+from ... import knobs
+from ...errors import TwilightError
 from .filelock import FileLock
 from .kernel_key import KEY_FORMAT, CacheKey, cache_key, toolchain_stamps, twilight_version
 

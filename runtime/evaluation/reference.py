@@ -3,7 +3,7 @@
 Every code generator, the tuner's correctness gate and ``twilightc eval`` are checked against
 this. One decode step, for requests ``req`` of a :class:`PagedKVCache`:
 
-1. **select** — score pages or tokens (``runtime.expr_eval``), merge the GQA group as the
+1. **select** — score pages or tokens (``compiler.torch_expr``), merge the GQA group as the
    stage's ``group`` says, keep the top-k (ties: lower index first) or those ≥ a threshold;
    pages expand to their valid tokens; the keep rules (sink, window) join the candidates;
 2. **prune** — per pruner: estimated weights ``softmax(scale · q·K̃)`` over the candidates, with
@@ -26,12 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..compiler import ir
-from ..compiler.verify import verify
-from ..frontend.errors import InputError, NonFiniteInputError
-from .expr_eval import evaluate, summary_fn
-from .paged_cache import PagedKVCache
-from .quant import KeyCodeSpec, dequantize_minmax, dequantize_token
+from ...compiler import ir
+from ...compiler.keycodes import KeyCodeSpec, dequantize_minmax, dequantize_token
+from ...compiler.passes import softmax_scale
+from ...compiler.stages import mask_to_lists
+from ...compiler.torch_expr import evaluate
+from ...compiler.verify import verify
+from ...errors import InputError, NonFiniteInputError
+from ..serving.paged_cache import PagedKVCache
 
 
 @dataclass
@@ -51,44 +53,13 @@ class Kept:
     def indices(self) -> tuple[Tensor, Tensor]:
         """Ragged lists as ``(indices int64 [B, Hq, max_count] padded with -1, count [B, Hq])``,
         ascending within a row (the stage ABI's lists, in int64)."""
-        from ..compiler.stages import mask_to_lists  # stages imports this module
         idx, cnt = mask_to_lists(self.mask)
         return idx.long(), cnt.long()
 
 
-def as_ir(pipeline) -> ir.PipelineIR:
-    return pipeline if isinstance(pipeline, ir.PipelineIR) else pipeline.ir
-
-
-def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float16,
-               device="cpu", initial_pages: int = 64) -> PagedKVCache:
-    """A cache that keeps what ``pipeline`` reads: its page summaries and quantized keys."""
-    p = as_ir(pipeline)
-    verify(p, ir.Shape(num_kv_heads, num_kv_heads, head_dim, p.page_size))
-    sums = {f"{s.name}.{f.name}": summary_fn(f.expr) for s in p.summaries() for f in s.fields}
-    return PagedKVCache(num_kv_heads, head_dim, page_size=p.page_size, dtype=dtype,
-                        device=device, summaries=sums, key_codes=KeyCodeSpec.of_pipeline(p),
-                        initial_pages=initial_pages, minmax_summaries=minmax_summaries(p))
-
-
-def minmax_summaries(p: ir.PipelineIR) -> tuple[str, str] | None:
-    """Names of the pipeline's summary fields that are exactly the per-channel key min and max
-    of a page (Quest's ``kmin``/``kmax``), which page-granularity codes then share; None if it
-    has none (the cache keeps its own)."""
-    found: dict[str, str] = {}
-    for s in p.summaries():
-        for f in s.fields:
-            e = f.expr
-            page_k = ir.Expr("page_k", (), ())
-            if e.op in ("reduce_min", "reduce_max") and e.inputs == (page_k,) \
-                    and e.attrs == (("axis", "token"),):
-                found.setdefault(e.op[7:], f"{s.name}.{f.name}")
-    return (found["min"], found["max"]) if len(found) == 2 else None
-
-
 class ReferenceExecutor:
     def __init__(self, pipeline):
-        self.ir = as_ir(pipeline)
+        self.ir = ir.as_ir(pipeline)
         verify(self.ir)
 
     def run(self, q: Tensor, cache: PagedKVCache, req: int | Sequence[int] | None = None,
@@ -102,17 +73,17 @@ class ReferenceExecutor:
         k, v, valid = cache.gather(ids)
         lengths = valid.sum(-1)
         qg = q.float().view(q.shape[0], cache.num_kv_heads, g, -1)  # [B, Hkv, G, D]
-        scale = p.attend.scale or 1.0 / math.sqrt(cache.head_dim)
+        scale = softmax_scale(p, cache.head_dim)
 
-        keep = _keep_mask(p.keep, valid, lengths)  # [B, T]
-        cand = _select(p, qg, k, valid, cache, ids) | keep[:, None, None]
+        keep = keep_mask(p.keep, valid, lengths)  # [B, T]
+        cand = select_mask(p, qg, k, valid, cache, ids) | keep[:, None, None]
         first_w, kept = None, cand
         for pr in p.prune:
-            w = _estimate(pr, qg, kept, cache, ids, k, scale, p.attend.softcap)
+            w = estimate_weights(pr, qg, kept, cache, ids, k, scale, p.attend.softcap)
             first_w = w if first_w is None else first_w
-            kept = _prune(pr, w, kept, lengths) | keep[:, None, None]
+            kept = prune_mask(pr, w, kept, lengths) | keep[:, None, None]
 
-        out = _attend(qg, k.float(), v.float(), kept, scale, p.attend.softcap)
+        out = attend_masked(qg, k.float(), v.float(), kept, scale, p.attend.softcap)
         out = out.reshape(q.shape).to(q.dtype)
         if not return_kept:
             return out
@@ -143,12 +114,12 @@ def reference(pipeline) -> ReferenceExecutor:
 
 
 # ---- stages -------------------------------------------------------------------------------------
-def _keep_mask(keep: ir.Keep, valid: Tensor, lengths: Tensor) -> Tensor:
+def keep_mask(keep: ir.Keep, valid: Tensor, lengths: Tensor) -> Tensor:
     pos = torch.arange(valid.shape[-1], device=valid.device)
     return valid & ((pos < keep.sink) | (pos >= (lengths - keep.window)[:, None]))
 
 
-def _select(p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor, cache: PagedKVCache,
+def select_mask(p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor, cache: PagedKVCache,
             ids: list[int]) -> Tensor:
     """Candidate mask ``[B, Hkv, G, T]``."""
     s = p.select
@@ -236,7 +207,7 @@ def _softmax(logits: Tensor, mask: Tensor) -> Tensor:
     return torch.nan_to_num(w, nan=0.0)  # a row with nothing to attend to stays zero
 
 
-def _estimate(pr: ir.Prune, qg: Tensor, cand: Tensor, cache: PagedKVCache, ids: list[int],
+def estimate_weights(pr: ir.Prune, qg: Tensor, cand: Tensor, cache: PagedKVCache, ids: list[int],
               k: Tensor, scale: float, softcap: float | None) -> Tensor:
     """Estimated attention weights ``[B, Hkv, G, T]`` over each head's candidates."""
     kt = _estimated_keys(pr.estimator, cache, ids, k)
@@ -247,7 +218,7 @@ def _estimate(pr: ir.Prune, qg: Tensor, cand: Tensor, cache: PagedKVCache, ids: 
     return _softmax(_logits(qg, kt, scale, softcap), cand)
 
 
-def _prune(pr: ir.Prune, w: Tensor, cand: Tensor, lengths: Tensor) -> Tensor:
+def prune_mask(pr: ir.Prune, w: Tensor, cand: Tensor, lengths: Tensor) -> Tensor:
     if pr.group == "mean":
         w = w.mean(2, keepdim=True)
     elif pr.group == "max":
@@ -280,7 +251,7 @@ def top_p_mask(w: Tensor, p: float) -> Tensor:
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
-def _attend(qg: Tensor, k: Tensor, v: Tensor, kept: Tensor, scale: float,
+def attend_masked(qg: Tensor, k: Tensor, v: Tensor, kept: Tensor, scale: float,
             softcap: float | None) -> Tensor:
     w = _softmax(_logits(qg, k, scale, softcap), kept)
     return torch.einsum("bhgt,bhtd->bhgd", w, v)

@@ -4,7 +4,7 @@ Knobs are read from the environment each time they are asked for (never cached a
 process may change them, and ``scope()`` can override them in tests. ``scope()`` writes the
 environment itself, so the override reaches child processes too::
 
-    >>> from twilight.runtime import knobs
+    >>> from twilight import knobs
     >>> with knobs.scope(cache_dir="/tmp/tw-cache", disable_compile=True):
     ...     str(knobs.cache_dir()), knobs.disable_compile()
     ('/tmp/tw-cache', True)
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..frontend.errors import TwilightError
+from .errors import TwilightError
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")

@@ -2,7 +2,7 @@
 
 ``load(pipeline, device, shape, backend)`` picks the schedule from the tuning logs (the user's
 over the shipped ones, nearest shape bucket; the backend's default where none matches, said
-once), gets the kernels through the :class:`~twilight.runtime.kernel_cache.KernelCache` (built
+once), gets the kernels through the :class:`~twilight.runtime.store.kernel_cache.KernelCache` (built
 on a miss, under a per-key file lock, so many processes asking at once build once) and returns a
 :class:`DecodePipeline` with ``plan()`` (once per batch shape) and ``run()`` (every step).
 
@@ -10,7 +10,7 @@ How each backend's kernels live in the cache:
 
 * **tvm** (llvm target): one entry per (pipeline, shape, schedule, target): a shared library per
   kernel (``export_library``) and an index of the TVMScript each was built from
-  (``twilight.compiler.tvm.library``). A warm load opens the libraries with ``tvm_ffi``: no
+  (``twilight.compiler.tvm.artifacts``). A warm load opens the libraries with ``tvm_ffi``: no
   TVMScript parse, no ``tvm.compile``, not even ``import tvm``.
 * **triton**: lowered in process (Triton keeps its own compiled-kernel cache);
   TODO: put Triton's cache dir and the generated sources in a KernelCache entry once the
@@ -45,17 +45,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler import ir
-from ..compiler.backend import Compiled, Target, get_backend
-from ..compiler.stages import StageInputs, run_stages
-from ..compiler.verify import verify
-from ..frontend.errors import InputError
-from ..schedules.devices import DeviceProfile, resolve_device
-from . import tuning_log
-from .kernel_cache import CorruptEntryWarning, KernelCache, cache_key, default_cache
-from .measure import DTYPES, ShapeBucket
-from .paged_cache import PagedKVCache
-from .reference import as_ir, make_cache
+from ...compiler import ir
+from ...compiler.backend import Compiled, Target, get_backend
+from ...compiler.stages import StageInputs, run_stages
+from ...compiler.verify import verify
+from ...errors import InputError
+from ...schedules.devices import DeviceProfile, resolve_device
+from ..store import tuning_log
+from ..store.estimator_choice import calibrated
+from ..store.kernel_cache import CorruptEntryWarning, KernelCache, cache_key, default_cache
+from ..store.tuning_log import ShapeBucket
+from .paged_cache import DTYPES, PagedKVCache
+from .pipeline_cache import make_cache
 
 __all__ = ["DecodePipeline", "DefaultScheduleWarning", "kernel_key", "load", "pick_schedule"]
 
@@ -123,13 +124,13 @@ _MEMO: weakref.WeakKeyDictionary[KernelCache, dict[str, Callable[[], Compiled]]]
 
 
 def _tvm_compiled(p, shape, schedule, target, cache: KernelCache, key) -> tuple[Callable, str]:
-    from ..compiler.tvm import library  # noqa: PLC0415
+    from ...compiler.tvm import artifacts  # noqa: PLC0415
 
     built: dict[str, Compiled] = {}
 
     def build(out) -> None:
         built["c"] = _backend("tvm").lower(p, shape, schedule, target)
-        library.export_pipeline(built["c"], out)
+        artifacts.export_pipeline(built["c"], out)
 
     describe = {"pipeline": p.name, "shape": str(shape), "backend": "tvm", "target": str(target)}
     for attempt in (0, 1):
@@ -137,8 +138,8 @@ def _tvm_compiled(p, shape, schedule, target, cache: KernelCache, key) -> tuple[
         if "c" in built:
             return _fresh(built["c"]), "built"
         try:
-            loaded = library.load_pipeline(p, shape, schedule, target, entry)
-        except library.LibraryMismatch as e:
+            loaded = artifacts.load_pipeline(p, shape, schedule, target, entry)
+        except artifacts.LibraryMismatch as e:
             if attempt:
                 raise
             warnings.warn(f"twilight kernel cache: entry {key[:16]} at {entry.path} does not "
@@ -316,9 +317,8 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
     if shape is None:
         raise InputError("load: pass shape=tw.Shape(q_heads, kv_heads, head_dim, page_size, "
                          "dtype): kernels are specialized on the head layout")
-    p = as_ir(pipeline)
+    p = ir.as_ir(pipeline)
     if model is not None:  # the key estimator 'twilightc calibrate' chose for this model
-        from .calibration import calibrated
         p, est = calibrated(p, model)
         if est:
             log.info("load: %s uses the %s estimator calibrated for %s", p.name, est, model)

@@ -18,20 +18,48 @@ its IR key and head layout; the nearest shape bucket wins.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..compiler import ir
-from .measure import ShapeBucket
+from ...compiler import ir
 
 FORMAT = 1
-SHIPPED = Path(__file__).resolve().parent.parent / "tuning_logs"
+SHIPPED = Path(__file__).resolve().parents[2] / "tuning_logs"
+
+
+@dataclass(frozen=True)
+class ShapeBucket:
+    """A (batch, context) point the tuner measures; the head layout comes from ``Shape``."""
+
+    batch: int
+    context: int
+
+    @property
+    def name(self) -> str:
+        return f"b{self.batch}_t{self.context}"
+
+    @classmethod
+    def parse(cls, text: str) -> ShapeBucket:
+        """``b4_t16384``, ``4x16384`` or ``4x16k``."""
+        t = text.strip().lower().lstrip("b").replace("_t", "x")
+        b, _, c = t.partition("x")
+        mult = 1024 if c.endswith("k") else 1
+        try:
+            return cls(int(b), int(c.rstrip("k")) * mult)
+        except ValueError:
+            raise ValueError(f"shape bucket {text!r}: write BATCHxCONTEXT, e.g. 4x16k") from None
+
+    def distance(self, other: ShapeBucket) -> float:
+        return abs(math.log2(self.batch / other.batch)) + abs(math.log2(self.context /
+                                                                          other.context))
+
 
 
 def user_root() -> Path:
-    from . import knobs
+    from ... import knobs
     return Path(knobs.tuning_logs_dir())
 
 

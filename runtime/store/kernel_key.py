@@ -16,9 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
-import importlib.metadata
-import importlib.util
 import os
 import platform
 import shutil
@@ -27,8 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..compiler import ir
-from . import knobs
+from ... import knobs
+from ...compiler import ir
+from ...version import __version__, dist_version
 
 KEY_FORMAT = 1  # bump when the key's fields change meaning
 
@@ -93,11 +91,11 @@ def toolchain_stamps(backend: str, target: Any = None) -> dict[str, str]:
     ['python', 'torch', 'triton', 'twilight']
     """
     stamps = {"twilight": twilight_version(), "python": "{}.{}".format(*sys.version_info[:2]),
-              "torch": _dist_version("torch", "torch")}
+              "torch": dist_version("torch", "torch")}
     if backend == "triton":
-        stamps["triton"] = _dist_version("triton", "triton")
+        stamps["triton"] = dist_version("triton", "triton")
     elif backend == "tvm":
-        stamps["tvm"] = _dist_version("apache-tvm", "tvm")
+        stamps["tvm"] = dist_version("apache-tvm", "tvm")
     kind = str(target or "").partition(":")[0]
     if kind == "cuda" and backend != "triton":
         stamps["nvcc"] = nvcc_version()
@@ -124,40 +122,9 @@ def host_cpu_stamp() -> str:
     return hashlib.sha256(basis.encode()).hexdigest()[:16]
 
 
-def source_stamp(*paths: str | os.PathLike[str]) -> str:
-    """sha256 (16 hex digits) of the ``.py`` files at ``paths`` (files, or directories taken
-    non-recursively), by relative name and content: a backend keys its entries on its own
-    code generators with it, so editing a generator invalidates what it generated.
-
-    >>> len(source_stamp(Path(__file__)))
-    16
-    """
-    h = hashlib.sha256()
-    for base in map(Path, paths):
-        files = sorted(base.glob("*.py")) if base.is_dir() else [base]
-        for f in files:
-            h.update(f"{f.parent.name}/{f.name}\0".encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def twilight_version() -> str:
-    try:
-        from .. import __version__
-        return __version__
-    except ImportError:  # asked while twilight/__init__ is still importing
-        return importlib.metadata.version("twilightc")
-
-
-@functools.cache
-def _dist_version(dist: str, module: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    if importlib.util.find_spec(module) is None:
-        return "absent"
-    return str(getattr(importlib.import_module(module), "__version__", "unknown"))
+    """twilight's version, as keys record it (a function, so a test can pretend an upgrade)."""
+    return __version__
 
 
 def nvcc_version() -> str:

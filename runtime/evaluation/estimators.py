@@ -5,51 +5,24 @@ model and weighs fidelity — the true attention mass of the kept set relative t
 candidates (what top-p promises), its worst head, the output error — against cost: bytes read
 per candidate token, and the estimate stage's latency on this device (TVM on the CPU). It
 recommends the cheapest choice that meets the fidelity target (default: mean ≥ p − 0.02 and
-no head below p − 0.2) and writes it to ``<data dir>/calibration/<model>.json``, where
-``twilight.load(pipeline, model=...)`` picks it up.
+no head below p − 0.2); ``runtime.store.estimator_choice.write_choice`` records it in
+``<data dir>/calibration/<model>.json``, where ``twilight.load(pipeline, model=...)`` picks it
+up.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..compiler import ir
-from . import knobs
-from .evaluation import evaluate_snapshot
-from .quant import KeyCodeSpec, bytes_per_token
-from .reference import as_ir
+from ...compiler import ir
+from ...compiler.keycodes import KeyCodeSpec, bytes_per_token
+from ..serving.load import DefaultScheduleWarning, load
+from ..serving.pipeline_cache import make_cache
+from ..store.estimator_choice import CHOICES, with_estimator
+from .evaluate import evaluate_snapshot
+from .measure import median_time
 from .snapshot import Snapshot
-
-CHOICES = (ir.Estimator("exact"),) + tuple(
-    ir.Estimator("quantized", bits, gran, group_pages=g, smooth=sm)
-    for bits in (8, 4, 2)
-    for gran, g, sm in (("token", 1, 0.0), ("token", 1, 1.0), ("token", 1, 0.5),
-                        ("page", 1, 0.0), ("group", 4, 0.0))
-    if not (sm == 0.5 and bits != 4))
-"""Every estimator ``calibrate`` measures: exact keys, and INT8/4/2 codes per token (plain and
-smoothed with strength 1; INT4 also 0.5), per channel within a page, and per channel within a
-group of 4 pages."""
-
-
-def estimator_named(name: str) -> ir.Estimator:
-    """The :data:`CHOICES` entry called ``name`` (e.g. ``"int4_page"``)."""
-    for e in CHOICES:
-        if e.name == name:
-            return e
-    raise ValueError(f"unknown estimator {name!r}; choose from {', '.join(e.name for e in CHOICES)}")
-
-
-def with_estimator(p: ir.PipelineIR, est: ir.Estimator) -> ir.PipelineIR:
-    """``p`` with every pruner estimating through ``est``."""
-    return dataclasses.replace(p, prune=tuple(dataclasses.replace(pr, estimator=est)
-                                              for pr in p.prune))
 
 
 def est_bytes(est: ir.Estimator, head_dim: int, page_size: int, elem_bytes: int = 2) -> float:
@@ -84,7 +57,7 @@ def calibrate(pipeline, snapshots: list[Snapshot], mean_drop: float = 0.02,
               min_drop: float = 0.2, layers: list[int] | None = None,
               time_estimate: bool = True, progress=None) -> tuple[list[Choice], Choice | None]:
     """Measure every estimator choice; return them all and the recommendation (or None)."""
-    p = as_ir(pipeline)
+    p = ir.as_ir(pipeline)
     top = _top_p(p)
     d = snapshots[0].q.shape[-1]
     elem = snapshots[0].k.element_size()
@@ -110,9 +83,6 @@ def calibrate(pipeline, snapshots: list[Snapshot], mean_drop: float = 0.02,
 def _estimate_ms(p: ir.PipelineIR, snap: Snapshot) -> float | None:
     """The first pruner's estimate stage, compiled for this device, on the snapshot's last
     layer (all its queries as one batch)."""
-    from .load import DefaultScheduleWarning, load
-    from .measure import median_time
-    from .reference import make_cache
     q, k, v = snap.q[-1], snap.k[-1], snap.v[-1]
     shape = ir.Shape(q.shape[1], k.shape[0], k.shape[-1], p.page_size,
                      str(q.dtype).removeprefix("torch."))
@@ -129,38 +99,3 @@ def _estimate_ms(p: ir.PipelineIR, snap: Snapshot) -> float | None:
     x = dp.plan(len(ids), k.shape[1]).stage_inputs(q, cache, ids)
     idx, cnt = dp.compiled.select(x)
     return median_time(lambda: dp.compiled.estimate(0, x, idx, cnt), repeats=10) * 1e3
-
-
-# ---- where load() finds the choice ---------------------------------------------------------------
-def calibration_path(model: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
-    return Path(knobs.data_dir()) / "calibration" / f"{safe}.json"
-
-
-def write_choice(model: str, p: ir.PipelineIR, best: Choice, choices: list[Choice],
-                 snapshots: list[str]) -> Path:
-    """Record ``best`` for ``model`` and pipeline ``p.name`` (other pipelines' are kept)."""
-    path = calibration_path(model)
-    data = json.loads(path.read_text()) if path.exists() else {"model": model, "pipelines": {}}
-    data["pipelines"][p.name] = {
-        "estimator": best.estimator, "pipeline_key": p.key(), "snapshots": snapshots,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "choices": [dataclasses.asdict(c) for c in choices]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
-
-def calibrated(p: ir.PipelineIR, model: str) -> tuple[ir.PipelineIR, str | None]:
-    """``p`` with the estimator calibrated for ``model`` (and its name), or ``p`` unchanged."""
-    path = calibration_path(model)
-    if not p.prune or not path.exists():
-        return p, None
-    rec = json.loads(path.read_text())["pipelines"].get(p.name)
-    if rec is None:
-        return p, None
-    est = estimator_named(rec["estimator"])
-    return with_estimator(p, est), est.name

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compiler.ir import Expr
+from .ir import Expr
 
 _UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp}
 _BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,

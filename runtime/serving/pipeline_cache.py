@@ -1,0 +1,39 @@
+"""The paged cache a pipeline needs: its page summaries and key-code formats, kept on append."""
+
+from __future__ import annotations
+
+import torch
+
+from ...compiler import ir
+from ...compiler.keycodes import KeyCodeSpec
+from ...compiler.torch_expr import summary_fn
+from ...compiler.verify import verify
+from .paged_cache import PagedKVCache
+
+__all__ = ["make_cache", "minmax_summaries"]
+
+
+def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float16,
+               device="cpu", initial_pages: int = 64) -> PagedKVCache:
+    """A cache that keeps what ``pipeline`` reads: its page summaries and quantized keys."""
+    p = ir.as_ir(pipeline)
+    verify(p, ir.Shape(num_kv_heads, num_kv_heads, head_dim, p.page_size))
+    sums = {f"{s.name}.{f.name}": summary_fn(f.expr) for s in p.summaries() for f in s.fields}
+    return PagedKVCache(num_kv_heads, head_dim, page_size=p.page_size, dtype=dtype,
+                        device=device, summaries=sums, key_codes=KeyCodeSpec.of_pipeline(p),
+                        initial_pages=initial_pages, minmax_summaries=minmax_summaries(p))
+
+
+def minmax_summaries(p: ir.PipelineIR) -> tuple[str, str] | None:
+    """Names of the pipeline's summary fields that are exactly the per-channel key min and max
+    of a page (Quest's ``kmin``/``kmax``), which page-granularity codes then share; None if it
+    has none (the cache keeps its own)."""
+    found: dict[str, str] = {}
+    for s in p.summaries():
+        for f in s.fields:
+            e = f.expr
+            page_k = ir.Expr("page_k", (), ())
+            if e.op in ("reduce_min", "reduce_max") and e.inputs == (page_k,) \
+                    and e.attrs == (("axis", "token"),):
+                found.setdefault(e.op[7:], f"{s.name}.{f.name}")
+    return (found["min"], found["max"]) if len(found) == 2 else None
