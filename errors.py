@@ -74,6 +74,11 @@ class StructureError(PipelineError):
     """A pipeline assembled from the wrong pieces (a pruner without an estimator, ...)."""
 
 
+class UnsupportedPipeline(StructureError):
+    """A valid pipeline that one backend cannot lower (the message names the backend and the
+    part); another backend, or another group mode, may."""
+
+
 class InputError(TwilightError, ValueError):
     """A tensor handed to twilight at run time has the wrong shape, dtype or values."""
 

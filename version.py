@@ -18,11 +18,13 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "dist_version", "source_stamp"]
+__all__ = ["__version__", "dist_version", "nvcc_version", "source_stamp"]
 
 
 def source_stamp(*paths: str | os.PathLike[str]) -> str:
@@ -49,3 +51,25 @@ def dist_version(dist: str, module: str) -> str:
     if importlib.util.find_spec(module) is None:
         return "absent"
     return str(getattr(importlib.import_module(module), "__version__", "unknown"))
+
+
+def nvcc_version() -> str:
+    """The release and build lines of ``nvcc --version`` (``$CUDA_HOME/bin/nvcc`` or the one on
+    ``PATH``), ``"absent"`` without one; run once per nvcc per process."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    exe = Path(home, "bin", "nvcc") if home and Path(home, "bin", "nvcc").exists() \
+        else shutil.which("nvcc")
+    return _run_nvcc(str(exe)) if exe else "absent"
+
+
+@functools.cache
+def _run_nvcc(exe: str) -> str:
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unusable ({type(e).__name__})"
+    lines = [s.strip() for s in out.splitlines() if "release" in s or s.startswith("Build")]
+    return " / ".join(lines) or out.strip()[-200:]
+
+

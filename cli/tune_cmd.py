@@ -52,7 +52,8 @@ def register(sub) -> None:
     p.add_argument("--pipeline", default="quest_twilight", metavar="PIPELINE",
                    help="built-in name, NAME(arg=value), module:attr (default: %(default)s)")
     p.add_argument("--backend", default="any", choices=("any", "triton", "tvm"),
-                   help="any: tvm on the CPU, triton on a GPU (default: %(default)s)")
+                   help="any: the backend that serves the device (triton on a GPU, tvm on the CPU; "
+                        "default: %(default)s)")
     p.add_argument("--shapes", default=None, metavar="BxT,...",
                    help="shape buckets, batch x context (default: 1x4k,4x8k on cpu; "
                         "8x16k,64x16k on a GPU)")
@@ -85,7 +86,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from .. import knobs
-    from ..compiler.backend import get_backend
+    from ..compiler.backend import backend_for
     from ..errors import InputError
     from ..frontend.resolve import resolve_pipeline
     from ..runtime.store.tuning_log import ShapeBucket, user_root
@@ -112,14 +113,15 @@ def run(args) -> int:
             from ..runtime.evaluation.evaluate import with_model_scale
             pipe = Pipeline.from_ir(with_model_scale(pipe.ir, float(snap.scale[0]), d))
         args.shapes = args.shapes or f"{nq}x{int(snap.q_pos.max()) + 1}"
-    backend = args.backend if args.backend != "any" else \
-        ("tvm" if device.kind == "cpu" else "triton")
+    try:  # "any": the backend that serves this device (Triton on a GPU, TVM on the CPU)
+        backend = backend_for(device, None if args.backend == "any" else [args.backend])[0].name
+    except KeyError as e:
+        raise InputError(f"--backend {args.backend}: {e.args[0]}") from None
     shapes = args.shapes or ("1x4k,4x8k" if device.kind == "cpu" else "8x16k,64x16k")
     try:
         buckets = [ShapeBucket.parse(s) for s in shapes.split(",")]
     except ValueError as e:
         raise InputError(str(e)) from None
-    get_backend(backend)  # fail early on a missing backend
     default_store = Path(knobs.data_dir()) / "studies" / device.name / f"{pipe.name}.journal"
     if args.resume and not args.storage and not default_store.exists():
         raise InputError(f"--resume: no study to resume at {default_store}")

@@ -1,17 +1,30 @@
-"""Backends behind one small interface and a registry (Triton, TVM, ...).
+"""The written backend interface: ``Backend`` (one per code generator) and ``StageKernels``
+(what a backend's ``lower`` returns), a registry, and the ``Target`` they build for.
 
 A backend turns a pipeline IR, a problem ``Shape``, a schedule (a dict drawn from the
-backend's declared space in ``twilight.schedules``) and a ``Target`` into a ``Compiled``
-pipeline: its artifacts (generated source, PTX, libraries, resource reports) and a ``run``.
+backend's declared space in ``twilight.schedules``) and a ``Target`` into ``StageKernels``: one
+kernel (or a fused one) per stage of the stage ABI (``compiler.stages``), the append kernels
+that keep the cache's side data, and the artifacts for ``twilightc compile --dump``. The runtime
+dispatches through :func:`get_backend` / :func:`backend_for` only — never on a backend's name —
+and keys cached kernels on :meth:`Backend.version_stamp` (a hash of the backend's own generator
+sources) and :meth:`Backend.toolchain_stamps`.
+
+Every registered backend passes one conformance test (``tests/compiler/test_backend_protocol``).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from . import ir
+
+__all__ = ["Artifact", "Backend", "ExportMismatch", "StageKernels", "Target", "backend_for",
+           "backends", "get_backend", "register_backend"]
 
 
 @dataclass(frozen=True)
@@ -52,45 +65,92 @@ class Artifact:
     metadata: dict[str, Any] = field(default_factory=dict)  # registers, spills, shared, …
 
 
-class Compiled(abc.ABC):
-    """A pipeline lowered by one backend for one shape, schedule and target."""
+class ExportMismatch(RuntimeError):
+    """An exported entry does not hold the kernels of the pipeline asked for (rebuild it)."""
+
+
+@runtime_checkable
+class StageKernels(Protocol):
+    """A pipeline lowered by one backend for one shape, schedule and target.
+
+    Stage methods take and return exactly the stage ABI's tensors (``compiler.stages``), so
+    stages of different backends mix and each is checked against the reference alone. Buffers
+    are sized by ``plan`` (and grown by the stage methods themselves when a later call needs
+    more); stage outputs are planned buffers, valid until the same stage runs again.
+    """
 
     artifacts: list[Artifact]
 
-    @abc.abstractmethod
-    def run(self, q, cache, req=None, return_lists: bool = False):
-        """The stage ABI end to end (``twilight.compiler.stages``): output ``[B, Hq, D]``;
-        with ``return_lists`` also ``(kept_idx, kept_cnt)``."""
+    def plan(self, batch: int, tokens: int) -> Any:
+        """Size scratch for ``batch`` requests of up to ``tokens`` tokens."""
+
+    def select(self, x) -> tuple[Any, Any]:
+        """``(cand_idx int32 [B, Hq, C], cand_cnt int32 [B, Hq])``."""
+
+    def estimate(self, stage: int, x, idx, cnt) -> Any:
+        """``est_w float32 [B, Hq, C]`` of pruner ``stage`` over the candidates."""
+
+    def prune(self, stage: int, x, w, idx, cnt) -> tuple[Any, Any]:
+        """``(kept_idx int32 [B, Hq, K], kept_cnt int32 [B, Hq])`` of pruner ``stage``."""
+
+    def attend(self, x, idx, cnt) -> Any:
+        """``out [B, Hq, D]`` in q's dtype: exact attention over the kept lists."""
+
+    def run(self, q, cache, req=None, return_lists: bool = False) -> Any:
+        """The stages end to end (``compiler.stages.run_stages``)."""
+
+    def refresh_pages(self, cache, pages) -> None:
+        """Recompute summaries and page-granularity codes of physical ``pages`` (int64)."""
+
+    def refresh_tokens(self, cache, phys, slot) -> None:
+        """Quantize the keys at ``(phys, slot)`` (int64 ``[N]``) into every token format."""
+
+    def refresh_groups(self, cache, gp) -> None:
+        """Min/max and codes of the groups ``gp int64 [N, G]`` of every group format."""
 
 
 class Backend(abc.ABC):
-    name: str = ""
+    """One code generator. Subclasses set ``name`` and ``source_ext`` and register with
+    :func:`register_backend`."""
 
+    name: str = ""
+    source_ext: str = "src"  # the generated source's file extension, for --dump
+
+    # ---- targets ---------------------------------------------------------------------------
     @abc.abstractmethod
     def supports(self, target: Target) -> bool: ...
 
     @abc.abstractmethod
-    def lower(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target) \
-            -> Compiled: ...
+    def serving_target(self, device) -> Target | None:
+        """The target this backend serves on ``device`` (a ``DeviceProfile``), or None if it
+        does not serve there (Triton's interpreter is for tests, not for serving a CPU)."""
 
+    def local_target(self) -> Target | None:
+        """A target whose kernels run in this process now (for checks and tests), or None."""
+        return None
+
+    preference: int = 100
+    """Lower is preferred when several backends serve one device (``backend_for``)."""
+
+    # ---- lowering --------------------------------------------------------------------------
     @abc.abstractmethod
-    def version_stamp(self) -> dict[str, str]:
-        """Versions that change generated code (for cache keys)."""
+    def lower(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target) \
+            -> StageKernels: ...
 
     def space(self, p: ir.PipelineIR, shape: ir.Shape, target: Target):
         """The schedule space (``schedules.space.Space``) the tuner searches for ``p``: by
         default ``twilight.schedules.<name>.space(p, shape, target)`` if the module defines
         it, else its constant ``<NAME>`` (e.g. ``schedules.tvm.TVM``)."""
-        import importlib
         mod = importlib.import_module(f"twilight.schedules.{self.name}")
         if hasattr(mod, "space"):
             return mod.space(p, shape, target)
         return getattr(mod, self.name.upper())
 
-    def dump_artifacts(self, compiled: Compiled, target: Target) -> list[Artifact]:
-        """Every kernel of ``compiled`` with all its intermediates, for ``twilightc compile
-        --dump`` (a backend that compiles lazily does the work here)."""
-        return list(compiled.artifacts)
+    def complete(self, schedule: dict) -> dict:
+        """``schedule`` with the backend's defaults filled in (what its kernels are built
+        from; a cache key must name the complete schedule)."""
+        mod = importlib.import_module(f"twilight.schedules.{self.name}")
+        return getattr(mod, self.name.upper()).complete(dict(schedule))
 
     def check_schedule(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict,
                        device) -> str | None:
@@ -98,8 +158,45 @@ class Backend(abc.ABC):
         threads, registers), or None. Called before compiling, so it must be cheap."""
         return None
 
+    # ---- identity (cache keys) -------------------------------------------------------------
+    @abc.abstractmethod
+    def version_stamp(self) -> dict[str, str]:
+        """What changes generated code: the backend's own generator sources (hashed) and the
+        version of the toolchain that compiles them."""
+
+    def toolchain_stamps(self, target: Target) -> dict[str, str]:
+        """Versions of external tools this backend calls for ``target`` (e.g. nvcc)."""
+        return {}
+
+    # ---- artifacts on disk -----------------------------------------------------------------
+    def exports(self, target: Target) -> bool:
+        """Whether :meth:`export` / :meth:`load_exported` work for ``target`` (then the
+        runtime keeps compiled kernels in its ``KernelCache``)."""
+        return False
+
+    def export(self, kernels: StageKernels, out: Path) -> None:
+        """Write ``kernels`` into the empty directory ``out`` (a cache entry being built)."""
+        raise NotImplementedError(f"the {self.name} backend does not export kernels")
+
+    def load_exported(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target,
+                      entry) -> StageKernels:
+        """Kernels from an exported entry; raises :class:`ExportMismatch` when the entry does
+        not hold this pipeline's kernels."""
+        raise NotImplementedError(f"the {self.name} backend does not export kernels")
+
+    def fresh(self, kernels: StageKernels) -> StageKernels:
+        """Another ``StageKernels`` over the same compiled kernels with its own plan state
+        (each ``twilight.load`` gets its own)."""
+        return kernels
+
+    def dump_artifacts(self, kernels: StageKernels, target: Target) -> list[Artifact]:
+        """Every kernel of ``kernels`` with all its intermediates, for ``twilightc compile
+        --dump`` (a backend that compiles lazily does the work here)."""
+        return list(kernels.artifacts)
+
 
 _REGISTRY: dict[str, Backend] = {}
+_BUILTIN = ("twilight.compiler.triton", "twilight.compiler.tvm")
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
@@ -108,22 +205,39 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 
 def get_backend(name: str) -> Backend:
+    """The backend called ``name``, importing only that built-in one (importing triton costs
+    0.2 s, tvm's kernels more)."""
     if name not in _REGISTRY:
-        _load_builtin_backends()
+        mod = f"twilight.compiler.{name}"
+        if mod in _BUILTIN:
+            try:
+                importlib.import_module(mod)
+            except ImportError as e:
+                raise KeyError(f"backend {name!r} is not available here: {e}") from None
     if name not in _REGISTRY:
-        raise KeyError(f"unknown backend {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+        raise KeyError(f"unknown backend {name!r}; known: {', '.join(sorted(backends()))}")
     return _REGISTRY[name]
 
 
 def backends() -> dict[str, Backend]:
-    _load_builtin_backends()
-    return dict(_REGISTRY)
-
-
-def _load_builtin_backends() -> None:
-    import importlib
-    for mod in ("twilight.compiler.triton", "twilight.compiler.tvm"):
+    """Every backend that imports on this machine, by name."""
+    for mod in _BUILTIN:
         try:
             importlib.import_module(mod)
         except ImportError:
             pass
+    return dict(_REGISTRY)
+
+
+def backend_for(device, names: Sequence[str] | None = None) -> tuple[Backend, Target]:
+    """The preferred backend that serves ``device`` (a ``DeviceProfile``) and its target;
+    ``names`` limits the choice."""
+    found = []
+    for b in backends().values():
+        t = b.serving_target(device)
+        if t is not None and (names is None or b.name in names):
+            found.append((b.preference, b.name, b, t))
+    if not found:
+        raise KeyError(f"no backend serves {device.name} ({device.kind})")
+    _, _, b, t = min(found, key=lambda x: x[:2])
+    return b, t

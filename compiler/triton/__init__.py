@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import triton
 
 from ...schedules.triton import TRITON
@@ -30,6 +31,9 @@ from ...version import source_stamp
 from .. import ir
 from ..backend import Backend, Target, register_backend
 from ..verify import verify
+from .aot import compile_artifacts
+from .loader import interpreter_ready
+from .pipeline import TritonCompiled
 
 
 @register_backend
@@ -37,12 +41,25 @@ class TritonBackend(Backend):
     name = "triton"
     source_ext = "py"  # what the generated source is, for --dump
 
+    preference = 0  # the GPU backend of choice
+
     def supports(self, target: Target) -> bool:
         return target.kind in ("interpret", "cuda")
 
+    def serving_target(self, device) -> Target | None:
+        """A GPU's ``cuda:sm_XX``; never the CPU (the interpreter is for tests)."""
+        return Target("cuda", device.arch) if device.kind == "cuda" else None
+
+    def local_target(self) -> Target | None:
+        """The GPU when one is present, else the interpreter when this process can run it
+        (``TRITON_INTERPRET=1`` before ``import triton``)."""
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return Target("cuda", f"sm_{major}{minor}")
+        return Target("interpret") if interpreter_ready() else None
+
     def lower(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict | None,
               target: Target):
-        from .pipeline import TritonCompiled
         if not self.supports(target):
             raise ValueError(f"the Triton backend runs on 'interpret' or 'cuda:sm_XX', not "
                              f"{target}")
@@ -60,5 +77,4 @@ class TritonBackend(Backend):
         """On a cuda target, AOT-compile every kernel (ttir … cubin, registers, spills)."""
         if target.kind != "cuda":
             return list(compiled.artifacts)
-        from .aot import compile_artifacts
         return compile_artifacts(compiled, target)

@@ -20,6 +20,7 @@ Divisions are ``div_rn`` and rounding is half-to-even so codes equal torch's bit
 from __future__ import annotations
 
 from .. import ir
+from ..source import SourceWriter
 from .expr import Chan, Emitter, expr_width, next_pow2
 from .kernels import KernelSpec, make_kernel
 from .select import Ctx
@@ -42,13 +43,14 @@ def gen_summary(c: Ctx, summary: ir.Summary) -> KernelSpec:
         stores.append(f"tl.store(out{i}_ptr + (pg * HKV + hkv) * {cf} + {lanes}[None, :], "
                       f"{v.src} + tl.zeros([1, {next_pow2(cf)}], tl.float32), "
                       f"mask=({lanes} < {cf})[None, :])")
-    body = ["pg = tl.load(pages_ptr + tl.program_id(0))", "hkv = tl.program_id(1)",
-            "rcount = tl.load(fill_ptr + pg).to(tl.int32)",
-            "offs_t = tl.arange(0, PS)", "rmask = offs_t < rcount",
-            "offs_d = tl.arange(0, BD)", "dmask = offs_d < D",
-            "base = (pg * HKV + hkv) * PS"] + em.lines + stores
+    w = SourceWriter()
+    w("pg = tl.load(pages_ptr + tl.program_id(0))", "hkv = tl.program_id(1)",
+      "rcount = tl.load(fill_ptr + pg).to(tl.int32)",
+      "offs_t = tl.arange(0, PS)", "rmask = offs_t < rcount",
+      "offs_d = tl.arange(0, BD)", "dmask = offs_d < D",
+      "base = (pg * HKV + hkv) * PS", *em.lines, *stores)
     consts = dict(HKV=sh.kv_heads, D=sh.head_dim, BD=next_pow2(sh.head_dim), PS=sh.page_size)
-    return make_kernel("append", f"append_summary_{summary.name}", args, consts, body,
+    return make_kernel("append", f"append_summary_{summary.name}", args, consts, w,
                        c.schedule["scan_warps"], 1)
 
 
@@ -77,25 +79,24 @@ def gen_codes_token(c: Ctx, e: ir.Estimator) -> KernelSpec:
             ("packed_ptr", "*u8"), ("scale_ptr", "*fp32"), ("zero_ptr", "*fp32")]
     if e.smooth:
         args.append(("smooth_ptr", "*fp32"))
-    body = ["t = tl.program_id(0)", "hkv = tl.program_id(1)",
-            "tok = (tl.load(phys_ptr + t) * HKV + hkv) * PS + tl.load(slot_ptr + t)",
-            "offs_b = tl.arange(0, NBP)", "offs_i = tl.arange(0, PER)",
-            "ch = offs_b[:, None] * PER + offs_i[None, :]", "cm = ch < D",
-            "x = tl.load(k_ptr + tok * D + ch, mask=cm, other=0.0).to(tl.float32)"]
+    w = SourceWriter()
+    w("t = tl.program_id(0)", "hkv = tl.program_id(1)",
+      "tok = (tl.load(phys_ptr + t) * HKV + hkv) * PS + tl.load(slot_ptr + t)",
+      "offs_b = tl.arange(0, NBP)", "offs_i = tl.arange(0, PER)",
+      "ch = offs_b[:, None] * PER + offs_i[None, :]", "cm = ch < D",
+      "x = tl.load(k_ptr + tok * D + ch, mask=cm, other=0.0).to(tl.float32)")
     if e.smooth:  # codes of k / s (torch's true division, so div_rn)
-        body.append("x = tl.math.div_rn(x, tl.load(smooth_ptr + hkv * D + ch, mask=cm, "
-                    "other=1.0))")
-    body += ["lo = tl.min(tl.min(tl.where(cm, x, float('inf')), 1), 0)",
-             "hi = tl.max(tl.max(tl.where(cm, x, float('-inf')), 1), 0)",
-             "scale = tl.math.div_rn(hi - lo, LEVELS * 1.0)",
-             "safe = tl.where(scale > 0, scale, 1.0)",
-             "code = _tw_round(tl.math.div_rn(x - lo, safe + tl.zeros_like(x)), LEVELS)",
-             "code = tl.where(cm, code, 0)",
-             "packed = tl.sum(code << (offs_i * BITS)[None, :], axis=1)",
-             "tl.store(packed_ptr + tok * NBYTES + offs_b, packed.to(tl.uint8), "
-             "mask=offs_b < NBYTES)",
-             "tl.store(scale_ptr + tok, scale)", "tl.store(zero_ptr + tok, lo)"]
-    return make_kernel("append", codes_kernel_name(e), args, _code_consts(c, e.bits), body,
+        w("x = tl.math.div_rn(x, tl.load(smooth_ptr + hkv * D + ch, mask=cm, other=1.0))")
+    w("lo = tl.min(tl.min(tl.where(cm, x, float('inf')), 1), 0)",
+      "hi = tl.max(tl.max(tl.where(cm, x, float('-inf')), 1), 0)",
+      "scale = tl.math.div_rn(hi - lo, LEVELS * 1.0)",
+      "safe = tl.where(scale > 0, scale, 1.0)",
+      "code = _tw_round(tl.math.div_rn(x - lo, safe + tl.zeros_like(x)), LEVELS)",
+      "code = tl.where(cm, code, 0)",
+      "packed = tl.sum(code << (offs_i * BITS)[None, :], axis=1)",
+      "tl.store(packed_ptr + tok * NBYTES + offs_b, packed.to(tl.uint8), mask=offs_b < NBYTES)",
+      "tl.store(scale_ptr + tok, scale)", "tl.store(zero_ptr + tok, lo)")
+    return make_kernel("append", codes_kernel_name(e), args, _code_consts(c, e.bits), w,
                        c.schedule["scan_warps"], 1)
 
 
@@ -143,15 +144,17 @@ _STORE_MINMAX = [
 def gen_codes_page(c: Ctx, e: ir.Estimator) -> KernelSpec:
     args = [("k_ptr", c.dtype_ptr), ("pages_ptr", "*i64"), ("fill_ptr", "*i64"),
             ("packed_ptr", "*u8"), ("lo_ptr", c.dtype_ptr), ("hi_ptr", c.dtype_ptr)]
-    body = ["pg = tl.load(pages_ptr + tl.program_id(0))", "hkv = tl.program_id(1)",
-            "fill = tl.load(fill_ptr + pg).to(tl.int32)", "lead = pg", "smask = (pg + tl.zeros([PS], tl.int64)) >= 0",
-            *_CHANNELS, *_page_keys("fill"),
-            "lo = tl.min(tl.where(cm, x, float('inf')), 0)",
-            "hi = tl.max(tl.where(cm, x, float('-inf')), 0)",
-            "lo = tl.where((fill > 0) & chm, lo, 0.0)",
-            "hi = tl.where((fill > 0) & chm, hi, 0.0)",
-            *_STORE_MINMAX, *_ENCODE]
-    return make_kernel("append", codes_kernel_name(e), args, _code_consts(c, e.bits), body,
+    w = SourceWriter()
+    w("pg = tl.load(pages_ptr + tl.program_id(0))", "hkv = tl.program_id(1)",
+      "fill = tl.load(fill_ptr + pg).to(tl.int32)", "lead = pg",
+      "smask = (pg + tl.zeros([PS], tl.int64)) >= 0",
+      *_CHANNELS, *_page_keys("fill"),
+      "lo = tl.min(tl.where(cm, x, float('inf')), 0)",
+      "hi = tl.max(tl.where(cm, x, float('-inf')), 0)",
+      "lo = tl.where((fill > 0) & chm, lo, 0.0)",
+      "hi = tl.where((fill > 0) & chm, hi, 0.0)",
+      *_STORE_MINMAX, *_ENCODE)
+    return make_kernel("append", codes_kernel_name(e), args, _code_consts(c, e.bits), w,
                        c.schedule["scan_warps"], 1)
 
 
@@ -161,27 +164,25 @@ def gen_codes_group(c: Ctx, e: ir.Estimator) -> KernelSpec:
     args = [("k_ptr", c.dtype_ptr), ("gp_ptr", "*i64"), ("fill_ptr", "*i64"),
             ("packed_ptr", "*u8"), ("lo_ptr", c.dtype_ptr), ("hi_ptr", c.dtype_ptr)]
     fill = "tl.load(fill_ptr + tl.maximum(pg, 0), mask=pg >= 0, other=0)"
-    body = ["grp = tl.program_id(0).to(tl.int64) * GRP", "hkv = tl.program_id(1)", *_CHANNELS,
-            "lo = tl.full([NBP, PER], float('inf'), tl.float32)",
-            "hi = tl.full([NBP, PER], float('-inf'), tl.float32)",
-            "count = tl.zeros([1], tl.int32).sum(0)",
-            "for j in range(GRP):",
-            "    pg = tl.load(gp_ptr + grp + j)",
-            f"    fill = {fill}.to(tl.int32)",
-            "    pg = tl.maximum(pg, 0)",
-            *["    " + ln for ln in _page_keys("fill")],
-            "    lo = tl.minimum(lo, tl.min(tl.where(cm, x, float('inf')), 0))",
-            "    hi = tl.maximum(hi, tl.max(tl.where(cm, x, float('-inf')), 0))",
-            "    count += fill",
-            "lo = tl.where((count > 0) & chm, lo, 0.0)",
-            "hi = tl.where((count > 0) & chm, hi, 0.0)",
-            "lead = tl.load(gp_ptr + grp)", *_STORE_MINMAX,
-            "for j in range(GRP):",
-            "    pg = tl.load(gp_ptr + grp + j)",
-            "    smask = (pg + tl.zeros([PS], tl.int64)) >= 0",
-            f"    fill = {fill}.to(tl.int32)",
-            "    pg = tl.maximum(pg, 0)",
-            *["    " + ln for ln in _page_keys("fill") + _ENCODE]]
+    w = SourceWriter()
+    w("grp = tl.program_id(0).to(tl.int64) * GRP", "hkv = tl.program_id(1)", *_CHANNELS,
+      "lo = tl.full([NBP, PER], float('inf'), tl.float32)",
+      "hi = tl.full([NBP, PER], float('-inf'), tl.float32)",
+      "count = tl.zeros([1], tl.int32).sum(0)")
+    with w.block("for j in range(GRP):"):
+        w("pg = tl.load(gp_ptr + grp + j)", f"fill = {fill}.to(tl.int32)",
+          "pg = tl.maximum(pg, 0)", *_page_keys("fill"),
+          "lo = tl.minimum(lo, tl.min(tl.where(cm, x, float('inf')), 0))",
+          "hi = tl.maximum(hi, tl.max(tl.where(cm, x, float('-inf')), 0))",
+          "count += fill")
+    w("lo = tl.where((count > 0) & chm, lo, 0.0)",
+      "hi = tl.where((count > 0) & chm, hi, 0.0)",
+      "lead = tl.load(gp_ptr + grp)", *_STORE_MINMAX)
+    with w.block("for j in range(GRP):"):
+        w("pg = tl.load(gp_ptr + grp + j)",
+          "smask = (pg + tl.zeros([PS], tl.int64)) >= 0",
+          f"fill = {fill}.to(tl.int32)",
+          "pg = tl.maximum(pg, 0)", *_page_keys("fill"), *_ENCODE)
     consts = _code_consts(c, e.bits) | dict(GRP=e.group_pages)
-    return make_kernel("append", codes_kernel_name(e), args, consts, body,
+    return make_kernel("append", codes_kernel_name(e), args, consts, w,
                        c.schedule["scan_warps"], 1)

@@ -12,8 +12,9 @@ Logits are ``scale · q·k`` (then ``softcap · tanh(·/softcap)`` when set); an
 
 from __future__ import annotations
 
-from .. import ir
+from .. import ir, passes
 from ..passes import softmax_scale
+from ..source import SourceWriter
 from .expr import next_pow2
 from .kernels import KernelSpec, make_kernel
 from .select import Ctx
@@ -21,10 +22,7 @@ from .select import Ctx
 
 def shared_lists(p: ir.PipelineIR) -> bool:
     """True when all query heads of a group end with one kept list."""
-    scored = p.select is not None and p.select.score is not None
-    if scored and p.select.group == "none":
-        return False
-    return all(pr.group != "none" for pr in p.prune)
+    return passes.lists_shared_after(p, len(p.prune))
 
 
 def gen_attend(c: Ctx) -> KernelSpec:
@@ -35,74 +33,76 @@ def gen_attend(c: Ctx) -> KernelSpec:
             ("pt_ptr", "*i32"), ("kidx_ptr", "*i32"), ("kcnt_ptr", "*i32"),
             ("out_ptr", c.dtype_ptr), ("pacc_ptr", "*fp32"), ("pml_ptr", "*fp32"),
             ("NP", "i32"), ("K", "i32")]
-    body = ["pid = tl.program_id(0)", "s = tl.program_id(1)",
-            "b = pid // NHG", "hg = pid % NHG",
-            "h0 = hg * G" if shared else "h0 = hg", "hkv = hg" if shared else "hkv = hg // G",
-            "heads = h0 + tl.arange(0, GP)", "hm = tl.arange(0, GP) < HPP",
-            "offs_d = tl.arange(0, BD)", "dmask = offs_d < D",
-            "q = tl.load(q_ptr + (b * HQ + heads)[:, None] * D + offs_d[None, :], "
-            "mask=hm[:, None] & dmask[None, :], other=0.0).to(tl.float32)",
-            "lrow = (b * HQ + h0).to(tl.int64) * K",
-            "n = tl.load(kcnt_ptr + b * HQ + h0)",
-            "chunk = tl.cdiv(tl.cdiv(n, SPLITS), BN) * BN",
-            "lo = s * chunk", "hi = tl.minimum(n, lo + chunk)",
-            "m_i = tl.full([GP], float('-inf'), tl.float32)",
-            "l_i = tl.zeros([GP], tl.float32)",
-            "acc = tl.zeros([GP, BD], tl.float32)",
-            "for start in range(lo, hi, BN):",
-            "    j = start + tl.arange(0, BN)", "    jm = j < hi",
-            "    tok = tl.load(kidx_ptr + lrow + j, mask=jm, other=0)",
-            "    pg = tl.load(pt_ptr + b * NP + tok // PS, mask=jm, other=0).to(tl.int64)",
-            "    base = ((pg * HKV + hkv) * PS + tok % PS) * D",
-            "    km = jm[:, None] & dmask[None, :]",
-            "    kt = tl.load(k_ptr + base[:, None] + offs_d[None, :], mask=km, other=0.0)"
-            ".to(tl.float32)",
-            "    vt = tl.load(v_ptr + base[:, None] + offs_d[None, :], mask=km, other=0.0)"
-            ".to(tl.float32)",
-            "    lg = tl.sum(q[:, None, :] * kt[None, :, :], axis=2) * SM_SCALE"]
-    if c.p.attend.softcap:
-        body.append("    lg = _tw_softcap(lg, CAP)")
-    body += ["    lg = tl.where(jm[None, :], lg, float('-inf'))",
-             "    m_new = tl.maximum(m_i, tl.max(lg, 1))",
-             "    alpha = tl.exp(m_i - m_new)",
-             "    pr = tl.exp(lg - m_new[:, None])",
-             "    l_i = l_i * alpha + tl.sum(pr, 1)",
-             "    acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * vt[None, :, :], axis=1)",
-             "    m_i = m_new",
-             "om = hm[:, None] & dmask[None, :]"]
+    w = SourceWriter()
+    w("pid = tl.program_id(0)", "s = tl.program_id(1)",
+      "b = pid // NHG", "hg = pid % NHG",
+      "h0 = hg * G" if shared else "h0 = hg", "hkv = hg" if shared else "hkv = hg // G",
+      "heads = h0 + tl.arange(0, GP)", "hm = tl.arange(0, GP) < HPP",
+      "offs_d = tl.arange(0, BD)", "dmask = offs_d < D",
+      "q = tl.load(q_ptr + (b * HQ + heads)[:, None] * D + offs_d[None, :], "
+      "mask=hm[:, None] & dmask[None, :], other=0.0).to(tl.float32)",
+      "lrow = (b * HQ + h0).to(tl.int64) * K",
+      "n = tl.load(kcnt_ptr + b * HQ + h0)",
+      "chunk = tl.cdiv(tl.cdiv(n, SPLITS), BN) * BN",
+      "lo = s * chunk", "hi = tl.minimum(n, lo + chunk)",
+      "m_i = tl.full([GP], float('-inf'), tl.float32)",
+      "l_i = tl.zeros([GP], tl.float32)",
+      "acc = tl.zeros([GP, BD], tl.float32)")
+    with w.block("for start in range(lo, hi, BN):"):
+        w("j = start + tl.arange(0, BN)", "jm = j < hi",
+          "tok = tl.load(kidx_ptr + lrow + j, mask=jm, other=0)",
+          "pg = tl.load(pt_ptr + b * NP + tok // PS, mask=jm, other=0).to(tl.int64)",
+          "base = ((pg * HKV + hkv) * PS + tok % PS) * D",
+          "km = jm[:, None] & dmask[None, :]",
+          "kt = tl.load(k_ptr + base[:, None] + offs_d[None, :], mask=km, other=0.0)"
+          ".to(tl.float32)",
+          "vt = tl.load(v_ptr + base[:, None] + offs_d[None, :], mask=km, other=0.0)"
+          ".to(tl.float32)",
+          "lg = tl.sum(q[:, None, :] * kt[None, :, :], axis=2) * SM_SCALE")
+        if c.p.attend.softcap:
+            w("lg = _tw_softcap(lg, CAP)")
+        w("lg = tl.where(jm[None, :], lg, float('-inf'))",
+          "m_new = tl.maximum(m_i, tl.max(lg, 1))",
+          "alpha = tl.exp(m_i - m_new)",
+          "pr = tl.exp(lg - m_new[:, None])",
+          "l_i = l_i * alpha + tl.sum(pr, 1)",
+          "acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * vt[None, :, :], axis=1)",
+          "m_i = m_new")
+    w("om = hm[:, None] & dmask[None, :]")
     if splits == 1:
-        body += ["o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]",
-                 "tl.store(out_ptr + (b * HQ + heads)[:, None] * D + offs_d[None, :], o, mask=om)"]
+        w("o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]",
+          "tl.store(out_ptr + (b * HQ + heads)[:, None] * D + offs_d[None, :], o, mask=om)")
     else:
-        body += ["prow = (b * HQ + heads).to(tl.int64) * SPLITS + s",
-                 "tl.store(pacc_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=om)",
-                 "tl.store(pml_ptr + prow * 2, m_i, mask=hm)",
-                 "tl.store(pml_ptr + prow * 2 + 1, l_i, mask=hm)"]
+        w("prow = (b * HQ + heads).to(tl.int64) * SPLITS + s",
+          "tl.store(pacc_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=om)",
+          "tl.store(pml_ptr + prow * 2, m_i, mask=hm)",
+          "tl.store(pml_ptr + prow * 2 + 1, l_i, mask=hm)")
     g = sh.group_size if shared else 1
     consts = dict(HQ=sh.q_heads, HKV=sh.kv_heads, G=sh.group_size, NHG=sh.q_heads // g,
                   HPP=g, GP=next_pow2(g), D=sh.head_dim, BD=next_pow2(sh.head_dim),
                   PS=sh.page_size, BN=sc["attend_block_n"], SPLITS=splits,
                   SM_SCALE=softmax_scale(c.p, sh.head_dim),
                   CAP=float(c.p.attend.softcap or 0.0))
-    return make_kernel("attend", "attend", args, consts, body, sc["attend_warps"],
+    return make_kernel("attend", "attend", args, consts, w, sc["attend_warps"],
                        sc["num_stages"])
 
 
 def gen_combine(c: Ctx) -> KernelSpec:
     sh, splits = c.shape, c.schedule["attend_splits"]
     args = [("pacc_ptr", "*fp32"), ("pml_ptr", "*fp32"), ("out_ptr", c.dtype_ptr)]
-    body = ["pid = tl.program_id(0)", "offs_s = tl.arange(0, SP)", "sm = offs_s < SPLITS",
-            "offs_d = tl.arange(0, BD)", "dmask = offs_d < D",
-            "prow = pid.to(tl.int64) * SPLITS + offs_s",
-            "m = tl.load(pml_ptr + prow * 2, mask=sm, other=float('-inf'))",
-            "l = tl.load(pml_ptr + prow * 2 + 1, mask=sm, other=0.0)",
-            "acc = tl.load(pacc_ptr + prow[:, None] * D + offs_d[None, :], "
-            "mask=sm[:, None] & dmask[None, :], other=0.0)",
-            "mx = tl.max(m, 0)",
-            "wt = tl.where(m > float('-inf'), tl.exp(m - mx), 0.0)",
-            "tot = tl.sum(l * wt, 0)",
-            "o = tl.sum(acc * wt[:, None], 0) / tl.where(tot > 0, tot, 1.0)",
-            "tl.store(out_ptr + pid * D + offs_d, o, mask=dmask)"]
+    w = SourceWriter()
+    w("pid = tl.program_id(0)", "offs_s = tl.arange(0, SP)", "sm = offs_s < SPLITS",
+      "offs_d = tl.arange(0, BD)", "dmask = offs_d < D",
+      "prow = pid.to(tl.int64) * SPLITS + offs_s",
+      "m = tl.load(pml_ptr + prow * 2, mask=sm, other=float('-inf'))",
+      "l = tl.load(pml_ptr + prow * 2 + 1, mask=sm, other=0.0)",
+      "acc = tl.load(pacc_ptr + prow[:, None] * D + offs_d[None, :], "
+      "mask=sm[:, None] & dmask[None, :], other=0.0)",
+      "mx = tl.max(m, 0)",
+      "wt = tl.where(m > float('-inf'), tl.exp(m - mx), 0.0)",
+      "tot = tl.sum(l * wt, 0)",
+      "o = tl.sum(acc * wt[:, None], 0) / tl.where(tot > 0, tot, 1.0)",
+      "tl.store(out_ptr + pid * D + offs_d, o, mask=dmask)")
     consts = dict(D=sh.head_dim, BD=next_pow2(sh.head_dim), SPLITS=splits,
                   SP=next_pow2(splits))
-    return make_kernel("attend", "attend_combine", args, consts, body, 4, 1)
+    return make_kernel("attend", "attend_combine", args, consts, w, 4, 1)

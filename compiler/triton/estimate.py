@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from .. import ir
 from ..passes import softmax_scale
+from ..source import SourceWriter
 from .expr import next_pow2
 from .kernels import KernelSpec, make_kernel
 from .select import Ctx
@@ -43,31 +44,32 @@ def key_args(c: Ctx, e: ir.Estimator) -> list[tuple[str, str]]:
     return [("packed_ptr", "*u8"), ("lo_ptr", c.dtype_ptr), ("hi_ptr", c.dtype_ptr)]
 
 
-def _key_lines(kind: str) -> list[str]:
+def _key_tile(w: SourceWriter, kind: str) -> None:
     """Float32 key tile ``kt [BN, BD]`` of the block's tokens (``pg``, ``slot``, ``jm``)."""
     tok = "((pg * HKV + hkv) * PS + slot)"
     mask = "jm[:, None] & dmask[None, :]"
     if kind == "exact":
-        return [f"kt = tl.load(k_ptr + {tok}[:, None] * D + offs_d[None, :], mask={mask}, "
-                "other=0.0).to(tl.float32)"]
-    lines = [f"byte = tl.load(packed_ptr + {tok}[:, None] * NBYTES + (offs_d // PER)[None, :], "
-             f"mask={mask}, other=0).to(tl.int32)",
-             "code = ((byte >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1))"
-             ".to(tl.float32)"]
+        w(f"kt = tl.load(k_ptr + {tok}[:, None] * D + offs_d[None, :], mask={mask}, "
+          "other=0.0).to(tl.float32)")
+        return
+    w(f"byte = tl.load(packed_ptr + {tok}[:, None] * NBYTES + (offs_d // PER)[None, :], "
+      f"mask={mask}, other=0).to(tl.int32)",
+      "code = ((byte >> ((offs_d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)")
     if kind == "token":
-        return lines + [f"sc = tl.load(scale_ptr + {tok}, mask=jm, other=0.0)",
-                        f"zr = tl.load(zero_ptr + {tok}, mask=jm, other=0.0)",
-                        "kt = code * sc[:, None] + zr[:, None]"]
+        w(f"sc = tl.load(scale_ptr + {tok}, mask=jm, other=0.0)",
+          f"zr = tl.load(zero_ptr + {tok}, mask=jm, other=0.0)",
+          "kt = code * sc[:, None] + zr[:, None]")
+        return
     if kind == "group":  # the side data lives at the group's first page
-        lines.append("lead = tl.load(pt_ptr + b * NP + (tok // PS) // GRP * GRP, mask=jm, "
-                     "other=0).to(tl.int64)")
+        w("lead = tl.load(pt_ptr + b * NP + (tok // PS) // GRP * GRP, mask=jm, "
+          "other=0).to(tl.int64)")
     side = f"(({'lead' if kind == 'group' else 'pg'} * HKV + hkv) * D)"
     # (hi - lo) * (1 / levels): within an ulp of torch's (hi - lo) / levels, no division
-    return lines + [f"lo = tl.load(lo_ptr + {side}[:, None] + offs_d[None, :], mask={mask}, "
-                    "other=0.0).to(tl.float32)",
-                    f"hi = tl.load(hi_ptr + {side}[:, None] + offs_d[None, :], mask={mask}, "
-                    "other=0.0).to(tl.float32)",
-                    "kt = code * ((hi - lo) * INV_LEVELS) + lo"]
+    w(f"lo = tl.load(lo_ptr + {side}[:, None] + offs_d[None, :], mask={mask}, "
+      "other=0.0).to(tl.float32)",
+      f"hi = tl.load(hi_ptr + {side}[:, None] + offs_d[None, :], mask={mask}, "
+      "other=0.0).to(tl.float32)",
+      "kt = code * ((hi - lo) * INV_LEVELS) + lo")
 
 
 def gen_estimate(c: Ctx, stage: int) -> KernelSpec:
@@ -83,36 +85,36 @@ def gen_estimate(c: Ctx, stage: int) -> KernelSpec:
               ".to(tl.float32), axis=0) / G") if qmean else \
         "q = tl.load(q_ptr + pid * D + offs_d, mask=dmask, other=0.0).to(tl.float32)"
     cap = c.p.attend.softcap
-    body = ["pid = tl.program_id(0)", "b = pid // HQ", "h = pid % HQ", "hkv = h // G",
-            "offs_d = tl.arange(0, BD)", "dmask = offs_d < D", "g_ar = tl.arange(0, GP)",
-            q_line]
+    w = SourceWriter()
+    w("pid = tl.program_id(0)", "b = pid // HQ", "h = pid % HQ", "hkv = h // G",
+      "offs_d = tl.arange(0, BD)", "dmask = offs_d < D", "g_ar = tl.arange(0, GP)", q_line)
     if e.smooth:  # (q ∘ s)·(k / s)
-        body.append("q = q * tl.load(smooth_ptr + hkv * D + offs_d, mask=dmask, other=0.0)")
-    body += ["n = tl.load(ccnt_ptr + pid)",
-             "row = pid.to(tl.int64) * C",
-             "m_i = tl.full([1], float('-inf'), tl.float32).max(0)",
-             "l_i = tl.zeros([1], tl.float32).sum(0)",
-             "for start in range(0, n, BN):",
-             "    j = start + tl.arange(0, BN)", "    jm = j < n",
-             "    tok = tl.load(cidx_ptr + row + j, mask=jm, other=0)",
-             "    pg = tl.load(pt_ptr + b * NP + tok // PS, mask=jm, other=0).to(tl.int64)",
-             "    slot = tok % PS"]
-    body += ["    " + ln for ln in _key_lines(kind)]
-    body += ["    lg = tl.sum(kt * q[None, :], axis=1) * SM_SCALE"]
-    if cap:
-        body.append("    lg = _tw_softcap(lg, CAP)")
-    body += ["    lg = tl.where(jm, lg, float('-inf'))",
-             "    tl.store(w_ptr + row + j, lg, mask=jm)",
-             "    m_new = tl.maximum(m_i, tl.max(lg, 0))",
-             "    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(lg - m_new), 0)",
-             "    m_i = m_new",
-             "tl.debug_barrier()",
-             "inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)",
-             "for start in range(0, C, BN):",
-             "    j = start + tl.arange(0, BN)", "    jm = j < n",
-             "    lg = tl.load(w_ptr + row + j, mask=jm, other=float('-inf'))",
-             "    w = tl.where(jm, tl.exp(lg - m_i) * inv, 0.0)",
-             "    tl.store(w_ptr + row + j, w, mask=j < C)"]
+        w("q = q * tl.load(smooth_ptr + hkv * D + offs_d, mask=dmask, other=0.0)")
+    w("n = tl.load(ccnt_ptr + pid)",
+      "row = pid.to(tl.int64) * C",
+      "m_i = tl.full([1], float('-inf'), tl.float32).max(0)",
+      "l_i = tl.zeros([1], tl.float32).sum(0)")
+    with w.block("for start in range(0, n, BN):"):
+        w("j = start + tl.arange(0, BN)", "jm = j < n",
+          "tok = tl.load(cidx_ptr + row + j, mask=jm, other=0)",
+          "pg = tl.load(pt_ptr + b * NP + tok // PS, mask=jm, other=0).to(tl.int64)",
+          "slot = tok % PS")
+        _key_tile(w, kind)
+        w("lg = tl.sum(kt * q[None, :], axis=1) * SM_SCALE")
+        if cap:
+            w("lg = _tw_softcap(lg, CAP)")
+        w("lg = tl.where(jm, lg, float('-inf'))",
+          "tl.store(w_ptr + row + j, lg, mask=jm)",
+          "m_new = tl.maximum(m_i, tl.max(lg, 0))",
+          "l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(lg - m_new), 0)",
+          "m_i = m_new")
+    w("tl.debug_barrier()",
+      "inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)")
+    with w.block("for start in range(0, C, BN):"):
+        w("j = start + tl.arange(0, BN)", "jm = j < n",
+          "lg = tl.load(w_ptr + row + j, mask=jm, other=float('-inf'))",
+          "w = tl.where(jm, tl.exp(lg - m_i) * inv, 0.0)",
+          "tl.store(w_ptr + row + j, w, mask=j < C)")
     consts = dict(HQ=sh.q_heads, HKV=sh.kv_heads, G=sh.group_size, GP=next_pow2(sh.group_size),
                   D=sh.head_dim, BD=next_pow2(sh.head_dim), PS=sh.page_size,
                   BN=sc["estimate_block_n"], SM_SCALE=softmax_scale(c.p, sh.head_dim),
@@ -124,5 +126,5 @@ def gen_estimate(c: Ctx, stage: int) -> KernelSpec:
         consts.update(INV_LEVELS=1.0 / ((1 << e.bits) - 1))
     if kind == "group":
         consts.update(GRP=e.group_pages)
-    return make_kernel("estimate", f"estimate{stage}", args, consts, body,
+    return make_kernel("estimate", f"estimate{stage}", args, consts, w,
                        sc["estimate_warps"], sc["num_stages"])

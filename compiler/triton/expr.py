@@ -190,7 +190,3 @@ def as_rows(v: Val, block: str) -> str:
     if v.kind == "c":
         return f"tl.zeros([{block}], tl.float32) + {v.src}"
     return f"({v.src} + tl.zeros([{block}], tl.float32))"
-
-
-def indent(lines: list[str], n: int = 4) -> str:
-    return "\n".join(" " * n + ln for ln in lines)

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-from .. import ir
+from ...errors import UnsupportedPipeline
+from .. import ir, passes
 from . import append, attend, estimate, select, top_p
 from .expr import ChannelTables
 from .kernels import KernelSpec
 from .prelude import HEADER, LIBRARY
 from .select import Ctx
 
-MERGING = ("mean", "max", "union", "kv")
-
-
-class UnsupportedPipeline(NotImplementedError):
-    """A pipeline shape the Triton backend does not lower (the message says which part)."""
-
 
 def check_supported(p: ir.PipelineIR) -> None:
-    """Merging a group's prune decisions needs the group's heads to share one candidate list;
-    a per-head (``none``) decision upstream gives each head its own list."""
-    shared = not (p.select is not None and p.select.score is not None
-                  and p.select.group == "none")
-    for i, pr in enumerate(p.prune):
-        if pr.group in MERGING and not shared:
-            raise UnsupportedPipeline(
-                f"pipeline '{p.name}': pruner {i} merges the GQA group ({pr.group!r}) over "
-                "candidate lists that differ per head (an upstream group='none'); the Triton "
-                "backend needs one list per group there — use group='none' throughout, or a "
-                "merging selector group")
-        shared = shared and pr.group != "none"
+    """A merged or union GQA decision needs the group's heads to share one list here
+    (``passes.gqa_problem``)."""
+    why = passes.gqa_problem(p, "triton", union_over_head_lists=False)
+    if why:
+        raise UnsupportedPipeline(*why, hint="use group='none' throughout, or a merging "
+                                  "selector group")
 
 
 def generate(p: ir.PipelineIR, shape: ir.Shape, schedule: dict,

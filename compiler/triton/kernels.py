@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..source import SourceWriter
+
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -32,12 +34,14 @@ class KernelSpec:
 
 
 def make_kernel(stage: str, name: str, args: list[tuple[str, str]], consts: dict[str, Any],
-                body: list[str], num_warps: int = 4, num_stages: int = 1) -> KernelSpec:
-    """A ``@triton.jit`` function from its body lines (indented here)."""
+                body: SourceWriter, num_warps: int = 4, num_stages: int = 1) -> KernelSpec:
+    """A ``@triton.jit`` function around ``body`` (written at depth 0)."""
     params = [a for a, _ in args] + [f"{c}: tl.constexpr" for c in consts]
-    head = f"@triton.jit\ndef {name}(\n        " + ",\n        ".join(params) + "):\n"
-    src = head + "\n".join("    " + ln if ln else "" for ln in body) + "\n"
-    return KernelSpec(stage, name, src, tuple(args), tuple(consts.items()), num_warps,
+    w = SourceWriter()
+    w("@triton.jit")
+    with w.block(f"def {name}(\n        " + ",\n        ".join(params) + "):"):
+        w(*body.lines)
+    return KernelSpec(stage, name, w.text(), tuple(args), tuple(consts.items()), num_warps,
                       num_stages)
 
 

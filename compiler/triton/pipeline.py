@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from .. import ir
-from ..backend import Artifact, Compiled, Target
+from ..backend import Artifact, Target
 from ..keycodes import KeyCodeSpec
+from ..passes import budget_units, candidate_width
 from ..stages import StageInputs, run_stages, stage_inputs
 from . import loader
 from .append import codes_kernel_name
@@ -29,17 +30,9 @@ from .select import select_rows
 from .top_p import prune_rows
 
 
-def _units(budget: ir.Budget, lengths: Tensor, unit: int) -> Tensor:
-    """Per-request budget in units (``Budget.tokens`` vectorized, then ceil(tokens / unit))."""
-    if budget.kind == "tokens":
-        tok = torch.full_like(lengths, int(budget.value), dtype=torch.int64)
-    else:
-        scaled = torch.round(budget.value * lengths.double() * 1e6).long()
-        tok = (-(-scaled // 1_000_000)).clamp(min=1)
-    return ((tok + unit - 1) // unit).to(torch.int32)
+class TritonCompiled:
+    """The Triton backend's ``StageKernels`` (``compiler.backend``)."""
 
-
-class TritonCompiled(Compiled):
     def __init__(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target):
         self.p, self.shape, self.schedule, self.target = p, shape, schedule, target
         self.specs, tables = generate(p, shape, schedule)
@@ -87,16 +80,11 @@ class TritonCompiled(Compiled):
 
     def cand_width(self, t_max: int) -> int:
         """Width of the candidate lists for contexts up to ``t_max`` tokens."""
-        s, keep = self.p.select, self.p.keep
-        if s is None or s.rule == "threshold":
-            return max(1, t_max)
-        extra = keep.sink + keep.window
-        if s.rule == "none":
-            return max(1, min(t_max, extra))
-        unit = self.p.page_size if s.score.per == "page" else 1
-        units = -(-s.budget.tokens(t_max) // unit)
-        heads = self.shape.group_size if s.group == "union" else 1  # a union of G choices
-        return max(1, min(t_max, heads * units * unit + extra))
+        return candidate_width(self.p, self.shape.group_size, t_max)
+
+    def plan(self, batch: int, tokens: int) -> None:
+        """Nothing to size ahead: buffers are made on the first step of a shape and kept
+        (``_buf``), so a decode loop with a stable batch allocates nothing after it."""
 
     # ---- stages ------------------------------------------------------------------------------
     def select(self, x: StageInputs) -> tuple[Tensor, Tensor]:
@@ -129,7 +117,7 @@ class TritonCompiled(Compiled):
         self._launch("select_score", (b * rows, -(-numax // bn)), x.q, x.page_table, x.lengths,
                      *data, self._table(dev), scores, np_, numax)
         unit = self.p.page_size if per_page else 1
-        kunits = (_units(s.budget, x.lengths, unit) if s.rule == "top_k"
+        kunits = (budget_units(s.budget, x.lengths, unit) if s.rule == "top_k"
                   else torch.zeros_like(x.lengths)).to(dev)
         hist = self._buf("sel_hist", (b * rows, 1 << self.schedule["select_radix_bits"]),
                          torch.float64, dev)
@@ -160,7 +148,7 @@ class TritonCompiled(Compiled):
         rows = prune_rows(pr, self.shape)
         bits = self.schedule.get("radix_bits", 8) if pr.rule == "top_p" \
             else self.schedule["select_radix_bits"]
-        kunits = (_units(pr.budget, x.lengths, 1) if pr.rule == "top_k"
+        kunits = (budget_units(pr.budget, x.lengths, 1) if pr.rule == "top_k"
                   else torch.zeros_like(x.lengths)).to(dev)
         scr = self._buf(f"prune_scr{stage}", (b * rows, width), torch.float32, dev)
         hist = self._buf(f"prune_hist{stage}", (b * rows, 1 << bits), torch.float64, dev)
@@ -201,7 +189,7 @@ class TritonCompiled(Compiled):
         return run_stages(self, x, len(self.p.prune), return_lists)
 
     # ---- cache side --------------------------------------------------------------------------
-    def update_pages(self, cache, pages: Tensor) -> None:
+    def refresh_pages(self, cache, pages: Tensor) -> None:
         """Recompute summaries and page-granularity codes (with their ``lo``/``hi``) of
         ``pages`` (int64 physical ids) with the generated append kernels (what
         ``PagedKVCache._update_pages`` does in torch)."""
@@ -217,7 +205,7 @@ class TritonCompiled(Compiled):
             self._launch(codes_kernel_name(spec), grid, cache.k_pages, pages, cache.page_fill,
                          *cache.key_codes[spec].tensors())
 
-    def update_token_codes(self, cache, phys: Tensor, slot: Tensor) -> None:
+    def refresh_tokens(self, cache, phys: Tensor, slot: Tensor) -> None:
         """Quantize the keys at ``(phys, slot)`` (int64 ``[N]``) into every token-granularity
         code format the pipeline reads (smoothed ones with the cache's current factors)."""
         grid = (phys.numel(), self.shape.kv_heads)
@@ -228,7 +216,7 @@ class TritonCompiled(Compiled):
             self._launch(codes_kernel_name(spec), grid, cache.k_pages, phys, slot,
                          *cache.key_codes[spec].tensors())
 
-    def update_groups(self, cache, gp: Tensor) -> None:
+    def refresh_groups(self, cache, gp: Tensor) -> None:
         """Min/max (at each group's first page) and codes of the groups ``gp int64 [N, G]``
         (physical pages, -1 where not allocated: ``PagedKVCache.group_pages``) for every
         group-granularity format of ``G`` pages the pipeline reads (what
@@ -237,7 +225,7 @@ class TritonCompiled(Compiled):
         formats = [sp for sp in groups if sp.group_pages == gp.shape[-1]]
         if gp.dim() != 2 or not formats:
             have = sorted({sp.group_pages for sp in groups})
-            raise ValueError(f"update_groups: gp must be [N, G] with G among the pipeline's "
+            raise ValueError(f"refresh_groups: gp must be [N, G] with G among the pipeline's "
                              f"group sizes {have}, got {tuple(gp.shape)}")
         gp = gp.to(torch.int64).contiguous()
         if not gp.shape[0]:

@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import ir
+from ..source import SourceWriter
 from .expr import Chan, ChannelTables, Emitter, as_rows, expr_width, next_pow2
-from .kernels import PTR, KernelSpec, make_kernel
+from .kernels import DTYPE_NAMES, PTR, KernelSpec, make_kernel
 from .prelude import radix_passes
 
 SCORE_MODES = {"none": 0, "union": 0, "mean": 1, "max": 2, "kv": 3}
@@ -37,7 +38,6 @@ class Ctx:
 
     @property
     def dtype_ptr(self) -> str:
-        from .kernels import DTYPE_NAMES
         return PTR[DTYPE_NAMES[self.shape.dtype]]
 
 
@@ -78,38 +78,35 @@ def gen_score(c: Ctx) -> KernelSpec:
     args += [("chan_ptr", "*i32"), ("out_ptr", "*fp32"), ("NP", "i32"), ("NUMAX", "i32")]
     em = Emitter(leaves, full, c.tables, prefix="e")
     val = em.emit(s.score.expr)
-    score_lines = em.lines + [f"sc = {as_rows(val, 'BN')}",
-                              "sc = tl.where(sc != sc, float('-inf'), sc)"]
-    body = [
-        "pid = tl.program_id(0)", "blk = tl.program_id(1)",
-        "b = pid // ROWS", "row = pid % ROWS",
-        "hkv = row // G" if select_rows(s, sh) == sh.q_heads else "hkv = row",
-        "L = tl.load(len_ptr + b)",
-        "NU = (L + PS - 1) // PS" if per_page else "NU = L",
-        "offs_u = blk * BN + tl.arange(0, BN)", "umask = offs_u < NU",
-        "offs_d = tl.arange(0, BD)", "dmask = offs_d < D", "g_ar = tl.arange(0, GP)",
-    ]
+    score = [*em.lines, f"sc = {as_rows(val, 'BN')}", "sc = tl.where(sc != sc, float('-inf'), sc)"]
+    w = SourceWriter()
+    w("pid = tl.program_id(0)", "blk = tl.program_id(1)",
+      "b = pid // ROWS", "row = pid % ROWS",
+      "hkv = row // G" if select_rows(s, sh) == sh.q_heads else "hkv = row",
+      "L = tl.load(len_ptr + b)",
+      "NU = (L + PS - 1) // PS" if per_page else "NU = L",
+      "offs_u = blk * BN + tl.arange(0, BN)", "umask = offs_u < NU",
+      "offs_d = tl.arange(0, BD)", "dmask = offs_d < D", "g_ar = tl.arange(0, GP)")
     if per_page:
-        body.append("pg = tl.load(pt_ptr + b * NP + offs_u, mask=umask, other=0).to(tl.int64)")
+        w("pg = tl.load(pt_ptr + b * NP + offs_u, mask=umask, other=0).to(tl.int64)")
     else:
-        body += ["pg = tl.load(pt_ptr + b * NP + offs_u // PS, mask=umask, other=0).to(tl.int64)",
-                 "kbase = ((pg * HKV + hkv) * PS + offs_u % PS) * D"]
-    if mode in (1, 2):
-        body += ["acc = tl.zeros([BN], tl.float32)" if mode == 1 else
-                 "acc = tl.full([BN], float('-inf'), tl.float32)",
-                 "for gi in tl.static_range(G):", "    qh = hkv * G + gi"]
-        body += ["    " + ln for ln in score_lines]
-        body += ["    acc = acc + sc" if mode == 1 else "    acc = tl.maximum(acc, sc)"]
-        body.append("sc = acc / G" if mode == 1 else "sc = acc")
+        w("pg = tl.load(pt_ptr + b * NP + offs_u // PS, mask=umask, other=0).to(tl.int64)",
+          "kbase = ((pg * HKV + hkv) * PS + offs_u % PS) * D")
+    if mode in (1, 2):  # merge the group's scores: mean (1) or max (2)
+        w("acc = tl.zeros([BN], tl.float32)" if mode == 1 else
+          "acc = tl.full([BN], float('-inf'), tl.float32)")
+        with w.block("for gi in tl.static_range(G):"):
+            w("qh = hkv * G + gi", *score, "acc = acc + sc" if mode == 1 else
+              "acc = tl.maximum(acc, sc)")
+        w("sc = acc / G" if mode == 1 else "sc = acc")
     else:
-        body.append("qh = row")
-        body += score_lines
-    body += ["sc = tl.where(umask, sc, float('-inf'))",
-             "tl.store(out_ptr + (b * ROWS + row).to(tl.int64) * NUMAX + offs_u, sc, mask=umask)"]
+        w("qh = row", *score)
+    w("sc = tl.where(umask, sc, float('-inf'))",
+      "tl.store(out_ptr + (b * ROWS + row).to(tl.int64) * NUMAX + offs_u, sc, mask=umask)")
     consts = dict(HQ=sh.q_heads, HKV=sh.kv_heads, G=sh.group_size, GP=next_pow2(sh.group_size),
                   D=sh.head_dim, BD=next_pow2(sh.head_dim), PS=sh.page_size,
                   ROWS=select_rows(s, sh), BN=c.schedule["select_block_n"])
-    return make_kernel("select", "select_score", args, consts, body,
+    return make_kernel("select", "select_score", args, consts, w,
                        c.schedule["select_warps"], 1)
 
 
@@ -118,32 +115,27 @@ def gen_decide(c: Ctx) -> KernelSpec:
     npass, pad = radix_passes(c.schedule["select_radix_bits"])
     args = [("score_ptr", "*fp32"), ("len_ptr", "*i32"), ("kunits_ptr", "*i32"),
             ("hist_ptr", "*fp64"), ("flag_ptr", "*i8"), ("NUMAX", "i32"), ("thresh", "fp32")]
-    body = [
-        "pid = tl.program_id(0)", "b = pid // ROWS",
-        "L = tl.load(len_ptr + b)", "NU = (L + UNIT - 1) // UNIT",
-        "row_ptr = score_ptr + pid.to(tl.int64) * NUMAX",
-        "flag_row = flag_ptr + pid.to(tl.int64) * NUMAX",
-    ]
+    w = SourceWriter()
+    w("pid = tl.program_id(0)", "b = pid // ROWS",
+      "L = tl.load(len_ptr + b)", "NU = (L + UNIT - 1) // UNIT",
+      "row_ptr = score_ptr + pid.to(tl.int64) * NUMAX",
+      "flag_row = flag_ptr + pid.to(tl.int64) * NUMAX")
     if s.rule == "top_k":
-        body += [
-            "k = tl.load(kunits_ptr + b)",
-            "thr, above = _tw_radix(row_ptr, NU, k.to(tl.float64), hist_ptr + pid * (1 << BITS),"
-            " True, False, False, BITS, NPASS, PAD, BLOCK)",
-            "_tw_flag_ranked(row_ptr, NU, thr, k - above.to(tl.int32), flag_row, True, False, "
-            "PAD, BLOCK)",
-        ]
+        w("k = tl.load(kunits_ptr + b)",
+          "thr, above = _tw_radix(row_ptr, NU, k.to(tl.float64), hist_ptr + pid * (1 << BITS),"
+          " True, False, False, BITS, NPASS, PAD, BLOCK)",
+          "_tw_flag_ranked(row_ptr, NU, thr, k - above.to(tl.int32), flag_row, True, False, "
+          "PAD, BLOCK)")
     else:
-        body += [
-            "for start in range(0, NU, BLOCK):",
-            "    offs = start + tl.arange(0, BLOCK)",
-            "    v = tl.load(row_ptr + offs, mask=offs < NU, other=float('-inf'))",
-            "    tl.store(flag_row + offs, (v >= thresh).to(tl.int8), mask=offs < NU)",
-        ]
+        with w.block("for start in range(0, NU, BLOCK):"):
+            w("offs = start + tl.arange(0, BLOCK)",
+              "v = tl.load(row_ptr + offs, mask=offs < NU, other=float('-inf'))",
+              "tl.store(flag_row + offs, (v >= thresh).to(tl.int8), mask=offs < NU)")
     consts = dict(ROWS=select_rows(s, c.shape),
                   UNIT=c.shape.page_size if s.score.per == "page" else 1,
                   BITS=c.schedule["select_radix_bits"], NPASS=npass, PAD=pad,
                   BLOCK=c.schedule["scan_block"])
-    return make_kernel("select", "select_decide", args, consts, body,
+    return make_kernel("select", "select_decide", args, consts, w,
                        c.schedule["scan_warps"], 1)
 
 
@@ -156,33 +148,36 @@ def gen_compact(c: Ctx) -> KernelSpec:
         fmode = 2 if s.group == "union" else 1 if s.group in ("mean", "max", "kv") else 0
     args = [("flag_ptr", "*i8"), ("len_ptr", "*i32"), ("idx_ptr", "*i32"), ("cnt_ptr", "*i32"),
             ("NUMAX", "i32"), ("WIDTH", "i32")]
-    body = ["pid = tl.program_id(0)", "b = pid // HQ", "h = pid % HQ",
-            "L = tl.load(len_ptr + b)", "run = tl.zeros([1], tl.int32).sum(0)",
-            "out_row = idx_ptr + pid.to(tl.int64) * WIDTH",
-            "for start in range(0, L, BLOCK):",
-            "    t = start + tl.arange(0, BLOCK)", "    m = t < L",
-            "    keep = (t < SINK) | (t >= L - WINDOW)"]
-    if kind == 0:
-        body.append("    keep = keep | m")
-    elif kind == 2:
-        frow = {0: "(b * FROWS + h)", 1: "(b * FROWS + h // G)", 2: "(b * FROWS + h // G * G + gi)"}
-        load = (f"tl.load(flag_ptr + {frow[fmode]}.to(tl.int64) * NUMAX + t // UNIT, mask=m, "
-                "other=0) != 0")
-        if fmode == 2:
-            body += ["    for gi in tl.static_range(G):", f"        keep = keep | ({load})"]
-        else:
-            body.append(f"    keep = keep | ({load})")
-    body += ["    keep = keep & m",
-             "    pos = run + tl.cumsum(keep.to(tl.int32), 0) - 1",
-             "    tl.store(out_row + pos, t, mask=keep & (pos < WIDTH))",
-             "    run += tl.sum(keep.to(tl.int32), 0)",
-             "tl.store(cnt_ptr + pid, tl.minimum(run, WIDTH))",
-             "for start in range(run, WIDTH, BLOCK):",
-             "    j = start + tl.arange(0, BLOCK)",
-             "    tl.store(out_row + j, tl.full([BLOCK], -1, tl.int32), mask=j < WIDTH)"]
+    w = SourceWriter()
+    w("pid = tl.program_id(0)", "b = pid // HQ", "h = pid % HQ",
+      "L = tl.load(len_ptr + b)", "run = tl.zeros([1], tl.int32).sum(0)",
+      "out_row = idx_ptr + pid.to(tl.int64) * WIDTH")
+    with w.block("for start in range(0, L, BLOCK):"):
+        w("t = start + tl.arange(0, BLOCK)", "m = t < L",
+          "keep = (t < SINK) | (t >= L - WINDOW)")
+        if kind == 0:
+            w("keep = keep | m")
+        elif kind == 2:
+            frow = {0: "(b * FROWS + h)", 1: "(b * FROWS + h // G)",
+                    2: "(b * FROWS + h // G * G + gi)"}
+            load = (f"tl.load(flag_ptr + {frow[fmode]}.to(tl.int64) * NUMAX + t // UNIT, "
+                    "mask=m, other=0) != 0")
+            if fmode == 2:
+                with w.block("for gi in tl.static_range(G):"):
+                    w(f"keep = keep | ({load})")
+            else:
+                w(f"keep = keep | ({load})")
+        w("keep = keep & m",
+          "pos = run + tl.cumsum(keep.to(tl.int32), 0) - 1",
+          "tl.store(out_row + pos, t, mask=keep & (pos < WIDTH))",
+          "run += tl.sum(keep.to(tl.int32), 0)")
+    w("tl.store(cnt_ptr + pid, tl.minimum(run, WIDTH))")
+    with w.block("for start in range(run, WIDTH, BLOCK):"):
+        w("j = start + tl.arange(0, BLOCK)",
+          "tl.store(out_row + j, tl.full([BLOCK], -1, tl.int32), mask=j < WIDTH)")
     consts = dict(HQ=sh.q_heads, G=sh.group_size,
                   FROWS=select_rows(s, sh) if kind == 2 else 1,
                   UNIT=sh.page_size if kind == 2 and s.score.per == "page" else 1,
                   SINK=keep.sink, WINDOW=keep.window, BLOCK=c.schedule["scan_block"])
-    return make_kernel("select", "select_compact", args, consts, body,
+    return make_kernel("select", "select_compact", args, consts, w,
                        c.schedule["scan_warps"], 1)

@@ -25,12 +25,14 @@ import threading
 from pathlib import Path
 
 from ...schedules.tvm import TVM
-from ...version import dist_version, source_stamp
+from ...version import dist_version, nvcc_version, source_stamp
 from .. import ir
 from ..backend import Backend, Target, register_backend
 from ..verify import verify
+from . import artifacts
 from .context import StageCtx
 from .dialect import Dialect
+from .pipeline import TVMCompiled
 
 _LOWERED: dict[tuple, object] = {}
 _LOCK = threading.Lock()
@@ -45,8 +47,6 @@ class TVMBackend(Backend):
         return target.kind in ("llvm", "cuda")
 
     def lower(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target):
-        from .pipeline import TVMCompiled  # noqa: PLC0415 - keeps `import twilight` light
-
         if not self.supports(target):
             raise ValueError(f"the tvm backend builds for llvm and cuda, not {target}")
         verify(p, shape, stage="tvm.lower")
@@ -62,14 +62,39 @@ class TVMBackend(Backend):
             _LOWERED[key] = out
         return out
 
+    preference = 1  # on a GPU Triton serves first; on the CPU only TVM serves
+
+    def serving_target(self, device) -> Target | None:
+        return Target("cuda", device.arch) if device.kind == "cuda" else Target("llvm")
+
+    def local_target(self) -> Target:
+        return Target("llvm")  # TVM's llvm kernels run on any host
+
     def version_stamp(self) -> dict[str, str]:
         """TVM's version (from package metadata: no 4 s import) and a hash of this backend's
         own generators, so that editing one invalidates the kernel cache entries it made."""
         return _version_stamp()
 
+    def toolchain_stamps(self, target: Target) -> dict[str, str]:
+        return {"nvcc": nvcc_version()} if target.kind == "cuda" else {}
+
+    # ---- shared libraries in the kernel cache (llvm) ----------------------------------------
+    def exports(self, target: Target) -> bool:
+        return target.kind == "llvm"
+
+    def export(self, kernels, out: Path) -> None:
+        artifacts.export_pipeline(kernels, out)
+
+    def load_exported(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target,
+                      entry):
+        return artifacts.load_pipeline(p, shape, schedule, target, entry)
+
+    def fresh(self, kernels):
+        return type(kernels)(kernels.ctx, kernels.target, kernels.kernels)
+
 
 @functools.cache
 def _version_stamp() -> dict[str, str]:
     here = Path(__file__).resolve().parent
-    return {"tvm": dist_version("apache-tvm", "tvm"), "twilight_tvm_codegen": "1",
+    return {"tvm": dist_version("apache-tvm", "tvm"),
             "codegen_sources": source_stamp(here, here.parent / "ir.py")}

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ...schedules.tvm import TVM
 from .. import ir
-from ..backend import Target
+from ..backend import ExportMismatch, Target
 from .build import Kernel
 from .context import StageCtx
 from .dialect import Dialect
@@ -50,7 +50,7 @@ INDEX = "kernels.json"
 FORMAT = 1
 
 
-class LibraryMismatch(RuntimeError):
+class LibraryMismatch(ExportMismatch):
     """An entry's libraries are not those of the pipeline asked for (names, sources, format)."""
 
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...errors import StructureError
+from ...errors import UnsupportedPipeline
 from .. import ir, passes
 from .dialect import Dialect
 from .expr import Lowering, channel_tables
-
-GROUP_UNIFORM = ("union", "mean", "max", "kv")
 
 
 @dataclass
@@ -59,20 +57,17 @@ class StageCtx:
         return out
 
     def uniform_after(self, n_prunes: int) -> bool:
-        """Do the query heads of a GQA group share one candidate list after the selector and the
-        first ``n_prunes`` pruners? (Then a group's heads can share every key they load.)"""
-        s = self.p.select
-        ok = s is None or s.rule == "none" or s.group in GROUP_UNIFORM
-        return ok and all(pr.group in GROUP_UNIFORM for pr in self.p.prune[:n_prunes])
+        """Do the query heads of a GQA group share one list after the selector and the first
+        ``n_prunes`` pruners (``passes.lists_shared_after``)?"""
+        return passes.lists_shared_after(self.p, n_prunes)
 
     def check_supported(self) -> None:
-        """Merged GQA decisions need one candidate list per group (see ``uniform_after``)."""
-        for i, pr in enumerate(self.p.prune):
-            if pr.group in ("mean", "max", "kv") and not self.uniform_after(i):
-                raise StructureError(
-                    f"tvm backend: pruner {i} merges its GQA group ({pr.group!r}) but the heads "
-                    "of a group reach it with different candidate lists", pr.loc,
-                    hint="use group='union' or 'max' for the selector, or group='none' here")
+        """A merged GQA decision needs one list per group; a union over per-head lists is fine
+        here (``passes.gqa_problem``)."""
+        why = passes.gqa_problem(self.p, "tvm", union_over_head_lists=True)
+        if why:
+            raise UnsupportedPipeline(*why, hint="use group='union' or 'max' for the selector, "
+                                      "or group='none' here")
 
     def softmax_scale(self) -> float:
         return passes.softmax_scale(self.p, self.D)

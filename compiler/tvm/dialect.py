@@ -1,5 +1,5 @@
-"""A tiny TVMScript writer: indentation, parameters with symbolic shapes, and the loop kinds
-that differ between targets.
+"""TVMScript on the shared source writer (``compiler.source``): parameters with symbolic
+shapes, buffers, and the loop kinds that differ between targets.
 
 Stage templates are Python functions that write TVMScript text with this writer; the text is
 what ``twilightc compile --dump`` shows as ``tir`` and what TVM's parser turns into a PrimFunc.
@@ -14,9 +14,10 @@ are unrolled.
 
 from __future__ import annotations
 
-import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from ..source import SourceWriter
 
 NEG_INF = 'T.float32("-inf")'
 POS_INF = 'T.float32("inf")'
@@ -38,30 +39,12 @@ class Dialect:
         return f"T.vectorized({n})" if n > 1 else "T.serial(1)"
 
 
-class Src:
-    """Lines of TVMScript with an indentation level and fresh names."""
+class Src(SourceWriter):
+    """TVMScript: the shared writer plus buffers, prim_func headers and row loops."""
 
     def __init__(self, dialect: Dialect):
+        super().__init__()
         self.d = dialect
-        self.lines: list[str] = []
-        self.depth = 0
-        self._ids = itertools.count()
-
-    def __call__(self, *lines: str) -> None:
-        for line in lines:
-            self.lines.append("    " * self.depth + line)
-
-    def fresh(self, stem: str) -> str:
-        return f"{stem}_{next(self._ids)}"
-
-    @contextmanager
-    def block(self, header: str):
-        self(header)
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
 
     def local(self, name: str, shape, dtype: str = "float32") -> str:
         shape = shape if isinstance(shape, tuple) else (shape,)
@@ -111,9 +94,6 @@ class Src:
         else:
             with self.block(f"for {var} in T.parallel({extent}):"):
                 yield
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
 
 
 def ceil_div(a: int, b: int) -> int:

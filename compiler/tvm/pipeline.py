@@ -8,14 +8,14 @@ up to a multiple of ``_ROUND`` tokens, so a growing context re-plans rarely.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .. import stages
-from ..backend import Artifact, Compiled
+from ..backend import Artifact
 from ..keycodes import KeyCodeSpec
+from ..passes import budget_units, list_widths
 from ..stages import PagedCache
 from .append import AppendMixin, append_sources, gen_summaries
 from .attend import attend_rows, gen_attend, gen_combine, splits
@@ -36,7 +36,9 @@ class Plan:
     bufs: dict
 
 
-class TVMCompiled(Compiled, AppendMixin):
+class TVMCompiled(AppendMixin):
+    """The TVM backend's ``StageKernels`` (``compiler.backend``)."""
+
     def __init__(self, ctx: StageCtx, target, kernels: dict[str, Kernel] | None = None):
         """Builds every stage kernel, or takes ``kernels`` (name → Kernel, e.g. loaded from an
         exported library by ``artifacts.load_pipeline``) as they are."""
@@ -67,21 +69,8 @@ class TVMCompiled(Compiled, AppendMixin):
 
     # ---- plan ---------------------------------------------------------------------------------
     def widths(self, tokens: int) -> list[int]:
-        """List widths: candidates, then after each pruner (all ≤ ``tokens``)."""
-        sel, keep, ps = self.p.select, self.p.keep, self.p.page_size
-        extra = keep.sink + keep.window
-        if sel is None or sel.rule == "threshold":
-            c = tokens
-        elif sel.rule == "none":
-            c = extra
-        else:
-            unit = ps if sel.score.per == "page" else 1
-            budget = sel.budget.tokens(tokens) if sel.budget.kind == "fraction" else \
-                int(sel.budget.value)
-            groups = self.ctx.G if sel.group == "union" else 1  # a union of G choices
-            c = groups * math.ceil(budget / unit) * unit + extra
-        c = max(1, min(c, tokens))
-        return [c] * (len(self.p.prune) + 1)
+        """List widths: candidates, then after each pruner (``passes.list_widths``)."""
+        return list_widths(self.p, self.ctx.G, tokens)
 
     def plan(self, batch: int, tokens: int) -> Plan:
         """Scratch for ``batch`` requests of up to ``tokens`` tokens (rounded up)."""
@@ -147,7 +136,7 @@ class TVMCompiled(Compiled, AppendMixin):
             k["score"](x.q, x.page_table, x.lengths, *leaves, *self.tables, bufs["scores"])
             if sel.rule == "top_k":
                 unit = x.cache.page_size if sel.score.per == "page" else 1
-                _budget_units(sel.budget, x.lengths, unit, bufs["kunits"])
+                budget_units(sel.budget, x.lengths, unit, bufs["kunits"])
             k["rank"](bufs["scores"], x.lengths, bufs["kunits"], bufs["sel"])
             k["candidates"](x.lengths, bufs["sel"], bufs["idx0"], bufs["cnt0"])
         else:
@@ -175,7 +164,7 @@ class TVMCompiled(Compiled, AppendMixin):
         bufs, pr = self._ensure_plan(x), self.p.prune[stage]
         dec = _fit(bufs[f"dec{stage}"], idx)
         if pr.rule == "top_k":
-            _budget_units(pr.budget, x.lengths, 1, bufs[f"k{stage}"])
+            budget_units(pr.budget, x.lengths, 1, bufs[f"k{stage}"])
         extra = []
         if self._strategy(pr) == "sort":
             extra = [_fit(bufs[f"{nm}{stage}"], idx) for nm in ("ka", "ia", "kb", "ib")]
@@ -223,17 +212,6 @@ def _fit(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if buf.shape[2] == idx.shape[2] and buf.shape[0] == idx.shape[0]:
         return buf
     return torch.empty(buf.shape[0], buf.shape[1], idx.shape[2], dtype=buf.dtype)
-
-
-def _budget_units(budget, lengths: torch.Tensor, unit: int, out: torch.Tensor) -> None:
-    """Units (pages or tokens) the budget allows each request: ``ceil(tokens / unit)``, with
-    the reference's rounding of fraction budgets."""
-    if budget.kind == "tokens":
-        out.fill_(-(-int(budget.value) // unit))
-        return
-    x = torch.round(lengths.double() * budget.value * 1e6).long()
-    tokens = torch.clamp(-(-x // 1_000_000), min=1)
-    out.copy_(-(-tokens // unit))
 
 
 def attend_info(ctx: StageCtx) -> dict:

@@ -12,9 +12,11 @@ How each backend's kernels live in the cache:
   kernel (``export_library``) and an index of the TVMScript each was built from
   (``twilight.compiler.tvm.artifacts``). A warm load opens the libraries with ``tvm_ffi``: no
   TVMScript parse, no ``tvm.compile``, not even ``import tvm``.
-* **triton**: lowered in process (Triton keeps its own compiled-kernel cache);
-  TODO: put Triton's cache dir and the generated sources in a KernelCache entry once the
-  backend has landed.
+* a backend that does not export for its target (Triton today) is lowered in process (Triton
+  keeps its own compiled-kernel cache).
+
+The runtime never branches on a backend's name: ``Backend.exports/export/load_exported``
+(``compiler.backend``) say whether and how kernels live in the cache.
 
 An entry that fails its checksums is rebuilt with a warning (``KernelCache``); one whose
 libraries do not match the pipeline's generated sources, or do not load, likewise. With
@@ -35,18 +37,24 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ...compiler import ir
-from ...compiler.backend import Compiled, Target, get_backend
+from ...compiler.backend import (
+    Backend,
+    ExportMismatch,
+    StageKernels,
+    Target,
+    backend_for,
+    get_backend,
+)
 from ...compiler.stages import StageInputs, run_stages
 from ...compiler.verify import verify
 from ...errors import InputError
@@ -88,88 +96,79 @@ def pick_schedule(p: ir.PipelineIR, device: DeviceProfile, shape: ir.Shape, buck
     return {}, "default"
 
 
-def full_schedule(backend: str, schedule: dict) -> dict:
-    """``schedule`` completed with the backend's defaults (what the kernels are built from)."""
-    mod = importlib.import_module(f"twilight.schedules.{backend}")
-    return getattr(mod, backend.upper()).complete(dict(schedule))
-
-
 def kernel_key(p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target,
-               backend: str):
-    """The kernel-cache key of a whole pipeline: IR key, full schedule, target, backend and its
-    version stamp (which hashes its own generators), toolchain stamps, and the shape."""
-    return cache_key(p.key(), full_schedule(backend, schedule), target, backend,
-                     _backend(backend).version_stamp(), extra={"shape": shape})
+               backend: Backend):
+    """The kernel-cache key of a whole pipeline: IR key, complete schedule, target, backend and
+    its version stamp (which hashes its own generators), toolchain stamps, and the shape."""
+    return cache_key(p.key(), backend.complete(schedule), target, backend.name,
+                     backend.version_stamp(), extra={"shape": shape})
 
 
-def _backend(name: str):
-    """``get_backend(name)``, importing only that backend (importing triton costs 0.2 s)."""
-    try:
-        importlib.import_module(f"twilight.compiler.{name}")
-    except ImportError:
-        pass  # get_backend says which backends there are
-    return get_backend(name)
-
-
-def _target_for(backend: str, device: DeviceProfile) -> Target:
-    if device.kind == "cuda":
-        return Target("cuda", device.arch)
-    return Target("llvm") if backend == "tvm" else Target("interpret")
+def _backend_and_target(name: str, dev: DeviceProfile, target) -> tuple[Backend, Target]:
+    """The backend (``"auto"``: the preferred one that serves ``dev``) and its target."""
+    if name == "auto":
+        backend, tgt = backend_for(dev)
+    else:
+        try:
+            backend = get_backend(name)
+        except KeyError as e:
+            raise InputError(f"load: {e.args[0]}") from None
+        tgt = backend.serving_target(dev)
+    if target is not None:
+        tgt = Target.parse(target) if isinstance(target, str) else target
+    if tgt is None or not backend.supports(tgt):
+        raise InputError(f"load: the {backend.name} backend does not run on {dev.name}"
+                         + (f" ({tgt})" if tgt else "") + "; pass target= (e.g. 'interpret' "
+                         "for Triton's interpreter) or another backend")
+    return backend, tgt
 
 
 # ---- the kernels: memory, then disk, then a build --------------------------------------------
 
-_MEMO: weakref.WeakKeyDictionary[KernelCache, dict[str, Callable[[], Compiled]]] = \
+_MEMO: weakref.WeakKeyDictionary[KernelCache, dict[str, StageKernels]] = \
     weakref.WeakKeyDictionary()
 
 
-def _tvm_compiled(p, shape, schedule, target, cache: KernelCache, key) -> tuple[Callable, str]:
-    from ...compiler.tvm import artifacts  # noqa: PLC0415
-
-    built: dict[str, Compiled] = {}
+def _from_cache(p, shape, schedule, target, backend: Backend, cache: KernelCache, key) \
+        -> tuple[StageKernels, str]:
+    """Kernels from the disk cache (built and exported there on a miss), and their origin."""
+    built: dict[str, StageKernels] = {}
 
     def build(out) -> None:
-        built["c"] = _backend("tvm").lower(p, shape, schedule, target)
-        artifacts.export_pipeline(built["c"], out)
+        built["k"] = backend.lower(p, shape, schedule, target)
+        backend.export(built["k"], out)
 
-    describe = {"pipeline": p.name, "shape": str(shape), "backend": "tvm", "target": str(target)}
+    describe = {"pipeline": p.name, "shape": str(shape), "backend": backend.name,
+                "target": str(target)}
     for attempt in (0, 1):
         entry = cache.get_or_build(key, build, describe)
-        if "c" in built:
-            return _fresh(built["c"]), "built"
+        if "k" in built:
+            return built["k"], "built"
         try:
-            loaded = artifacts.load_pipeline(p, shape, schedule, target, entry)
-        except artifacts.LibraryMismatch as e:
+            return backend.load_exported(p, shape, schedule, target, entry), "disk"
+        except ExportMismatch as e:
             if attempt:
                 raise
             warnings.warn(f"twilight kernel cache: entry {key[:16]} at {entry.path} does not "
                           f"hold this pipeline's kernels ({e}); rebuilding it",
                           CorruptEntryWarning, stacklevel=4)
             cache.remove(key)
-            continue
-        return _fresh(loaded), "disk"
     raise AssertionError("unreachable")
 
 
-def _fresh(c) -> Callable[[], Compiled]:
-    """New TVMCompiled objects over ``c``'s kernels: each load() gets its own plan state."""
-    return lambda: type(c)(c.ctx, c.target, c.kernels)
-
-
-def _compiled(p, shape, schedule, target, backend: str, cache: KernelCache) \
-        -> tuple[Compiled, str, str | None]:
-    """``(compiled pipeline, origin, key)``; origin is memory, disk, built or lowered."""
-    if backend != "tvm" or target.kind != "llvm":
-        # TODO(triton, tvm-cuda): a disk entry holding Triton's cache dir and sources; until
-        # then the backend lowers in process and Triton's own cache avoids recompiling.
-        return _backend(backend).lower(p, shape, schedule, target), "lowered", None
+def _compiled(p, shape, schedule, target, backend: Backend, cache: KernelCache) \
+        -> tuple[StageKernels, str, str | None]:
+    """``(kernels, origin, key)``; origin is memory, disk, built or lowered (a backend that
+    does not export for ``target`` lowers in process; None key)."""
+    if not backend.exports(target):
+        return backend.lower(p, shape, schedule, target), "lowered", None
     key = kernel_key(p, shape, schedule, target, backend)
     memo = _MEMO.setdefault(cache, {})
     if key in memo:
-        return memo[key](), "memory", key
-    make, origin = _tvm_compiled(p, shape, schedule, target, cache, key)
-    memo[key] = make
-    return make(), origin, key
+        return backend.fresh(memo[key]), "memory", key
+    kernels, origin = _from_cache(p, shape, schedule, target, backend, cache, key)
+    memo[key] = kernels
+    return backend.fresh(kernels), origin, key
 
 
 # ---- the user-facing object ------------------------------------------------------------------
@@ -198,7 +197,7 @@ class DecodePipeline:
     ``"disk"``, ``"built"`` or ``"lowered"``). Create with :func:`load`."""
 
     def __init__(self, p: ir.PipelineIR, shape: ir.Shape, backend: str, target: Target,
-                 schedule: dict, schedule_source: str, compiled: Compiled, origin: str, key):
+                 schedule: dict, schedule_source: str, compiled: StageKernels, origin: str, key):
         self.ir, self.shape, self.backend, self.target = p, shape, backend, target
         self.schedule, self.schedule_source = schedule, schedule_source
         self.compiled, self.origin, self.key = compiled, origin, key
@@ -233,8 +232,7 @@ class DecodePipeline:
                            torch.full((batch, pages), -1, **i32),
                            torch.empty(batch, dtype=torch.int64, device=device),
                            torch.empty(batch, **i32))
-        if hasattr(self.compiled, "plan"):
-            self.compiled.plan(batch, max_context)
+        self.compiled.plan(batch, max_context)
         return self
 
     def _inputs(self, q: torch.Tensor, cache: PagedKVCache, req) -> StageInputs:
@@ -327,14 +325,13 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
                          f"pages by {p.page_size}")
     verify(p, shape, stage="load")
     dev = resolve_device(device)
-    name = backend if backend != "auto" else ("triton" if dev.kind == "cuda" else "tvm")
-    tgt = Target.parse(target) if isinstance(target, str) else target or _target_for(name, dev)
+    b, tgt = _backend_and_target(backend, dev, target)
     if schedule is None:
-        schedule, source = pick_schedule(p, dev, shape, _bucket(batch, context), name)
+        schedule, source = pick_schedule(p, dev, shape, _bucket(batch, context), b.name)
     else:
         source = "given"
-    full = full_schedule(name, schedule)
-    compiled, origin, key = _compiled(p, shape, full, tgt, name, cache or default_cache())
-    log.debug("loaded %s (%s, %s): %s", p.name, name, tgt, origin)
-    return DecodePipeline(p, shape, name, tgt, full, source, compiled, origin, key)
+    full = b.complete(schedule)
+    compiled, origin, key = _compiled(p, shape, full, tgt, b, cache or default_cache())
+    log.debug("loaded %s (%s, %s): %s", p.name, b.name, tgt, origin)
+    return DecodePipeline(p, shape, b.name, tgt, full, source, compiled, origin, key)
 

@@ -16,16 +16,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 import platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from ... import knobs
 from ...compiler import ir
+from ...compiler.backend import Target, get_backend
 from ...version import __version__, dist_version
 
 KEY_FORMAT = 1  # bump when the key's fields change meaning
@@ -80,29 +78,27 @@ def _plain(obj: Any, where: str) -> Any:
                     "(str, int, float, bool, None, lists, str-keyed dicts) or IR dataclasses")
 
 
-def toolchain_stamps(backend: str, target: Any = None) -> dict[str, str]:
-    """Versions of what turns generated code into kernels, for ``backend`` on ``target``:
-    twilight, Python and torch always; triton or TVM by backend (read from package metadata,
-    imported only as a fallback and only if installed); ``nvcc --version`` for a CUDA target
-    of a backend that calls nvcc (Triton ships its own ptxas, keyed by its version); the CPU
-    architecture for an ``llvm`` target.
+def toolchain_stamps(backend, target: Any = None) -> dict[str, str]:
+    """Versions of what turns generated code into kernels, for ``backend`` (a ``Backend``, or
+    its name) on ``target``: twilight, Python and torch always; what the backend says of its
+    own toolchain (``Backend.version_stamp``: Triton's or TVM's version, read from package
+    metadata; ``Backend.toolchain_stamps``: e.g. ``nvcc --version`` for a CUDA target of a
+    backend that calls nvcc); the CPU architecture (and, for "the host", its features) for an
+    ``llvm`` target.
 
     >>> sorted(toolchain_stamps("triton", "interpret"))
-    ['python', 'torch', 'triton', 'twilight']
+    ['codegen_sources', 'python', 'torch', 'triton', 'twilight']
     """
+    b = get_backend(backend) if isinstance(backend, str) else backend
+    tgt = target if isinstance(target, Target) or target is None else Target.parse(str(target))
     stamps = {"twilight": twilight_version(), "python": "{}.{}".format(*sys.version_info[:2]),
-              "torch": dist_version("torch", "torch")}
-    if backend == "triton":
-        stamps["triton"] = dist_version("triton", "triton")
-    elif backend == "tvm":
-        stamps["tvm"] = dist_version("apache-tvm", "tvm")
-    kind = str(target or "").partition(":")[0]
-    if kind == "cuda" and backend != "triton":
-        stamps["nvcc"] = nvcc_version()
-    elif kind in ("llvm", "cpu"):
-        stamps["machine"] = platform.machine()
-        if not str(target).partition(":")[2]:  # code for "the host CPU": key on its features
-            stamps["host_cpu"] = host_cpu_stamp()
+              "torch": dist_version("torch", "torch"), **b.version_stamp()}
+    if tgt is not None:
+        stamps.update(b.toolchain_stamps(tgt))
+        if tgt.kind == "llvm":
+            stamps["machine"] = platform.machine()
+            if not tgt.arch:  # code for "the host CPU": key on its features
+                stamps["host_cpu"] = host_cpu_stamp()
     return stamps
 
 
@@ -125,25 +121,3 @@ def host_cpu_stamp() -> str:
 def twilight_version() -> str:
     """twilight's version, as keys record it (a function, so a test can pretend an upgrade)."""
     return __version__
-
-
-def nvcc_version() -> str:
-    """The release and build lines of ``nvcc --version`` (``$CUDA_HOME/bin/nvcc`` or the one on
-    ``PATH``), ``"absent"`` without one; run once per nvcc per process."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    exe = Path(home, "bin", "nvcc") if home and Path(home, "bin", "nvcc").exists() \
-        else shutil.which("nvcc")
-    return _run_nvcc(str(exe)) if exe else "absent"
-
-
-@functools.cache
-def _run_nvcc(exe: str) -> str:
-    try:
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60,
-                             check=True).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"unusable ({type(e).__name__})"
-    lines = [s.strip() for s in out.splitlines() if "release" in s or s.startswith("Build")]
-    return " / ".join(lines) or out.strip()[-200:]
-
-

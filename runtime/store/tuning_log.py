@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ... import knobs
 from ...compiler import ir
 
 FORMAT = 1
@@ -59,7 +60,6 @@ class ShapeBucket:
 
 
 def user_root() -> Path:
-    from ... import knobs
     return Path(knobs.tuning_logs_dir())
 
 

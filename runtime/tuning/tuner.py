@@ -59,7 +59,11 @@ class TuneConfig:
 
     @property
     def target(self) -> Target:
-        return Target.parse(self.device.target)
+        """Where the backend serves this device (``Backend.serving_target``)."""
+        t = get_backend(self.backend).serving_target(self.device)
+        if t is None:
+            raise TwilightError(f"the {self.backend} backend does not run on {self.device.name}")
+        return t
 
 
 # ---- storage ------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ def test_toolchain_and_codegen_knobs_feed_the_key(monkeypatch):
 
 
 def test_toolchain_stamps_by_backend_and_target():
-    assert {"twilight", "python", "torch", "triton"} == set(toolchain_stamps("triton", "interpret"))
+    assert {"twilight", "python", "torch", "triton", "codegen_sources"} == \
+        set(toolchain_stamps("triton", "interpret"))
     assert "nvcc" in toolchain_stamps("tvm", "cuda:sm_90")
     assert "nvcc" not in toolchain_stamps("triton", "cuda:sm_90")  # Triton ships its ptxas
     assert "machine" in toolchain_stamps("tvm", "llvm") and "tvm" in toolchain_stamps("tvm")

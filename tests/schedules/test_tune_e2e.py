@@ -62,6 +62,12 @@ class _WrongWhenSplit(Backend):
     def supports(self, target):
         return get_backend("tvm").supports(target)
 
+    def serving_target(self, device):
+        return get_backend("tvm").serving_target(device)
+
+    def complete(self, schedule):
+        return get_backend("tvm").complete(schedule)
+
     def lower(self, p, shape, schedule, target):
         compiled = get_backend("tvm").lower(p, shape, schedule, target)
         if schedule.get("split_kv") != 2:

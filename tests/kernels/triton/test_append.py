@@ -45,11 +45,11 @@ def test_append_kernels_match_cache(bits, page_size, d, dtype, fill_cache, lower
         for t in list(c.summaries.values()) + [t for k in c.key_codes.values()
                                                for t in k.tensors()]:
             t.zero_()
-        comp.update_pages(c, pages)
+        comp.refresh_pages(c, pages)
         fill = c.page_fill[pages]
         phys = pages.repeat_interleave(fill)
         slot = torch.cat([torch.arange(int(n)) for n in fill])
-        comp.update_token_codes(c, phys, slot)
+        comp.refresh_tokens(c, phys, slot)
         for n, t in want_sum.items():
             rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
             torch.testing.assert_close(c.summaries[n][pages].float(), t[pages].float(),

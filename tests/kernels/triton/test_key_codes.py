@@ -77,13 +77,13 @@ def _recode(comp, cache, ids, spec: KeyCodeSpec) -> None:
     if spec.granularity == "token":
         fill = cache.page_fill[pages]
         slot = torch.cat([torch.arange(int(n)) for n in fill])
-        comp.update_token_codes(cache, pages.repeat_interleave(fill), slot)
+        comp.refresh_tokens(cache, pages.repeat_interleave(fill), slot)
     elif spec.granularity == "page":
-        comp.update_pages(cache, pages)
+        comp.refresh_pages(cache, pages)
     else:
         lengths = cache.lengths[torch.tensor(ids)]
         gp = cache.group_pages(ids, [0] * len(ids), (lengths - 1).tolist(), spec.group_pages)
-        comp.update_groups(cache, gp)
+        comp.refresh_groups(cache, gp)
         lead = gp[:, 0]
         for got, w in zip(side[1:], want[1:], strict=True):  # lo/hi: at each group's first page
             assert torch.equal(got[lead], w[lead]), spec
@@ -162,13 +162,13 @@ def test_append_all_equal_keys(lower):
         assert not cache.key_codes[spec].packed.any()
 
 
-def test_update_groups_checks_group_size(lower):
+def test_refresh_groups_checks_group_size(lower):
     pipe = _pipe(_est(4, "group", 2, False))
     comp = lower(pipe, 2, 2, 16, schedule=EXACT)
     cache, ids = _filled(pipe, 2, 16, [9])
     with pytest.raises(ValueError, match="group sizes"):
-        comp.update_groups(cache, cache.group_pages(ids, [0], [8], 4))
-    comp.update_groups(cache, torch.zeros(0, 2, dtype=torch.int64))  # nothing to do
+        comp.refresh_groups(cache, cache.group_pages(ids, [0], [8], 4))
+    comp.refresh_groups(cache, torch.zeros(0, 2, dtype=torch.int64))  # nothing to do
 
 
 def test_one_kernel_per_format(lower):
