@@ -9,7 +9,8 @@ schedules; nothing here knows about Optuna or kernels.
 
 from __future__ import annotations
 
-import itertools
+import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,16 +65,56 @@ class Space:
             out[p.name] = value
         return out
 
-    def grid(self) -> Iterator[dict]:
-        """Every distinct complete schedule (for spaces small enough to enumerate)."""
-        seen = set()
-        names = [p.name for p in self.params]
-        for values in itertools.product(*(p.choices for p in self.params)):
-            s = self.complete(dict(zip(names, values, strict=True)))
-            key = tuple(sorted(s.items()))
-            if key not in seen:
-                seen.add(key)
-                yield s
+    def grid(self, limit: int = 100_000) -> Iterator[dict]:
+        """Every distinct complete schedule, for spaces of at most ``limit`` schedules (a
+        backend's full space has billions: ``ValueError`` rather than a hang)."""
+        if self.size() > limit:
+            raise ValueError(f"space {self.name} has {self.size():,} schedules, more than "
+                             f"{limit:,} to enumerate")
+        yield from self._walk({}, 0)
+
+    def _walk(self, partial: dict, i: int) -> Iterator[dict]:
+        # depth first over the active parameters only: each complete schedule once
+        if i == len(self.params):
+            yield dict(partial)
+            return
+        p = self.params[i]
+        if not p.active(partial):
+            yield from self._walk(partial, i + 1)
+            return
+        for value in p.choices:
+            partial[p.name] = value
+            yield from self._walk(partial, i + 1)
+        del partial[p.name]
 
     def size(self) -> int:
-        return sum(1 for _ in self.grid())
+        """How many distinct complete schedules there are, without enumerating them.
+
+        A product over the parameters, split into branches only where a later ``when``
+        condition looks at a value: walking the parameters in order, count the schedules per
+        assignment of the parameters that some later condition still reads (a parameter no
+        later condition reads multiplies every branch by its number of choices)."""
+        names = [p.name for p in self.params]
+        read_later = [{n for q in self.params[i + 1:] for n, _ in q.when}
+                      for i in range(len(names))]
+        branches: Counter = Counter({(): 1})  # tuple of (name, value) still read → count
+        for p, keep in zip(self.params, read_later, strict=True):
+            nxt: Counter = Counter()
+            for state, count in branches.items():
+                values = p.choices if p.active(dict(state)) else (_ABSENT,)
+                for v in values:
+                    grown = state + (((p.name, v),) if v is not _ABSENT else ())
+                    nxt[tuple(kv for kv in grown if kv[0] in keep)] += count
+            branches = nxt
+        return sum(branches.values())
+
+    def sample(self, rng: random.Random) -> dict:
+        """A random complete schedule: each active parameter drawn uniformly, in order."""
+        out: dict = {}
+        for p in self.params:
+            if p.active(out):
+                out[p.name] = rng.choice(p.choices)
+        return out
+
+
+_ABSENT = object()  # an inactive parameter's "value" while counting
