@@ -8,12 +8,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..errors import TwilightError
 from ..runtime.tuning.driver import TuneProgress, run_tune
 from ..runtime.tuning.tuner import TuneConfig
 
 
+class NoPassingScheduleError(TwilightError):
+    """A tuned bucket where no schedule passed: nothing was logged for it."""
+
+
 def tune_and_report(cfg: TuneConfig, log_root: Path, meta: dict, console: Console,
-                    workers: int = 1) -> list[dict]:
+                    workers: int = 1, resume: bool = False) -> list[dict]:
     cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
             "{task.total}"), TextColumn("best {task.fields[best]}"), TimeElapsedColumn())
     tasks: dict[str, int] = {}
@@ -24,9 +29,17 @@ def tune_and_report(cfg: TuneConfig, log_root: Path, meta: dict, console: Consol
             bar.update(tasks[p.bucket], completed=p.done,
                        best=f"{p.best_ms:.3f} ms" if p.best_ms is not None else "—")
         result = run_tune(cfg, log_root, meta, workers=workers, on_start=console.print,
-                          on_progress=on_progress)
+                          on_progress=on_progress, resume=resume)
     _print_table(console, result.records, result.default)
-    console.print(f"tuning log: {result.log_path}")
+    if result.log_path is not None:
+        console.print(f"tuning log: {result.log_path}")
+    if result.failures:
+        lines = [f"{b}: {why}" for b, why in result.failures.items()]
+        what = "nothing was logged" if result.log_path is None else \
+            "those buckets were left out of the tuning log"
+        raise NoPassingScheduleError(f"no schedule passed in {len(lines)} of "
+                                     f"{len(result.records)} shape buckets ({what}):\n  "
+                                     + "\n  ".join(lines))
     return result.records
 
 

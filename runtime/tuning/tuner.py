@@ -1,30 +1,36 @@
 """The search: Optuna over a backend's declared schedule space, one study per shape bucket.
 
 Space (``schedules.space``), search (this module) and store (``runtime.store.tuning_log``) are three
-separate pieces. Each trial: draw a schedule (conditional parameters only when active), reject
-illegal ones for the device before compiling, lower, pass the correctness gate against the
-torch reference, then time it (median of repeats). Compile failures and gate failures are
+separate pieces. Each trial: draw a schedule (conditional parameters only when active), claim
+it in the study (``claims``: a schedule that another trial holds is never measured twice),
+reject illegal ones for the device before compiling, lower, pass the correctness gate against
+the torch reference, then time it (median of repeats). Compile failures and gate failures are
 recorded on the trial (user attrs ``error`` / ``gate``) and never become winners.
 
-Studies live in real storage — a journal file by default, SQLite or any RDB URL (PostgreSQL
-lets many machines tune one study) — so a killed tune resumes: finished trials count toward
-the budget and are not rerun; a trial that was running when its process died is failed and
-its schedule enqueued again.
+Studies live in real storage (``storage``) — a journal file by default, SQLite or any RDB URL
+(PostgreSQL lets many machines tune one study) — so a killed tune resumes: finished trials
+count toward the budget and are not rerun; a trial that was running when its process died is
+failed and its schedule enqueued again. ``TuneConfig.trials`` is the study's budget, shared by
+every process tuning it: two machines asked for 8 trials measure 8 schedules between them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
 import socket
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import optuna
-import optuna.storages
 from optuna.trial import TrialState
 
+from ... import knobs
 from ...compiler import ir
 from ...compiler.backend import Target, get_backend
 from ...errors import TwilightError
@@ -32,14 +38,18 @@ from ...schedules.devices import DeviceProfile
 from ...schedules.space import Space
 from ..evaluation.measure import Problem, correctness_gate, make_problem, median_time
 from ..store.tuning_log import ShapeBucket
+from .claims import DUPLICATE, RETRIED, claim, taken_schedules, tally
+from .storage import StorageError, open_storage
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+__all__ = ["GateFailed", "Objective", "StorageError", "TuneConfig", "best_trial",
+           "bucket_problem", "default_trial", "finished_count", "make_sampler", "open_storage",
+           "recover_stale_trials", "study_name", "tune_bucket"]
 
-FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+# a failing trial is a result (its error is on the trial, and the summary says why none
+# passed): Optuna's per-trial warning with a traceback is shown with TWILIGHT_DEBUG=1 only
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 
-
-class StorageError(TwilightError):
-    """A study storage that cannot be opened (missing driver, unreachable server)."""
+WAIT_FOR_OTHERS_S = 600.0  # longest wait for other processes' last trials before logging
 
 
 @dataclass
@@ -49,7 +59,7 @@ class TuneConfig:
     buckets: list[ShapeBucket]
     backend: str
     device: DeviceProfile
-    trials: int = 24
+    trials: int = 24  # per shape bucket, in all: every process sharing the study together
     timeout: float | None = None
     storage: str | None = None
     sampler: str = "tpe"
@@ -59,37 +69,16 @@ class TuneConfig:
 
     @property
     def target(self) -> Target:
-        """Where the backend serves this device (``Backend.serving_target``)."""
-        t = get_backend(self.backend).serving_target(self.device)
+        """Where the backend serves this device (``Backend.serving_target``); on a device it
+        does not serve, the target it runs on in this process (``local_target``: Triton's
+        interpreter with ``TRITON_INTERPRET=1`` — for tests, tiny shapes)."""
+        backend = get_backend(self.backend)
+        t = backend.serving_target(self.device)
+        if t is None and self.device.kind == "cpu":
+            t = backend.local_target()
         if t is None:
             raise TwilightError(f"the {self.backend} backend does not run on {self.device.name}")
         return t
-
-
-# ---- storage ------------------------------------------------------------------------------------
-def open_storage(spec: str | None, default_path: Path):
-    """``None`` → a journal file at ``default_path``; ``*.journal`` → that journal file;
-    ``sqlite:///x.db``, ``*.db``, ``postgresql://…``, ``mysql://…`` → an RDB storage with
-    heartbeats, so trials of a dead worker are failed and retried."""
-    spec = spec or str(default_path)
-    if "://" in spec or spec.endswith((".db", ".sqlite", ".sqlite3")):
-        url = spec if "://" in spec else f"sqlite:///{Path(spec).resolve()}"
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=30, grace_period=120,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=1))
-        except ImportError as e:
-            driver = {"postgresql": "psycopg2-binary", "mysql": "PyMySQL"}.get(
-                url.partition(":")[0].partition("+")[0], "the database driver")
-            raise StorageError(f"storage {url.split('@')[-1]}: {e} (pip install {driver})") \
-                from None
-    path = Path(spec.removeprefix("journal:"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 def study_name(cfg: TuneConfig, bucket: ShapeBucket) -> str:
@@ -98,13 +87,65 @@ def study_name(cfg: TuneConfig, bucket: ShapeBucket) -> str:
             f"h{s.q_heads}x{s.kv_heads}d{s.head_dim}p{s.page_size}{s.dtype}-{bucket.name}")
 
 
+# ---- samplers -----------------------------------------------------------------------------------
 def make_sampler(kind: str, seed: int, space: Space):
+    """``tpe`` (default), ``random``, or ``grid``: every schedule of a space small enough to
+    enumerate, once (``ValueError`` for a larger one — the Triton space has millions)."""
     if kind == "grid":
-        grid = {p.name: list(p.choices) for p in space.params}
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return ScheduleGridSampler(space, seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max(2, space.size() // 4)))
+
+
+def _key(schedule: dict) -> str:
+    return json.dumps(schedule, sort_keys=True, default=str)
+
+
+class ScheduleGridSampler(optuna.samplers.BaseSampler):
+    """Grid search over a space's distinct schedules (conditional parameters respected, unlike
+    ``optuna.samplers.GridSampler``'s full product), in a seeded order; each trial takes the
+    first schedule no trial of the study holds, so processes sharing a study split the grid."""
+
+    def __init__(self, space: Space, seed: int):
+        self.space = space
+        self._order = [(_key(s), s) for s in space.grid()]
+        random.Random(seed).shuffle(self._order)
+        self._picked: dict[int, dict] = {}
+        self._lock = threading.Lock()
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def before_trial(self, study, trial) -> None:
+        taken = {_key(s) for s in taken_schedules(study)}
+        with self._lock:
+            taken |= {_key(s) for s in self._picked.values()}
+            pick = next((s for k, s in self._order if k not in taken), None)
+            if pick is None:  # every schedule is measured or being measured
+                study.stop()
+                pick = self._order[0][1]
+            self._picked[trial.number] = pick
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        pick = self._picked.get(trial.number, {})
+        if param_name in pick:
+            return pick[param_name]
+        return random.choice(param_distribution.choices)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        with self._lock:
+            self._picked.pop(trial.number, None)
+
+
+def _sampler_seed(seed: int, trials_so_far: int) -> int:
+    """Distinct per process (host and pid) and per resume, derived from ``seed``: processes
+    that share a study must not propose the same stream."""
+    text = f"{seed}:{trials_so_far}:{_WORKER}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
 # ---- resume ---------------------------------------------------------------------------------------
@@ -129,29 +170,18 @@ def recover_stale_trials(study: optuna.Study) -> int:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _alive(t.user_attrs.get("worker")):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "error", "worker died; retried")
+        study._storage.set_trial_user_attr(t._trial_id, "error", RETRIED)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         n += 1
     return n
 
 
-def _counts(t: optuna.trial.FrozenTrial) -> bool:
-    return t.user_attrs.get("error") != "worker died; retried" and \
-        "duplicate_of" not in t.user_attrs
-
-
 def finished_count(study: optuna.Study) -> int:
     """Trials that count toward the budget: finished ones, less those retried after a crash
-    and proposals that merely repeated an earlier schedule."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if _counts(t))
-
-
-def _duplicate_of(study: optuna.Study, schedule: dict, number: int) -> int | None:
-    for t in study.get_trials(deepcopy=False, states=FINISHED):
-        if t.number != number and _counts(t) and t.params == schedule:
-            return t.number
-    return None
+    and proposals that stepped back (a repeated schedule, a budget already full)."""
+    return tally(study)[0]
 
 
 # ---- the objective ----------------------------------------------------------------------------------
@@ -173,14 +203,20 @@ class Objective:
     space: Space
     problem: Problem
     check: Callable[[dict], str | None] = lambda s: None
+    rng: random.Random = field(default_factory=random.Random)
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", _WORKER)
         schedule = suggest(trial, self.space)
-        dup = _duplicate_of(trial.study, schedule, trial.number)
-        if dup is not None:  # measured already: do not spend the budget twice
-            trial.set_user_attr("duplicate_of", dup)
-            raise optuna.TrialPruned(f"same schedule as trial {dup}")
+        refused = claim(trial, schedule, self.cfg.trials)
+        if refused is not None:  # held by another trial, or the budget is full: measure nothing
+            why, other = refused
+            trial.set_user_attr(why, True if other is None else other)
+            if why == DUPLICATE:
+                self._propose_free(trial.study)
+            else:
+                trial.study.stop()
+            raise optuna.TrialPruned(why)
         illegal = self.check(schedule)
         if illegal:
             trial.set_user_attr("illegal", illegal)
@@ -202,39 +238,79 @@ class Objective:
                               repeats=self.cfg.repeats)
         return seconds * 1e3
 
+    def _propose_free(self, study: optuna.Study) -> None:
+        """After a repeat, queue a schedule nobody holds, so a sampler stuck on a small,
+        mostly measured space still makes progress."""
+        taken = {_key(s) for s in taken_schedules(study)}
+        for _ in range(64):
+            s = self.space.sample(self.rng)
+            if _key(s) not in taken:
+                study.enqueue_trial(s)
+                return
+
 
 def tune_bucket(cfg: TuneConfig, bucket: ShapeBucket, space: Space, storage,
                 check: Callable[[dict], str | None] = lambda s: None,
                 timeout: float | None = None,
                 callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
                 workers: int = 1, problem: Problem | None = None) -> optuna.Study:
-    """Run (or resume) the study of one bucket until it has ``cfg.trials`` finished trials,
-    on ``problem`` (default: ``bucket_problem(cfg, bucket)``, built only if trials remain).
+    """Run (or join, or resume) the study of one bucket until ``cfg.trials`` trials that count
+    have finished — by this process and any other sharing the storage — or every schedule of
+    the space has, or ``timeout`` passes. The problem (default ``bucket_problem(cfg, bucket)``)
+    is built only if trials remain.
 
     ``workers`` > 1 runs trials in threads (compiles overlap; on a CPU device the timings of
     concurrent trials disturb each other — use one machine per worker with an RDB storage)."""
-    name = study_name(cfg, bucket)
-    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
-                                load_if_exists=True)
-    # a resumed study continues a fresh random stream instead of replaying the first one
-    study.sampler = make_sampler(cfg.sampler, cfg.seed + len(study.trials), space)
+    if _debug():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name(cfg, bucket), storage=storage,
+                                direction="minimize", load_if_exists=True)
+    study.sampler = make_sampler(cfg.sampler, _sampler_seed(cfg.seed, len(study.trials)), space)
     recover_stale_trials(study)
     for schedule in [space.default(), *cfg.warm_start]:
         try:
             study.enqueue_trial(space.complete(schedule), skip_if_exists=True)
         except ValueError:  # a winner from an older space: its knobs no longer exist
             continue
-    objective, deadline = None, None if timeout is None else time.monotonic() + timeout
-    for _ in range(space.size()):  # duplicates do not count; a small space can run dry
-        remaining = min(cfg.trials - finished_count(study), space.size() - finished_count(study))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    goal = min(cfg.trials, space.size())
+    objective, idle, waited = None, 0, 0.0
+    while True:
+        _fail_stale(study)
+        done, running = tally(study)
         left = None if deadline is None else deadline - time.monotonic()
-        if remaining <= 0 or (left is not None and left <= 0):
+        if done >= goal or (left is not None and left <= 0) or idle >= 3:
             break
-        objective = objective or Objective(cfg, space, problem or bucket_problem(cfg, bucket),
-                                           check)
-        study.optimize(objective, n_trials=remaining, timeout=left, catch=(Exception,),
-                       n_jobs=workers, callbacks=[callback] if callback else None)
+        if done + running >= goal:  # other processes are measuring the rest of the budget
+            if waited >= WAIT_FOR_OTHERS_S:
+                break
+            time.sleep(0.5)
+            waited += 0.5
+            continue
+        objective = objective or Objective(
+            cfg, space, problem or bucket_problem(cfg, bucket), check,
+            random.Random(_sampler_seed(cfg.seed + 1, len(study.trials))))
+        study.optimize(objective, n_trials=goal - done - running, timeout=left,
+                       catch=(Exception,), n_jobs=workers,
+                       callbacks=[callback] if callback else None)
+        idle = idle + 1 if tally(study)[0] == done else 0
     return study
+
+
+def _debug() -> bool:
+    try:
+        return knobs.debug()
+    except knobs.KnobError:
+        return False
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    """Fail (and retry) the trials of dead workers: local ones by pid, remote ones by the RDB
+    heartbeat (a journal has none)."""
+    recover_stale_trials(study)
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
 
 
 def bucket_problem(cfg: TuneConfig, bucket: ShapeBucket) -> Problem:
