@@ -11,6 +11,8 @@ from datetime import timedelta
 from rich.console import Console
 from rich.table import Table
 
+from .args import number
+
 HELP = "list, inspect, verify or clear the compiled-kernel cache"
 
 DESCRIPTION = """\
@@ -67,8 +69,8 @@ def register(sub) -> None:
     a.add_argument("--fix", action="store_true", help="remove the entries that fail")
     a = actions.add_parser("clear", parents=[common], help="remove entries")
     a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    a.add_argument("--older-than", type=float, metavar="DAYS",
-                   help="remove only entries built more than DAYS days ago")
+    a.add_argument("--older-than", type=number(0, strict=False, maximum=1e6), metavar="DAYS",
+                   help="remove only entries built more than DAYS days ago (DAYS ≥ 0)")
     p.set_defaults(run=run)
 
 
@@ -129,8 +131,10 @@ def _info(cache, args) -> int:
 
 
 def _verify(cache, args) -> int:
+    from ..runtime.store.kernel_cache import CacheDirError
+
     checked = len(cache.ls())
-    problems = cache.verify(fix=args.fix)
+    problems = cache.verify()
     out = Console(soft_wrap=True)
     if not problems:
         out.print(f"[green]all {checked} entries ok[/] in {cache.root}")
@@ -139,11 +143,22 @@ def _verify(cache, args) -> int:
     for key, problem in problems:
         table.add_row(key[:16], problem)
     out.print(table)
-    if args.fix:
-        out.print(f"removed {len(problems)} damaged entries; they are rebuilt when next used")
-        return 0
-    out.print("run 'twilightc cache verify --fix' to remove them")
-    return 1
+    if not args.fix:
+        out.print("run 'twilightc cache verify --fix' to remove them")
+        return 1
+    removed, failed = 0, []
+    for key, _ in problems:  # say what was done, entry by entry: a read-only cache refuses
+        try:
+            removed += cache.remove(key)
+        except CacheDirError as e:
+            failed.append(str(e))
+    out.print(f"removed {removed} of {len(problems)} damaged entries"
+              + ("; they are rebuilt when next used" if removed else ""))
+    if failed:
+        Console(stderr=True, soft_wrap=True).print(
+            f"could not remove {len(failed)}: {failed[0]}", markup=False)
+        return 1
+    return 0
 
 
 def _clear(cache, args) -> int:

@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -52,49 +53,25 @@ from pathlib import Path
 from typing import Any
 
 from ... import knobs
-from ...errors import TwilightError
+from .cache_errors import (
+    BuildOutputError,
+    CacheDirError,
+    CacheLookupError,
+    CacheMissError,
+    CorruptEntry,
+    CorruptEntryWarning,
+    dir_error,
+    entry_name,
+)
 from .filelock import FileLock
 from .kernel_key import KEY_FORMAT, CacheKey, cache_key, toolchain_stamps, twilight_version
 
-__all__ = ["BuildOutputError", "CacheKey", "CacheLookupError", "CacheMissError",
+__all__ = ["BuildOutputError", "CacheDirError", "CacheKey", "CacheLookupError", "CacheMissError",
            "CorruptEntryWarning", "Entry", "KernelCache", "cache_key", "default_cache",
            "toolchain_stamps"]
 
 MANIFEST = "manifest.json"
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
-
-
-class CacheMissError(TwilightError):
-    """A kernel is not in the cache and ``TWILIGHT_DISABLE_COMPILE`` forbids building it."""
-
-    def __init__(self, key: str, describe: dict, cache_dir: Path):
-        self.key, self.describe, self.cache_dir = key, describe, cache_dir
-        inputs = getattr(key, "inputs", None) or {}
-        named = {**{k: inputs[k] for k in ("backend", "target") if k in inputs}, **describe}
-        what = ", ".join(f"{k}={v}" for k, v in named.items()) or "a kernel"
-        super().__init__(
-            f"no compiled kernel for {what} (key {key[:16]}) in the kernel cache {cache_dir}, "
-            "and TWILIGHT_DISABLE_COMPILE=1 forbids compiling it here.\n"
-            "hint: populate the cache ahead of time by running the same pipeline, shapes, "
-            "schedule and target once with TWILIGHT_DISABLE_COMPILE unset (twilight and "
-            "toolchain versions are part of the key, so use the same ones), or point "
-            "TWILIGHT_CACHE_DIR at a cache built that way; 'twilightc cache ls' lists it.")
-
-
-class CacheLookupError(TwilightError, LookupError):
-    """``info``: no entry, or more than one, starts with the given key prefix."""
-
-
-class BuildOutputError(TwilightError):
-    """A build function wrote nothing, or wrote something the cache cannot store."""
-
-
-class CorruptEntryWarning(UserWarning):
-    """A cache entry failed its checks; it was moved away and will be rebuilt."""
-
-
-class _Corrupt(Exception):
-    """Internal: why an entry on disk cannot be used."""
 
 
 # -------------------------------------------------------------------------------- the entries
@@ -140,34 +117,34 @@ class Entry:
 
 
 def _read_entry(path: Path, key: str, check_files: bool = True) -> Entry:
-    """Load and check an entry directory; ``_Corrupt`` says what is wrong with it."""
+    """Load and check an entry directory; ``CorruptEntry`` says what is wrong with it."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise _Corrupt("manifest.json missing") from None
+        raise CorruptEntry("manifest.json missing") from None
     except (OSError, ValueError) as e:
-        raise _Corrupt(f"manifest.json unreadable ({type(e).__name__}: {e})") from None
+        raise CorruptEntry(f"manifest.json unreadable ({type(e).__name__}: {e})") from None
     m = manifest if isinstance(manifest, dict) else {}
     files = m.get("files")
     if m.get("key") != key or m.get("format") != KEY_FORMAT or not isinstance(files, dict) \
             or not isinstance(m.get("created"), int | float) \
             or not isinstance(m.get("describe"), dict):
-        raise _Corrupt("manifest.json malformed, of another format, or for another key")
+        raise CorruptEntry("manifest.json malformed, of another format, or for another key")
     data: dict[str, bytes] = {}
     for name, meta in files.items():
         if not _safe_name(name) or not isinstance(meta, dict) \
                 or not isinstance(meta.get("size"), int) or not isinstance(meta.get("sha256"), str):
-            raise _Corrupt(f"manifest.json lists a bad file entry {name!r}")
+            raise CorruptEntry(f"manifest.json lists a bad file entry {name!r}")
         if not check_files:
             continue
         try:
             blob = (path / name).read_bytes()
         except OSError as e:
-            raise _Corrupt(f"{name}: unreadable ({type(e).__name__})") from None
+            raise CorruptEntry(f"{name}: unreadable ({type(e).__name__})") from None
         if len(blob) != meta.get("size"):
-            raise _Corrupt(f"{name}: {len(blob)} bytes, manifest says {meta.get('size')}")
+            raise CorruptEntry(f"{name}: {len(blob)} bytes, manifest says {meta.get('size')}")
         if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
-            raise _Corrupt(f"{name}: sha256 does not match the manifest")
+            raise CorruptEntry(f"{name}: sha256 does not match the manifest")
         data[name] = blob
     return Entry(key, path, manifest, data=data if check_files else None)
 
@@ -200,6 +177,9 @@ class KernelCache:
 
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else knobs.cache_dir()
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise CacheDirError(f"kernel cache {self.cache_dir}: is a file, not a directory "
+                                "(point TWILIGHT_CACHE_DIR or --cache-dir at a directory)")
         self.root = self.cache_dir / "kernels"
         self._memory: dict[str, Entry] = {}
 
@@ -215,10 +195,12 @@ class KernelCache:
             return None
         try:
             entry = _read_entry(path, key)
-        except _Corrupt as e:
+        except CorruptEntry as e:
+            gone = self._discard(path, inode)
+            then = "removed it so that it is rebuilt" if gone else \
+                "it stays: the cache dir is read-only (rebuild it where the cache is writable)"
             warnings.warn(f"twilight kernel cache: entry {key[:16]} at {path} is corrupt ({e}); "
-                          "removing it so that it is rebuilt", CorruptEntryWarning, stacklevel=2)
-            self._discard(path, inode)
+                          f"{then}", CorruptEntryWarning, stacklevel=2)
             return None
         self._memory[key] = entry
         return entry
@@ -237,10 +219,13 @@ class KernelCache:
             return entry
         if knobs.disable_compile():
             raise CacheMissError(key, describe, self.cache_dir)
-        with self._lock(key):
+        lock = self._lock(key, f"build {entry_name(describe, key)}")
+        try:
             entry = self.try_load(key)  # second check: another process may have built it
             if entry is None:
                 entry = self._build(key, build, describe)
+        finally:
+            lock.release()
         self._memory[key] = entry
         return entry
 
@@ -249,7 +234,10 @@ class KernelCache:
         for stale in tmp_root.glob(f"{key}.*"):  # we hold the key's lock: these are orphans
             shutil.rmtree(stale, ignore_errors=True)
         tmp = tmp_root / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise dir_error(self.cache_dir, f"build {entry_name(describe, key)}", e) from None
         try:
             try:
                 build(tmp)
@@ -258,10 +246,13 @@ class KernelCache:
                 raise
             self._write_manifest(tmp, key, describe)
             final = self._entry_dir(key)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                self._discard(final)
-            os.replace(tmp, final)
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():
+                    self._discard(final)
+                os.replace(tmp, final)
+            except OSError as e:
+                raise dir_error(self.cache_dir, f"store {entry_name(describe, key)}", e) from None
             _fsync(final.parent, directory=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -301,7 +292,7 @@ class KernelCache:
         for key, path in self._scan():
             try:
                 out.append(_read_entry(path, key, check_files=False))
-            except _Corrupt as e:
+            except CorruptEntry as e:
                 out.append(Entry(key, path, {}, problem=str(e)))
         return sorted(out, key=lambda e: (e.created, e.key))
 
@@ -318,37 +309,43 @@ class KernelCache:
         key, path = found[0]
         try:
             return _read_entry(path, key)
-        except _Corrupt as e:
+        except CorruptEntry as e:
             try:
                 return Entry(key, path, _read_entry(path, key, False).manifest, problem=str(e))
-            except _Corrupt:
+            except CorruptEntry:
                 return Entry(key, path, {}, problem=str(e))
 
     def verify(self, fix: bool = False) -> list[tuple[str, str]]:
         """``(key, problem)`` for every entry that fails a check (manifest, sizes, sha256);
-        ``fix=True`` removes those entries."""
+        ``fix=True`` removes those entries (``CacheDirError`` if one cannot be removed)."""
         problems = []
         for key, path in self._scan():
             try:
                 _read_entry(path, key)
-            except _Corrupt as e:
+            except CorruptEntry as e:
                 problems.append((key, str(e)))
-                if fix:
-                    self.remove(key)
+        for key, _ in problems if fix else ():
+            self.remove(key)
         return problems
 
     def remove(self, key: str) -> bool:
-        """Delete one entry (from memory and disk); ``False`` if it was not there."""
+        """Delete one entry (from memory and disk); ``False`` if it was not there,
+        ``CacheDirError`` if it is there and cannot be deleted (a read-only cache)."""
         self._memory.pop(key, None)
         path = self._entry_dir(key)
         if not path.exists():
             return False
-        self._discard(path)
+        if not self._discard(path) and path.exists():
+            raise dir_error(self.cache_dir, f"remove entry {key[:16]}",
+                             OSError(errno.EACCES, "read-only"))
         return True
 
     def clear(self, older_than: timedelta | None = None) -> int:
-        """Delete every entry (or those created more than ``older_than`` ago) and the debris of
-        dead builds; returns how many entries went. Builds in progress are left alone."""
+        """Delete every entry (or those created more than ``older_than`` ago, ≥ 0) and the
+        debris of dead builds; returns how many entries went. Builds in progress are left
+        alone. ``CacheDirError`` if an entry cannot be deleted."""
+        if older_than is not None and older_than.total_seconds() < 0:
+            raise ValueError(f"older_than={older_than}: expected a duration ≥ 0")
         cutoff = time.time() - older_than.total_seconds() if older_than is not None else None
         removed = 0
         for entry in self.ls():
@@ -370,8 +367,14 @@ class KernelCache:
             raise ValueError(f"not a kernel cache key: {key!r} (make keys with cache_key())")
         return self.root / key[:2] / key
 
-    def _lock(self, key: str) -> FileLock:
-        return FileLock(self.root / ".locks" / f"{key}.lock")
+    def _lock(self, key: str, doing: str) -> FileLock:
+        """The key's build lock, taken; a cache that cannot hold one is a CacheDirError."""
+        lock = FileLock(self.root / ".locks" / f"{key}.lock")
+        try:
+            lock.acquire()
+        except OSError as e:
+            raise dir_error(self.cache_dir, doing, e) from None
+        return lock
 
     def _scan(self, shard: str = "") -> Iterator[tuple[str, Path]]:
         if not self.root.exists():
@@ -381,34 +384,41 @@ class KernelCache:
                 if _KEY_RE.fullmatch(path.name) and path.name.startswith(shard_dir.name):
                     yield path.name, path
 
-    def _discard(self, path: Path, expect_inode: int | None = None) -> None:
+    def _discard(self, path: Path, expect_inode: int | None = None) -> bool:
         """Rename ``path`` into the trash (readers never see half a deletion), then delete it.
-        With ``expect_inode``, an entry that replaced the bad one meanwhile is put back."""
+        With ``expect_inode``, an entry that replaced the bad one meanwhile is put back.
+        ``False`` if it could not be moved (gone already, or a read-only cache)."""
         trash = self.root / ".trash" / f"{path.name}.{uuid.uuid4().hex[:8]}"
         try:
             trash.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, trash)
             moved = trash.stat().st_ino
         except OSError:
-            return  # gone already (another process was first), or a read-only cache
+            return False  # gone already (another process was first), or a read-only cache
         if expect_inode is not None and moved != expect_inode:
             try:
                 os.rename(trash, path)
-                return
+                return True
             except OSError:
                 pass
         if trash.is_dir():
             shutil.rmtree(trash, ignore_errors=True)
         else:
             trash.unlink(missing_ok=True)
+        return True
 
     def _sweep_locks_and_tmp(self) -> None:
-        for lock_path in (self.root / ".locks").glob("*.lock"):
+        locks = self.root / ".locks"
+        for lock_path in locks.glob("*.lock") if locks.is_dir() else ():
             lock = FileLock(lock_path)
-            if lock.acquire(blocking=False):  # nobody builds this key now
-                for stale in (self.root / ".tmp").glob(f"{lock_path.stem}.*"):
-                    shutil.rmtree(stale, ignore_errors=True)
-                lock.unlink_and_release()
+            try:
+                if not lock.acquire(blocking=False):  # someone builds this key now
+                    continue
+            except OSError as e:
+                raise dir_error(self.cache_dir, "clear build debris", e) from None
+            for stale in (self.root / ".tmp").glob(f"{lock_path.stem}.*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            lock.unlink_and_release()
         shutil.rmtree(self.root / ".trash", ignore_errors=True)
 
 

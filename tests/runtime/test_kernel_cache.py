@@ -1,4 +1,5 @@
-"""The kernel cache: keys, the load/build contract, concurrency, corruption, the CLI."""
+"""The kernel cache: keys, the load/build contract, concurrency, corruption, the CLI, and
+caches that cannot be written (read-only, a file where a directory belongs)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from twilight.runtime.store import kernel_key
 from twilight.runtime.store.filelock import FileLock
 from twilight.runtime.store.kernel_cache import (
     BuildOutputError,
+    CacheDirError,
     CacheLookupError,
     CacheMissError,
     CorruptEntryWarning,
@@ -403,3 +408,93 @@ def test_cli_clear(cache_dir, capsys, monkeypatch):
     assert "removed 2 entries" in capsys.readouterr().out
     assert KernelCache().ls() == [] and main(["cache", "ls"]) == 0
     assert "is empty" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------- caches that cannot be written
+
+READ_ONLY = r"""
+import json, sys, warnings
+from twilight.cli import main
+from twilight.runtime.store.kernel_cache import CacheDirError, KernelCache, cache_key
+good, bad, root = sys.argv[1:4]
+cache = KernelCache(root)
+result = {"hit": cache.try_load(good) is not None}
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    result["corrupt"] = cache.try_load(bad)
+result["warning"] = str(seen[0].message)
+try:
+    cache.get_or_build(cache_key("b" * 64, {}, "llvm", "tvm", stamps={}), lambda out: None,
+                       {"kernel": "new"})
+except CacheDirError as e:
+    result["miss"] = str(e)
+result["verify_fix"] = main(["cache", "verify", "--fix", "--cache-dir", root])
+result["clear"] = main(["cache", "clear", "--yes", "--cache-dir", root])
+print(json.dumps(result))
+"""
+
+
+def _as_reader_only(code: str, *argv: str):
+    """Run ``code`` where the cache cannot be written: as this user when it is not root
+    (directory permissions then bind), else as ``nobody`` (root ignores them)."""
+    if os.geteuid() != 0:
+        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                              text=True, timeout=120)
+    import pwd
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("running as root and there is no 'nobody' user to drop to")
+
+    def drop():
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120, preexec_fn=drop, cwd="/")
+
+
+def test_read_only_cache_loads_hits_and_says_why_it_cannot_do_more(tmp_path):
+    root = Path(tempfile.mkdtemp(prefix="tw-ro-"))  # world-traversable, unlike tmp_path
+    try:
+        cache = KernelCache(root / "c")
+        good, bad = key_of(), key_of(target="cuda:sm_80")
+        cache.get_or_build(good, Builder())
+        _flip_byte(cache.get_or_build(bad, Builder()).path)
+        for p in [root, *root.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        done = _as_reader_only(READ_ONLY, good, bad, str(root / "c"))
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout.splitlines()[-1])
+        assert result["hit"] and result["corrupt"] is None
+        assert "it stays: the cache dir is read-only" in result["warning"]
+        assert "cannot build new (key" in result["miss"] and "read-only" in result["miss"]
+        assert result["verify_fix"] == 1 and result["clear"] == 1
+        assert "removed 0 of 1 damaged entries" in done.stdout
+        assert "cannot remove entry" in done.stderr and "Traceback" not in done.stderr
+        assert len(KernelCache(root / "c").ls()) == 2  # and nothing was removed
+    finally:
+        for p in [root, *root.rglob("*")]:
+            p.chmod(0o755)
+        shutil.rmtree(root)
+
+
+def test_a_file_where_the_cache_needs_a_directory_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CacheDirError, match="is a file, not a directory"):
+        KernelCache(tmp_path / "file")
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path / "file")]) == 1
+    assert "is a file, not a directory" in capsys.readouterr().err
+    (tmp_path / "c" / "kernels").mkdir(parents=True)
+    (tmp_path / "c" / "kernels" / ".locks").write_text("x")
+    with pytest.raises(CacheDirError, match=r"\.locks is a file where a directory belongs"):
+        KernelCache(tmp_path / "c").get_or_build(key_of(), Builder())
+
+
+def test_clear_refuses_a_negative_age(cache_dir, capsys):
+    _populate()
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache", "clear", "--older-than", "-5", "--yes"])
+    assert exit_.value.code == 2 and "expected a finite number ≥ 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="≥ 0"):
+        KernelCache().clear(older_than=timedelta(days=-5))
+    assert len(KernelCache().ls()) == 2
