@@ -39,16 +39,20 @@ def register(sub) -> None:
 
 
 def _entries(args):
-    from ..runtime.store.tuning_log import SHIPPED, read_log, user_root
+    """``(path, log, entry)`` of every well-formed entry; a damaged log or entry is skipped
+    with a warning (it names the file)."""
+    from ..runtime.store.tuning_log import SHIPPED, entries, read_log_or_warn, user_root
     roots = [Path(r) for r in args.root] if args.root else [user_root(), SHIPPED]
     for root in roots:
         for path in sorted(Path(root).glob("*/*.json")):
-            data = read_log(path)
-            if args.device and data["device"] != args.device:
+            data = read_log_or_warn(path)
+            if data is None:
                 continue
-            if args.pipeline and data["pipeline"] != args.pipeline:
+            if args.device and data.get("device") != args.device:
                 continue
-            for entry in data["entries"]:
+            if args.pipeline and data.get("pipeline") != args.pipeline:
+                continue
+            for entry in entries(data, path):
                 yield path, data, entry
 
 
@@ -68,13 +72,16 @@ def _show(entries) -> int:
     for _path, data, e in entries:
         s = e["shape"]
         for r in e["buckets"]:
-            table.add_row(data["device"] + ("" if e.get("measured", True) else " (model)"),
-                          data["pipeline"], e["pipeline_key"][:10], e["backend"],
-                          f"{s['q_heads']}/{s['kv_heads']}×{s['head_dim']}",
-                          r["bucket"], str(r["latency_ms"]), str(r["default_latency_ms"]),
-                          str(r["dense_latency_ms"]), str(r["trials"]),
-                          ", ".join(f"{k}={v}" for k, v in (r["schedule"] or {}).items()),
-                          e.get("date", "")[:10])
+            table.add_row(str(data.get("device", "?")) + ("" if e.get("measured", True)
+                                                          else " (model)"),
+                          str(data.get("pipeline", "?")), e["pipeline_key"][:10], e["backend"],
+                          f"{s.get('q_heads', '?')}/{s.get('kv_heads', '?')}×"
+                          f"{s.get('head_dim', '?')}",
+                          r.get("bucket", f"b{r['batch']}_t{r['context']}"),
+                          *(str(r.get(k, "—")) for k in ("latency_ms", "default_latency_ms",
+                                                         "dense_latency_ms", "trials")),
+                          ", ".join(f"{k}={v}" for k, v in r["schedule"].items()),
+                          str(e.get("date", ""))[:10])
     Console(width=max(Console().width, 180)).print(table)
     return 0
 
@@ -85,16 +92,18 @@ def _plot(entries, out: Path) -> int:
     import matplotlib.pyplot as plt
     import optuna
 
-    from ..runtime.tuning.tuner import open_storage
+    from ..runtime.tuning.storage import open_storage, storage_exists
     buckets = [(data, e, r) for _p, data, e in entries for r in e["buckets"]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     hist, bars = axes
     for data, e, r in buckets:
-        label = f"{data['pipeline']} {r['bucket']}"
+        label = f"{data.get('pipeline', '?')} {r.get('bucket', '?')}"
+        spec = str(e.get("storage") or "")
+        if not spec or storage_exists(spec) is False:
+            continue  # the study stayed on the machine that tuned (or was deleted)
         try:
-            study = optuna.load_study(study_name=r["study"],
-                                      storage=open_storage(e["storage"], Path(e["storage"])))
-        except Exception:  # the study's storage may be on another machine
+            study = optuna.load_study(study_name=r["study"], storage=open_storage(spec, None))
+        except Exception:  # a server out of reach, a password kept out of the log, ...
             continue
         done = [t for t in study.trials if t.value is not None]
         xs = [t.number for t in done]
@@ -104,15 +113,15 @@ def _plot(entries, out: Path) -> int:
         hist.scatter(xs, ys, s=12, alpha=0.5, color=line.get_color())
     hist.set(xlabel="trial", ylabel="latency (ms)", title="tuning history", yscale="log")
     hist.legend(fontsize=7)
-    names = [f"{d['pipeline']}\n{r['bucket']}" for d, _e, r in buckets]
+    names = [f"{d.get('pipeline', '?')}\n{r.get('bucket', '?')}" for d, _e, r in buckets]
     xs = range(len(buckets))
     for off, key, label in ((-0.27, "latency_ms", "tuned"), (0.0, "default_latency_ms",
                                                             "default schedule"),
                             (0.27, "dense_latency_ms", "dense (fastest torch SDPA)")):
-        bars.bar([x + off for x in xs], [r[key] or 0 for _d, _e, r in buckets], width=0.27,
+        bars.bar([x + off for x in xs], [r.get(key) or 0 for _d, _e, r in buckets], width=0.27,
                  label=label)
     bars.set_xticks(list(xs), names, fontsize=7)
-    bars.set(ylabel="latency (ms)", title=f"best latency per shape ({buckets[0][0]['device']})",
+    bars.set(ylabel="latency (ms)", title=f"best latency per shape ({buckets[0][0].get('device', '?')})",
              yscale="log")
     bars.legend(fontsize=7)
     fig.tight_layout()
