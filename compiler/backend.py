@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import abc
 import importlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import TwilightError
 from . import ir
 
-__all__ = ["Artifact", "Backend", "ExportMismatch", "StageKernels", "Target", "backend_for",
-           "backends", "get_backend", "register_backend"]
+__all__ = ["Artifact", "Backend", "BackendUnavailableError", "ExportMismatch", "StageKernels",
+           "Target", "UnknownBackendError", "backend_for", "backends", "get_backend",
+           "register_backend"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +45,15 @@ class Target:
         if kind not in ("cuda", "llvm", "interpret"):
             raise ValueError(f"unknown target {text!r}: use cuda:sm_80, cuda:sm_90, llvm or "
                              "interpret")
-        if kind == "cuda" and not arch.startswith("sm_"):
+        if kind == "cuda" and not re.fullmatch(r"sm_[1-9][0-9]{1,2}a?", arch):
             raise ValueError(f"target {text!r}: name the CUDA arch, e.g. cuda:sm_90")
+        if kind != "cuda" and arch:
+            raise ValueError(f"target {text!r}: {kind} takes no arch (write {kind})")
         return cls(kind, arch)
 
     @property
     def sm(self) -> int:
-        return int(self.arch[3:]) if self.kind == "cuda" else 0
+        return int(self.arch[3:].rstrip("a")) if self.kind == "cuda" else 0
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.arch}" if self.arch else self.kind
@@ -204,6 +209,17 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
+class BackendUnavailableError(TwilightError):
+    """A backend that cannot run here as asked (Triton on a CPU without its interpreter)."""
+
+
+class UnknownBackendError(TwilightError, KeyError):
+    """No backend by that name here, or none that serves a device (a ``KeyError`` too)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
 def get_backend(name: str) -> Backend:
     """The backend called ``name``, importing only that built-in one (importing triton costs
     0.2 s, tvm's kernels more)."""
@@ -213,9 +229,11 @@ def get_backend(name: str) -> Backend:
             try:
                 importlib.import_module(mod)
             except ImportError as e:
-                raise KeyError(f"backend {name!r} is not available here: {e}") from None
+                raise UnknownBackendError(f"backend {name!r} is not available here: {e}") \
+                    from None
     if name not in _REGISTRY:
-        raise KeyError(f"unknown backend {name!r}; known: {', '.join(sorted(backends()))}")
+        raise UnknownBackendError(f"unknown backend {name!r}; known: "
+                                  f"{', '.join(sorted(backends()))}")
     return _REGISTRY[name]
 
 
@@ -238,6 +256,6 @@ def backend_for(device, names: Sequence[str] | None = None) -> tuple[Backend, Ta
         if t is not None and (names is None or b.name in names):
             found.append((b.preference, b.name, b, t))
     if not found:
-        raise KeyError(f"no backend serves {device.name} ({device.kind})")
+        raise UnknownBackendError(f"no backend serves {device.name} ({device.kind})")
     _, _, b, t = min(found, key=lambda x: x[:2])
     return b, t

@@ -24,10 +24,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import SourceLoc
+from ..errors import InputError, SourceLoc
 
 IR_VERSION = 1
 
@@ -242,8 +243,21 @@ class PipelineIR:
 
 
 def as_ir(pipeline) -> PipelineIR:
-    """The IR of a ``tw.Pipeline`` (its ``.ir``), or the IR itself."""
-    return pipeline if isinstance(pipeline, PipelineIR) else pipeline.ir
+    """The IR of a ``tw.Pipeline`` (its ``.ir``), or the IR itself; anything else is an
+    ``InputError`` saying what was passed."""
+    if isinstance(pipeline, PipelineIR):
+        return pipeline
+    got = getattr(pipeline, "ir", None)
+    if isinstance(got, PipelineIR):
+        return got
+    what = f"the string {pipeline!r}" if isinstance(pipeline, str) else \
+        f"a {type(pipeline).__name__}"
+    raise InputError(f"pipeline: expected a tw.Pipeline (e.g. tw.builtins.quest_twilight()) "
+                     f"or its IR, got {what}")
+
+
+SHAPE_DTYPES = ("float16", "bfloat16", "float32")
+"""The K/V and query dtypes kernels are built for (``Shape.dtype``)."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +269,17 @@ class Shape:
     head_dim: int
     page_size: int = 16
     dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        # whether q_heads is a multiple of kv_heads is the verifier's (it names the pipeline)
+        for name in ("q_heads", "kv_heads", "head_dim", "page_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"Shape: {name}={value!r}; expected a positive whole number")
+            object.__setattr__(self, name, int(value))  # numpy/torch integers → int (the key)
+        if self.dtype not in SHAPE_DTYPES:
+            raise InputError(f"Shape: dtype={self.dtype!r}; expected one of "
+                             f"{', '.join(SHAPE_DTYPES)}")
 
     @property
     def group_size(self) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -40,8 +42,8 @@ PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
 )}
 
 
-class DeviceError(Exception):
-    pass
+class DeviceError(InputError):
+    """A device name that is unknown, or names a device this machine does not have."""
 
 
 def present_device() -> DeviceProfile:
@@ -72,7 +74,8 @@ def resolve_device(name: str, allow_absent: bool = False) -> DeviceProfile:
         raise DeviceError(f"unknown device {name!r}; known: {', '.join(PROFILES)}, auto")
     want = PROFILES[name]
     if want.name != present.name and not allow_absent:
-        raise DeviceError(f"--gpu {name}: this machine has {present.name} "
-                          f"({present.kind}, {present.arch}), not {name}; tune on a machine "
-                          f"with that device, or use --gpu {present.name if present.name in PROFILES else 'auto'}")
+        here = present.name if present.name in PROFILES else "auto"
+        raise DeviceError(f"device {name!r}: this machine has {present.name} "
+                          f"({present.kind}, {present.arch}), not {name}; run on a machine "
+                          f"with that device, or name {here}")
     return want

@@ -28,6 +28,7 @@ from types import ModuleType
 import triton
 
 from ... import knobs
+from ..backend import BackendUnavailableError
 
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
 
@@ -153,8 +154,9 @@ def load(source: str, interpret: bool) -> ModuleType:
     if key in _MODULES:
         return _MODULES[key]
     if interpret and not interpreter_ready():
-        raise RuntimeError("Triton's interpreter needs TRITON_INTERPRET=1 in the environment "
-                           "before triton is first imported (set it, or use a cuda target)")
+        raise BackendUnavailableError("Triton on the CPU runs only in its interpreter, which "
+                                      "needs TRITON_INTERPRET=1 in the environment before "
+                                      "triton is first imported (set it, or use a cuda target)")
     _preimport_gluon()
     name = f"twilight_triton_gen.{path.stem}_{'interp' if interpret else 'jit'}"
     spec = importlib.util.spec_from_file_location(name, path)

@@ -58,6 +58,8 @@ from ...compiler.backend import (
 from ...compiler.stages import StageInputs, run_stages
 from ...compiler.verify import verify
 from ...errors import InputError
+from ...frontend.builtins import Calibrated
+from ...frontend.resolve import resolve_pipeline
 from ...schedules.devices import DeviceProfile, resolve_device
 from ..store import tuning_log
 from ..store.estimator_choice import calibrated
@@ -85,7 +87,14 @@ def pick_schedule(p: ir.PipelineIR, device: DeviceProfile, shape: ir.Shape, buck
     found = tuning_log.find_schedule(p, device.name, shape, bucket, backend)
     if found is not None:
         rec, _ = found
-        return dict(rec["schedule"]), f"tuning log {device.name}/{p.name} bucket {rec['bucket']}"
+        where = f"tuning log {device.name}/{p.name} bucket {rec.get('bucket', '?')}"
+        try:
+            get_backend(backend).complete(rec["schedule"])
+        except ValueError as e:  # hand-edited, or from an older space: not worth a crash
+            warnings.warn(f"twilight.load: {where}: {e}; using the default schedule",
+                          tuning_log.TuningLogWarning, stacklevel=3)
+            return {}, "default"
+        return dict(rec["schedule"]), where
     told = (p.key(), device.name, shape, backend)
     if told not in _TOLD:
         _TOLD.add(told)
@@ -115,7 +124,13 @@ def _backend_and_target(name: str, dev: DeviceProfile, target) -> tuple[Backend,
             raise InputError(f"load: {e.args[0]}") from None
         tgt = backend.serving_target(dev)
     if target is not None:
-        tgt = Target.parse(target) if isinstance(target, str) else target
+        try:
+            tgt = Target.parse(target) if isinstance(target, str) else target
+        except ValueError as e:
+            raise InputError(f"load: target={target!r}: {e}") from None
+        if tgt.kind == "cuda" and dev.kind != "cuda":  # load returns kernels to run here
+            raise InputError(f"load: target {tgt} needs a CUDA GPU and this machine has none; "
+                             "'twilightc compile' builds kernels for a GPU without one")
     if tgt is None or not backend.supports(tgt):
         raise InputError(f"load: the {backend.name} backend does not run on {dev.name}"
                          + (f" ({tgt})" if tgt else "") + "; pass target= (e.g. 'interpret' "
@@ -220,9 +235,10 @@ class DecodePipeline:
         """Size every buffer ``run`` needs for ``batch`` requests of up to ``max_context``
         tokens: query staging, page-table rows, lengths, and the kernels' scratch. A later
         ``run`` with another batch size, or a longer context, plans again by itself."""
-        if batch < 1 or max_context < 1:
-            raise InputError(f"plan: batch and max_context must be positive, got {batch}, "
-                             f"{max_context}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                   for n in (batch, max_context)):
+            raise InputError(f"plan: batch and max_context must be whole numbers ≥ 1, got "
+                             f"{batch!r}, {max_context!r}")
         s, i32 = self.shape, dict(dtype=torch.int32, device=device)
         pages = math.ceil(max_context / self.ir.page_size)
         self._plan = _Plan(batch, max_context,
@@ -286,9 +302,10 @@ class DecodePipeline:
 
 
 def _bucket(batch: int, context: int) -> ShapeBucket:
-    if batch < 1 or context < 1:
-        raise InputError(f"load: batch and context must be positive, got {batch}, {context}")
-    return ShapeBucket(batch, context)
+    try:
+        return ShapeBucket(batch, context)
+    except ValueError as e:
+        raise InputError(f"load: {e}") from None
 
 
 def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend: str = "auto",
@@ -312,9 +329,14 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
         kv = pipe.make_cache()
         out = pipe.plan(1, 8192).run(q, kv)
     """
-    if shape is None:
+    if not isinstance(shape, ir.Shape):
         raise InputError("load: pass shape=tw.Shape(q_heads, kv_heads, head_dim, page_size, "
                          "dtype): kernels are specialized on the head layout")
+    if isinstance(pipeline, str):  # named as on the command line: 'quest_twilight(p=0.9)'
+        pipeline = resolve_pipeline(pipeline)
+    if isinstance(pipeline, Calibrated):
+        raise InputError(f"load: {pipeline.name} needs calibration data first: pass "
+                         f"{pipeline.name}.make(q, k) (sample queries and keys of the layer)")
     p = ir.as_ir(pipeline)
     if model is not None:  # the key estimator 'twilightc calibrate' chose for this model
         p, est = calibrated(p, model)
