@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .. import knobs
 from ..errors import TwilightError
 from . import cache_cmd, calibrate_cmd, compile_cmd, eval_cmd, logs_cmd, tune_cmd
+from .args import UsageError
 
 COMMANDS = (eval_cmd, calibrate_cmd, tune_cmd, compile_cmd, cache_cmd, logs_cmd)
 
@@ -35,7 +37,8 @@ environment:
   TWILIGHT_DEBUG=1   show full Python tracebacks instead of one-line errors
 
 exit status:
-  0 success, 1 a twilight error (bad pipeline, bad input), 2 bad command line
+  0 success, 1 a twilight error (bad pipeline, bad input, a failed tune, a file that cannot
+  be read or written), 2 bad command line (or an environment knob that holds nonsense)
 
 See 'twilightc COMMAND --help' for each command.
 """
@@ -53,11 +56,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Errors are one line on stderr — exit 1 for a twilight error or a file
+    system one, 2 for a bad command line or environment knob — and a full traceback with
+    ``TWILIGHT_DEBUG=1``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return args.run(args) or 0
+        debug = knobs.debug()
+        for knob in knobs.KNOBS.values():
+            knob.get()  # a knob that holds nonsense is a usage error, said up front
+    except knobs.KnobError as e:
+        parser.exit(2, f"twilightc: error: {e}\n")
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return args.run(args) or 0
+    except UsageError as e:
+        if debug:
+            raise
+        parser.exit(2, f"twilightc {args.command}: error: {e}\n")
     except TwilightError as e:
-        if knobs.debug():
+        if debug:
             raise
         print(f"twilightc {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file or folder that cannot be read or written: no traceback
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"twilightc {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"twilightc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as ``twilightc: warning: ...`` (not the file:line of twilight's code)."""
+    print(f"twilightc: warning: {message}", file=file or sys.stderr)

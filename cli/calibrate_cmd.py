@@ -7,6 +7,8 @@ import dataclasses
 import json
 import sys
 
+from .args import number
+
 HELP = "pick the cheapest key estimator that keeps a pipeline's top-p faithful for a model"
 
 DESCRIPTION = """\
@@ -50,9 +52,9 @@ def register(sub) -> None:
                    help="the name to file the choice under (default: the snapshots' model)")
     p.add_argument("--layers", default=None, metavar="I,J,...",
                    help="only these layer slots of each snapshot (default: all)")
-    p.add_argument("--mean-drop", type=float, default=0.02, metavar="X",
+    p.add_argument("--mean-drop", type=number(0, strict=False), default=0.02, metavar="X",
                    help="mean true mass must be ≥ p - X (default: %(default)s)")
-    p.add_argument("--min-drop", type=float, default=0.2, metavar="X",
+    p.add_argument("--min-drop", type=number(0, strict=False), default=0.2, metavar="X",
                    help="no head's true mass below p - X (default: %(default)s)")
     p.add_argument("--no-timing", action="store_true", help="skip the estimate-stage timing")
     p.add_argument("--no-write", action="store_true", help="report only; write no choice")

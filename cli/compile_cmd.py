@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from . import args
+
 HELP = "lower a pipeline to kernels and dump the generated code"
 
 DESCRIPTION = """\
@@ -38,72 +40,59 @@ def register(sub) -> None:
     p.add_argument("--pipeline", required=True, metavar="PIPELINE",
                    help="a built-in name, NAME(arg=value, ...), module:attr or file.py:attr")
     p.add_argument("--backend", required=True, choices=("triton", "tvm"))
-    p.add_argument("--target", required=True, metavar="TARGET",
+    p.add_argument("--target", required=True, metavar="TARGET", type=args.target,
                    help="cuda:sm_80, cuda:sm_90, llvm (CPU) or interpret (Triton interpreter)")
-    p.add_argument("--shape", default="q_heads=32,kv_heads=8,head_dim=128,page_size=16,"
-                   "dtype=float16", metavar="K=V,...",
-                   help="q_heads, kv_heads, head_dim, page_size, dtype (default: %(default)s)")
-    p.add_argument("--schedule", default="{}", metavar="JSON",
-                   help="schedule parameters as a JSON object (missing ones take defaults)")
-    p.add_argument("--dump", required=True, metavar="DIR", type=Path,
+    p.add_argument("--shape", metavar="K=V,...", type=args.head_shape,
+                   default=args.head_shape(DEFAULT_SHAPE),
+                   help=f"q_heads (a multiple of kv_heads), kv_heads, head_dim, page_size, dtype "
+                        f"({', '.join(args.SHAPE_DTYPES)}) (default: {DEFAULT_SHAPE})")
+    p.add_argument("--schedule", default={}, metavar="JSON", type=args.schedule_json,
+                   help="schedule parameters as a JSON object (missing ones take defaults; "
+                        "an unknown name or value is an error that lists the allowed ones)")
+    p.add_argument("--dump", required=True, metavar="DIR", type=args.out_dir,
                    help="directory to write the intermediates to (created)")
     p.set_defaults(run=run)
 
 
-def parse_shape(text: str, page_size: int):
-    from ..compiler.ir import Shape
-    from ..errors import InputError
-    fields = {"page_size": page_size}
-    for item in filter(None, text.split(",")):
-        name, _, value = item.partition("=")
-        if name not in ("q_heads", "kv_heads", "head_dim", "page_size", "dtype"):
-            raise InputError(f"--shape: unknown field {name!r}")
-        fields[name] = value if name == "dtype" else int(value)
-    try:
-        return Shape(**fields)
-    except TypeError as e:
-        raise InputError(f"--shape {text!r}: {e}") from None
+DEFAULT_SHAPE = "q_heads=32,kv_heads=8,head_dim=128,page_size=16,dtype=float16"
 
 
-def run(args) -> int:
+def run(ns) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..compiler.backend import Target, get_backend
+    from ..compiler.backend import get_backend
     from ..compiler.ir import canonical_json
     from ..compiler.verify import verify
-    from ..errors import InputError, StructureError
+    from ..errors import StructureError
     from ..frontend.builtins import Calibrated
     from ..frontend.resolve import resolve_pipeline
 
-    pipe = resolve_pipeline(args.pipeline)
+    pipe = resolve_pipeline(ns.pipeline)
     if isinstance(pipe, Calibrated):
         raise StructureError(f"{pipe.name} needs calibrated channels to compile; pass them, "
                              f"e.g. '{pipe.name}(channels=[[...], ...])'")
-    shape = parse_shape(args.shape, pipe.ir.page_size)
+    shape = args.make_shape(ns.shape, pipe.ir.page_size)
     verify(pipe.ir, shape)
-    try:
-        schedule = json.loads(args.schedule)
-        target = Target.parse(args.target)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise InputError(str(e)) from None
-    backend = get_backend(args.backend)
-    if not backend.supports(target):
-        raise InputError(f"backend {args.backend} does not support target {target}")
-    compiled = backend.lower(pipe.ir, shape, schedule, target)
+    backend = get_backend(ns.backend)
+    if not backend.supports(ns.target):
+        raise args.UsageError(f"--target {ns.target}: backend {ns.backend} does not support "
+                              "it")
+    schedule = args.check_schedule(ns.schedule, backend.space(pipe.ir, shape, ns.target))
+    compiled = backend.lower(pipe.ir, shape, schedule, ns.target)
 
-    args.dump.mkdir(parents=True, exist_ok=True)
-    (args.dump / "ir.json").write_text(canonical_json(pipe.ir))
-    resources = write_artifacts(backend.dump_artifacts(compiled, target), args.dump,
+    ns.dump.mkdir(parents=True, exist_ok=True)
+    (ns.dump / "ir.json").write_text(canonical_json(pipe.ir))
+    resources = write_artifacts(backend.dump_artifacts(compiled, ns.target), ns.dump,
                                 source_ext=getattr(backend, "source_ext", "src"))
-    (args.dump / "resources.json").write_text(json.dumps(resources, indent=1))
+    (ns.dump / "resources.json").write_text(json.dumps(resources, indent=1))
     table = Table("stage", "kernel", "files", "registers", "spills", "shared bytes")
     for r in resources:
         exts = " ".join(f.removeprefix(r["name"] + ".") for f in r["files"])
         table.add_row(r["stage"], r["name"], exts, *(
             str(r["metadata"].get(k, "—")) for k in ("registers", "spills", "shared")))
     Console(width=max(Console().width, 110)).print(table)
-    Console().print(f"wrote {len(resources)} kernels to {args.dump}")
+    Console().print(f"wrote {len(resources)} kernels to {ns.dump}")
     return 0
 
 

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from .args import count
+
 HELP = "measure a pipeline against dense attention on an attention snapshot"
 
 DESCRIPTION = """\
@@ -67,7 +69,8 @@ def register(sub) -> None:
                         "twilight.load — tuned schedule, kernel cache — and time each layer's "
                         "step against the fastest torch SDPA (auto: triton on a GPU, tvm on "
                         "the CPU)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per layer (--backend)")
+    p.add_argument("--repeats", type=count(1), default=10,
+                   help="timed runs per layer (--backend) (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(run=run)
 

@@ -7,6 +7,8 @@ import datetime
 import os
 import platform
 
+from . import args
+
 HELP = "tune a pipeline's schedules on this device with Optuna; write a tuning log"
 
 DESCRIPTION = """\
@@ -27,12 +29,25 @@ EPILOG = """\
 devices (--gpu): a100 h100 h200 l40s rtx4090 cpu auto
   Naming a device that is not present is an error that says what is present.
 
+trials (--trials N): the study's total per shape bucket, shared by every process tuning it.
+  Two machines started with --trials 8 on one --storage measure 8 schedules between them,
+  never one schedule twice; rerunning a finished tune with a larger N adds the difference.
+
 storage (--storage):
-  PATH.journal             an Optuna journal file (default: $TWILIGHT_DATA_DIR/studies/...)
+  PATH.journal             an Optuna journal file (default: $TWILIGHT_DATA_DIR/studies/...);
+                           many processes on one machine (or a shared file system) may share it
   PATH.db | sqlite:///P    SQLite
-  postgresql://user:pw@host/db
+  postgresql://user@host/db
                            PostgreSQL: start the same command on many machines with the
-                           same URL and they tune one study together (pip install psycopg2)
+                           same URL and they tune one study together (pip install
+                           'psycopg[binary]', or psycopg2-binary). Keep the password out of
+                           the URL (PGPASSWORD or ~/.pgpass); a password in it is never
+                           printed nor written to the tuning log, which shows user:***@host.
+
+exit status:
+  0 every shape bucket has a winner in the tuning log; 1 a bucket where no schedule passed
+  (no trial finished in time, or every one failed): it gets no log entry, the error says why;
+  2 a bad command line
 
 examples:
   twilightc tune --gpu cpu
@@ -52,88 +67,129 @@ def register(sub) -> None:
     p.add_argument("--pipeline", default="quest_twilight", metavar="PIPELINE",
                    help="built-in name, NAME(arg=value), module:attr (default: %(default)s)")
     p.add_argument("--backend", default="any", choices=("any", "triton", "tvm"),
-                   help="any: the backend that serves the device (triton on a GPU, tvm on the CPU; "
-                        "default: %(default)s)")
-    p.add_argument("--shapes", default=None, metavar="BxT,...",
-                   help="shape buckets, batch x context (default: 1x4k,4x8k on cpu; "
-                        "8x16k,64x16k on a GPU)")
-    p.add_argument("--head-shape", default="q_heads=32,kv_heads=8,head_dim=128,dtype=float16",
-                   metavar="K=V,...", help="head layout (default: %(default)s)")
+                   help="any: the backend that serves the device (triton on a GPU, tvm on the "
+                        "CPU; default: %(default)s); triton on the CPU runs only in Triton's "
+                        "interpreter, with TRITON_INTERPRET=1 (slow: tiny shapes only)")
+    p.add_argument("--shapes", default=None, metavar="BxT,...", type=args.buckets,
+                   help="shape buckets, batch x context, each ≥ 1 (default: 1x4k,4x8k on "
+                        "cpu; 8x16k,64x16k on a GPU)")
+    p.add_argument("--head-shape", metavar="K=V,...", type=args.head_shape,
+                   default=args.head_shape(DEFAULT_HEADS),
+                   help=f"head layout: q_heads (a multiple of kv_heads), kv_heads, head_dim, "
+                        f"dtype ({', '.join(args.SHAPE_DTYPES)}) (default: {DEFAULT_HEADS})")
     p.add_argument("--snapshot", default=None, metavar="FILE",
                    help="take the head layout, dtype and shape bucket (queries × context) from "
                         "an attention snapshot, to tune for what 'twilightc eval --backend' runs")
-    p.add_argument("--trials", type=int, default=12, help="trials per shape bucket "
-                   "(default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
+    p.add_argument("--trials", type=args.count(1), default=12, metavar="N",
+                   help="trials per shape bucket, in all: processes sharing --storage share "
+                        "them (default: %(default)s)")
+    p.add_argument("--timeout", type=args.number(0), default=None, metavar="S",
                    help="stop after S seconds in all (default: none)")
     p.add_argument("--storage", default=None, metavar="URL", help="study storage (see below)")
     p.add_argument("--resume", action="store_true",
                    help="require an existing study to resume (studies always resume anyway)")
-    p.add_argument("--sampler", default="tpe", choices=("tpe", "grid", "random"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per trial (median)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "grid", "random"),
+                   help="tpe (default), random, or grid: every schedule once, for spaces of at "
+                        "most 100,000 (the TVM space; not the Triton one)")
+    p.add_argument("--seed", type=args.count(0), default=0,
+                   help="seeds the measured problem and, mixed with the process, the sampler")
+    p.add_argument("--repeats", type=args.count(1), default=10,
+                   help="timed runs per trial (median) (default: %(default)s)")
+    p.add_argument("--workers", type=args.count(1), default=1,
                    help="trials run at once in this process (compiles overlap; on the CPU "
                         "timings then disturb each other). Many machines: share --storage.")
-    p.add_argument("--log-dir", default=None, metavar="DIR",
+    p.add_argument("--log-dir", default=None, metavar="DIR", type=args.out_dir,
                    help="tuning log root (default: $TWILIGHT_TUNING_LOGS)")
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
+DEFAULT_HEADS = "q_heads=32,kv_heads=8,head_dim=128,dtype=float16"
+
+
+def run(ns) -> int:
     from pathlib import Path
 
     from rich.console import Console
 
     from .. import knobs
-    from ..compiler.backend import backend_for
-    from ..errors import InputError
+    from ..compiler.backend import backend_for, get_backend
+    from ..compiler.verify import verify
     from ..frontend.resolve import resolve_pipeline
-    from ..runtime.store.tuning_log import ShapeBucket, user_root
+    from ..runtime.store.tuning_log import user_root
     from ..runtime.tuning.tuner import TuneConfig
-    from ..schedules.devices import DeviceError, resolve_device
-    from .compile_cmd import parse_shape
+    from ..schedules.devices import resolve_device
     from .tune_report import tune_and_report
 
-    try:
-        device = resolve_device(args.gpu)
-    except DeviceError as e:
-        raise InputError(str(e)) from None
-    pipe = resolve_pipeline(args.pipeline)
-    shape = parse_shape(args.head_shape, pipe.ir.page_size)
-    if args.snapshot:
-        from ..compiler.ir import Shape
-        from ..runtime.evaluation.snapshot import load_snapshot
-        snap = load_snapshot(args.snapshot)
-        _, nq, hq, d = snap.q.shape
-        shape = Shape(hq, snap.k.shape[1], d, pipe.ir.page_size,
-                      str(snap.q.dtype).removeprefix("torch."))
-        if len(set(snap.scale.tolist())) == 1:  # as 'twilightc eval' will run it
-            from ..frontend.dsl import Pipeline
-            from ..runtime.evaluation.evaluate import with_model_scale
-            pipe = Pipeline.from_ir(with_model_scale(pipe.ir, float(snap.scale[0]), d))
-        args.shapes = args.shapes or f"{nq}x{int(snap.q_pos.max()) + 1}"
-    try:  # "any": the backend that serves this device (Triton on a GPU, TVM on the CPU)
-        backend = backend_for(device, None if args.backend == "any" else [args.backend])[0].name
-    except KeyError as e:
-        raise InputError(f"--backend {args.backend}: {e.args[0]}") from None
-    shapes = args.shapes or ("1x4k,4x8k" if device.kind == "cpu" else "8x16k,64x16k")
-    try:
-        buckets = [ShapeBucket.parse(s) for s in shapes.split(",")]
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    device = resolve_device(ns.gpu)
+    pipe = resolve_pipeline(ns.pipeline)
+    if not hasattr(pipe, "ir"):
+        raise args.UsageError(f"--pipeline {ns.pipeline}: {pipe.name} needs calibrated "
+                              f"channels to tune; pass them, e.g. '{pipe.name}(channels=...)'")
+    shape = args.make_shape(ns.head_shape, pipe.ir.page_size)
+    buckets = ns.shapes
+    if ns.snapshot:
+        pipe, shape, buckets = _from_snapshot(ns.snapshot, pipe, buckets)
+    if ns.backend == "any":  # the backend that serves this device (Triton on a GPU, TVM here)
+        backend = backend_for(device)[0].name
+    else:
+        backend = get_backend(ns.backend).name
+        args.require_runnable(get_backend(backend), device)
+    buckets = buckets or args.buckets("1x4k,4x8k" if device.kind == "cpu" else "8x16k,64x16k")
+    verify(pipe.ir, shape, stage="tune")
     default_store = Path(knobs.data_dir()) / "studies" / device.name / f"{pipe.name}.journal"
-    if args.resume and not args.storage and not default_store.exists():
-        raise InputError(f"--resume: no study to resume at {default_store}")
-    cfg = TuneConfig(pipe.ir, shape, buckets, backend, device, trials=args.trials,
-                     timeout=args.timeout, storage=args.storage or str(default_store),
-                     sampler=args.sampler, seed=args.seed, repeats=args.repeats)
-    root = Path(args.log_dir) if args.log_dir else user_root()
+    cfg = TuneConfig(pipe.ir, shape, buckets, backend, device, trials=ns.trials,
+                     timeout=ns.timeout, storage=ns.storage or str(default_store),
+                     sampler=ns.sampler, seed=ns.seed, repeats=ns.repeats)
+    _check_memory(cfg)
+    if ns.sampler == "grid":
+        _check_grid(cfg)
+    root = args.writable_dir(ns.log_dir or user_root(),
+                             "--log-dir" if ns.log_dir else "TWILIGHT_TUNING_LOGS")
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host_cpu": platform.processor() or platform.machine(),
             "host_cores": os.cpu_count(),
             # timings on a busy machine are worth less: say how busy it was when tuning began
             "host_load_1min": round(os.getloadavg()[0], 2)}
     tune_and_report(cfg, root, meta, Console(width=max(Console().width, 120)),
-                    workers=args.workers)
+                    workers=ns.workers, resume=ns.resume)
     return 0
+
+
+def _from_snapshot(path: str, pipe, buckets):
+    """The head layout, dtype, model scale and (unless given) bucket of a snapshot."""
+    from ..compiler.ir import Shape
+    from ..frontend.dsl import Pipeline
+    from ..runtime.evaluation.evaluate import with_model_scale
+    from ..runtime.evaluation.snapshot import load_snapshot
+    from ..runtime.store.tuning_log import ShapeBucket
+    snap = load_snapshot(path)
+    _, nq, hq, d = snap.q.shape
+    shape = Shape(hq, snap.k.shape[1], d, pipe.ir.page_size,
+                  str(snap.q.dtype).removeprefix("torch."))
+    if len(set(snap.scale.tolist())) == 1:  # as 'twilightc eval' will run it
+        pipe = Pipeline.from_ir(with_model_scale(pipe.ir, float(snap.scale[0]), d))
+    return pipe, shape, buckets or [ShapeBucket(nq, int(snap.q_pos.max()) + 1)]
+
+
+def _check_grid(cfg) -> None:
+    from ..compiler.backend import get_backend
+    space = get_backend(cfg.backend).space(cfg.pipeline, cfg.shape, cfg.target)
+    if space.size() > 100_000:
+        raise args.UsageError(f"--sampler grid: the {cfg.backend} space has {space.size():,} "
+                              "schedules, too many to try each; use tpe or random")
+
+
+def _check_memory(cfg) -> None:
+    """Refuse a shape bucket whose K/V alone would not fit the device, before allocating it."""
+    import torch
+    item = torch.empty((), dtype=getattr(torch, cfg.shape.dtype)).element_size()
+    if cfg.device.kind == "cuda" and torch.cuda.is_available():
+        have, where = torch.cuda.get_device_properties(0).total_memory, "the GPU's"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    for b in cfg.buckets:
+        need = 2 * b.batch * b.context * cfg.shape.kv_heads * cfg.shape.head_dim * item
+        if need > have // 2:
+            raise args.UsageError(f"--shapes {b.batch}x{b.context}: its K/V cache alone takes "
+                                  f"{need / 2**30:.1f} GiB, more than half of {where} "
+                                  f"{have / 2**30:.0f} GiB")

@@ -7,7 +7,13 @@ Accepted forms::
     my_pkg.selectors:pipe                an attribute of an importable module
     ./my_selectors.py:pipe               an attribute of a Python file
 
-The attribute may be a ``Pipeline``, a ``Calibrated`` pipeline, or a function returning one.
+The attribute must be a ``Pipeline``, a ``Calibrated`` pipeline, or a *factory*: a Python
+function (``def``) that takes no arguments and returns one, e.g. ``def pipe(): return
+tw.Pipeline(...)``. Anything else — a class, a builtin, any other callable object — is refused
+without being called (``builtins:exit`` names a callable, not a pipeline).
+
+Errors in a built-in's arguments name the text on the command line (``--pipeline
+'quest_top_k(budget=-1)': ...``), not a line of twilight's own code.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import inspect
 from pathlib import Path
 
-from ..errors import StructureError
+from ..errors import PipelineError, StructureError
 from .builtins import PIPELINES, Calibrated
 from .dsl import Pipeline
 
@@ -28,11 +35,26 @@ def resolve_pipeline(spec: str) -> Pipeline | Calibrated:
         obj = _load_attr(*spec.rsplit(":", 1))
     else:
         obj = _builtin(spec)
-    if callable(obj) and not isinstance(obj, Pipeline | Calibrated):
+    if _is_factory(obj):
         obj = obj()
+        if not isinstance(obj, Pipeline | Calibrated):
+            raise StructureError(f"pipeline {spec!r}: the function returned a "
+                                 f"{type(obj).__name__}, not a tw.Pipeline")
     if not isinstance(obj, Pipeline | Calibrated):
-        raise StructureError(f"pipeline {spec!r} is a {type(obj).__name__}, not a tw.Pipeline")
+        raise StructureError(f"pipeline {spec!r} is a {type(obj).__name__}, not a tw.Pipeline "
+                             "(or a function of no arguments that returns one)")
     return obj
+
+
+def _is_factory(obj) -> bool:
+    """A plain Python function callable with no arguments (never a class or a builtin)."""
+    if not inspect.isfunction(obj):
+        return False
+    try:
+        inspect.signature(obj).bind()
+    except TypeError:
+        return False
+    return True
 
 
 def _builtin(spec: str):
@@ -58,21 +80,38 @@ def _builtin(spec: str):
         return PIPELINES[name_node.id](**kwargs)
     except TypeError as e:
         raise StructureError(f"pipeline {spec!r}: {e}") from None
+    except PipelineError as e:  # the user wrote the arguments here, not in twilight's code
+        raise type(e)(f"pipeline {spec!r}: {e.message}", None, e.hint) from None
 
 
 def _load_attr(module: str, attr: str):
-    if module.endswith(".py"):
-        path = Path(module)
-        if not path.is_file():
-            raise StructureError(f"pipeline file {module} does not exist")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
-    else:
-        try:
+    try:
+        if module.endswith(".py"):
+            path = Path(module)
+            if not path.is_file():
+                raise StructureError(f"pipeline file {module} does not exist")
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            mod = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(mod)
+        else:
             mod = importlib.import_module(module)
-        except ImportError as e:
-            raise StructureError(f"cannot import {module!r}: {e}") from None
-    if not hasattr(mod, attr):
+    except PipelineError:
+        raise  # a DSL error: it names the user's line already
+    except ImportError as e:
+        raise StructureError(f"cannot import {module!r}: {e}") from None
+    except Exception as e:  # the user's module failed while it ran: say where
+        raise StructureError(f"pipeline {module}:{attr}: {_where(e)}{type(e).__name__}: {e}") \
+            from None
+    if not attr.isidentifier() or not hasattr(mod, attr):
         raise StructureError(f"{module} has no attribute {attr!r}")
     return getattr(mod, attr)
+
+
+def _where(e: Exception) -> str:
+    """``file:line: `` of the innermost frame of an exception (a SyntaxError's own line)."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}: "
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}: " if tb else ""

@@ -41,15 +41,22 @@ def test_tvm_llvm_and_cuda_dumps(tmp_path):
     assert cuda and "__global__" in cuda[0].read_text()
 
 
+def _exit_status(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse and usage errors: exit 2
+        return e.code
+
+
 def test_bad_requests_are_clear_errors(tmp_path, capsys):
-    assert main(["compile", "--pipeline", "quest_twilight", "--backend", "tvm", "--target",
-                 "cuda", "--dump", str(tmp_path)]) == 1
+    assert _exit_status(["compile", "--pipeline", "quest_twilight", "--backend", "tvm",
+                         "--target", "cuda", "--dump", str(tmp_path)]) == 2
     assert "name the CUDA arch" in capsys.readouterr().err
     assert main(["compile", "--pipeline", "ds_twilight", "--backend", "tvm", "--target",
                  "llvm", "--dump", str(tmp_path)]) == 1
     assert "needs calibrated channels" in capsys.readouterr().err
-    assert main(["compile", "--pipeline", "quest_twilight", "--backend", "triton", "--target",
-                 "llvm", "--dump", str(tmp_path)]) == 1
+    assert _exit_status(["compile", "--pipeline", "quest_twilight", "--backend", "triton",
+                         "--target", "llvm", "--dump", str(tmp_path)]) == 2
     assert "does not support" in capsys.readouterr().err
 
 

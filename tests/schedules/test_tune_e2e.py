@@ -12,6 +12,7 @@ import time
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 import twilight as tw
@@ -139,3 +140,32 @@ def test_killed_tune_resumes_without_losing_or_repeating_trials(dirs):
     retried = [t for t in after.trials if t.user_attrs.get("retry_of") is not None]
     assert len(keys) - len(set(keys)) <= len(retried)  # only a cut-off trial runs again
     assert not [t for t in after.trials if t.state == TrialState.RUNNING]
+
+
+def test_triton_tune_starts_at_once_on_its_full_space(dirs):
+    """`tune --backend triton` searches the full Triton space (63 million schedules, which
+    used to be enumerated before the first trial: a hang). On the CPU it runs in Triton's
+    interpreter, so: tiny shapes, one trial, and a timeout that a hang would exceed."""
+    env = {**os.environ, "TWILIGHT_DATA_DIR": str(dirs / "data"), "TRITON_INTERPRET": "1",
+           "TWILIGHT_TUNING_LOGS": str(dirs / "logs"), "TWILIGHT_CACHE_DIR": str(dirs / "c")}
+    done = subprocess.run(
+        [sys.executable, "-m", "twilight.cli", "tune", "--gpu", "cpu", "--backend", "triton",
+         "--pipeline", "quest_twilight(budget=64)", "--head-shape",
+         "q_heads=2,kv_heads=1,head_dim=16,dtype=float32", "--shapes", "1x128", "--trials", "1",
+         "--repeats", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "space of 62,914,560 schedules" in done.stdout
+    log = json.loads((dirs / "logs" / "cpu" / "quest_twilight.json").read_text())
+    assert log["entries"][0]["backend"] == "triton" and log["entries"][0]["target"] == \
+        "interpret"
+
+
+def test_triton_on_a_cpu_without_its_interpreter_is_refused(dirs, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(_tune_args(["--backend", "triton"]))
+    assert exit_.value.code == 2
+    assert "no CUDA GPU; Triton runs on the CPU only in its interpreter" in \
+        capsys.readouterr().err
