@@ -139,7 +139,12 @@ def check_schedule(schedule: dict, space, flag: str = "--schedule") -> dict:
         if p.name in schedule and schedule[p.name] not in p.choices:
             raise UsageError(f"{flag}: {p.name}={schedule[p.name]!r}; expected one of "
                              f"{', '.join(map(repr, p.choices))}")
-    return space.complete(schedule)
+    full = space.complete(schedule)
+    for name in schedule.keys() - full.keys():  # would be dropped: say so, change nothing
+        when = " and ".join(f"{q} in {', '.join(map(repr, v))}"
+                            for q, v in space.param(name).when)
+        raise UsageError(f"{flag}: {name} has no effect here; it applies only when {when}")
+    return full
 
 
 def target(text: str):
