@@ -29,7 +29,7 @@ from ...errors import InputError
 from ..evaluation.measure import dense_baseline_ms
 from ..store.kernel_key import toolchain_stamps
 from ..store.tuning_log import SHIPPED, find_schedule, shape_dict, user_root, write_entry
-from .claims import DUPLICATE, OVER_BUDGET, counts, retried, tally
+from .claims import counts, retried, tally
 from .storage import open_storage, redact, storage_exists
 from .tuner import TuneConfig, best_trial, bucket_problem, default_trial, study_name, tune_bucket
 
@@ -113,9 +113,9 @@ def _require_study(cfg: TuneConfig, storage) -> None:
 
 def why_none_passed(study: optuna.Study, cfg: TuneConfig) -> str:
     """One line: why a study has no gate-passing trial (what a user changes next)."""
-    trials = [t for t in study.get_trials(deepcopy=False)
-              if DUPLICATE not in t.user_attrs and OVER_BUDGET not in t.user_attrs
-              and t.state != TrialState.WAITING]
+    every = study.get_trials(deepcopy=False)
+    gone = retried(every)  # not the proposals that stepped back, nor a dead worker's trials
+    trials = [t for t in every if counts(t, gone)]
     if not trials:
         if cfg.trials < 1:
             return "no trial ran (--trials is 0)"

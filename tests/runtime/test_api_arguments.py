@@ -62,7 +62,7 @@ def test_shape_is_valid_or_a_clear_error(fields, dtype):
     (dict(backend="cuda"), "unknown backend 'cuda'; known: "),
     (dict(target="cuda:sm_90"), "needs a CUDA GPU and this machine has none"),
     (dict(target="banana"), "target='banana': unknown target"),
-    (dict(backend="tvm", target="interpret"), "does not support target interpret"),
+    (dict(backend="tvm", target="interpret"), r"tvm backend does not run on cpu \(interpret\)"),
     (dict(device="h100"), "device 'h100': this machine has"),
     (dict(device="tpu"), "unknown device 'tpu'"),
     (dict(shape=None), "pass shape=tw.Shape"),

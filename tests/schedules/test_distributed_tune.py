@@ -29,7 +29,7 @@ WORKER = r"""
 import sys, time, random
 from pathlib import Path
 import twilight as tw
-from twilight.compiler.backend import Backend, Compiled, register_backend
+from twilight.compiler.backend import Backend, Target, register_backend
 from twilight.runtime.evaluation.reference import reference
 from twilight.runtime.store.tuning_log import ShapeBucket
 from twilight.runtime.tuning.tuner import TuneConfig, tune_bucket, open_storage
@@ -39,7 +39,7 @@ from twilight.schedules.space import Param, Space
 SPACE = Space("toy", (Param("a", (1, 2, 3, 4), 1), Param("b", ("x", "y", "z"), "x"),
                       Param("c", (0, 1), 0, when=(("b", ("x", "y")),))))
 
-class Run(Compiled):
+class Run:
     artifacts = []
     def __init__(self, p):
         self.ref = reference(p)
@@ -51,6 +51,8 @@ class Run(Compiled):
 class SlowReference(Backend):
     name = "slow_reference"
     def supports(self, target): return True
+    def serving_target(self, device): return Target("llvm")
+    def complete(self, schedule): return SPACE.complete(schedule)
     def version_stamp(self): return {}
     def space(self, p, shape, target): return SPACE
     def lower(self, p, shape, schedule, target):

@@ -160,12 +160,15 @@ def test_triton_tune_starts_at_once_on_its_full_space(dirs):
         "interpret"
 
 
-def test_triton_on_a_cpu_without_its_interpreter_is_refused(dirs, capsys, monkeypatch):
+def test_triton_on_a_cpu_without_its_interpreter_is_refused(dirs):
+    """Without TRITON_INTERPRET=1 (read when triton is first imported: a fresh process), the
+    Triton backend cannot run on a CPU: a usage error, before anything is tuned."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        main(_tune_args(["--backend", "triton"]))
-    assert exit_.value.code == 2
-    assert "no CUDA GPU; Triton runs on the CPU only in its interpreter" in \
-        capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TWILIGHT_DATA_DIR=str(dirs / "data"), TWILIGHT_TUNING_LOGS=str(dirs / "logs"))
+    done = subprocess.run([sys.executable, "-m", "twilight.cli", *_tune_args(
+        ["--backend", "triton"])], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--backend triton: it does not serve cpu" in done.stderr
+    assert "TRITON_INTERPRET=1" in done.stderr and "Traceback" not in done.stderr

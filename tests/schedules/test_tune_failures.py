@@ -37,8 +37,17 @@ class _AlwaysWrong(Backend):
 
     name = "tvm"
 
+    def __init__(self, real=None):
+        self.real = real
+
     def supports(self, target):
         return self.real.supports(target)
+
+    def serving_target(self, device):
+        return self.real.serving_target(device)
+
+    def complete(self, schedule):
+        return self.real.complete(schedule)
 
     def version_stamp(self):
         return self.real.version_stamp()
@@ -58,8 +67,7 @@ class _AlwaysWrong(Backend):
 
 
 def test_no_passing_schedule_exits_1_says_why_and_logs_nothing(dirs, monkeypatch, capsys):
-    faulty = _AlwaysWrong()
-    faulty.real = get_backend("tvm")
+    faulty = _AlwaysWrong(get_backend("tvm"))
     monkeypatch.setitem(backend_mod._REGISTRY, "tvm", faulty)
     assert _tune(["--trials", "2"]) == 1
     err = capsys.readouterr().err
