@@ -148,14 +148,21 @@ def _open_rdb(url: str, spec: str):
 def _rdb_storage(url: str, attempts: int = 5):
     """An RDBStorage; processes that open a new database at once race to create its tables
     (one gets "already exists", SQLite "database is locked"): the loser tries again."""
+    sqlite = url.startswith("sqlite")
     for attempt in range(attempts):
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url, heartbeat_interval=30, grace_period=120,
                     heartbeat_stale_trial_callback=optuna.storages.
-                    RetryHeartbeatStaleTrialCallback(max_retry=1))
+                    RetryHeartbeatStaleTrialCallback(max_retry=1),
+                    # the driver leaves transactions to SQLAlchemy (see _serialize_sqlite)
+                    engine_kwargs={"connect_args": {"timeout": 60, "isolation_level": None}}
+                    if sqlite else None)
+            if sqlite:
+                _serialize_sqlite(storage.engine)
+            return storage
         except Exception as e:
             racing = any(s in str(e).lower() for s in ("already exists", "database is locked",
                                                         "unique constraint"))
@@ -163,6 +170,19 @@ def _rdb_storage(url: str, attempts: int = 5):
                 raise
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
     raise AssertionError("unreachable")
+
+
+def _serialize_sqlite(engine) -> None:
+    """Every SQLite transaction takes the write lock when it begins (``BEGIN IMMEDIATE``).
+
+    Optuna pops a waiting trial by reading it ``FOR UPDATE`` and then marking it running;
+    SQLite ignores ``FOR UPDATE`` and Python's driver begins a transaction only at the first
+    write, so two processes could both pop one enqueued trial and measure it twice (one then
+    fails with "Cannot tell a COMPLETE trial"). SQLAlchemy's recipe for SQLite: the driver
+    in autocommit mode (``isolation_level=None``) and an explicit BEGIN on each transaction."""
+    from sqlalchemy import event
+
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def _with_installed_driver(url: str, spec: str) -> str:

@@ -290,9 +290,13 @@ def tune_bucket(cfg: TuneConfig, bucket: ShapeBucket, space: Space, storage,
         objective = objective or Objective(
             cfg, space, problem or bucket_problem(cfg, bucket), check,
             random.Random(_sampler_seed(cfg.seed + 1, len(study.trials))))
-        study.optimize(objective, n_trials=goal - done - running, timeout=left,
-                       catch=(Exception,), n_jobs=workers,
-                       callbacks=[callback] if callback else None)
+        try:
+            study.optimize(objective, n_trials=goal - done - running, timeout=left,
+                           catch=(Exception,), n_jobs=workers,
+                           callbacks=[callback] if callback else None)
+        except ValueError as e:  # our trial was finished meanwhile by another process (an RDB
+            if "Cannot tell a" not in str(e):  # heartbeat check failed it as stale): go on
+                raise
         idle = idle + 1 if tally(study)[0] == done else 0
     return study
 
