@@ -24,12 +24,36 @@ from .frontend.dsl import (
     score,
     sink,
     threshold,
+    token_summary,
     tokens,
     top_k,
     top_p,
     window,
 )
-from .frontend.ops import abs, absmax, dot, exp, max, maximum, mean, min, minimum, sum
+from .frontend.ops import (
+    abs,
+    absmax,
+    distance,
+    dot,
+    exp,
+    head_dim,
+    log,
+    max,
+    maximum,
+    mean,
+    min,
+    minimum,
+    position,
+    project,
+    query_position,
+    sign,
+    softcap,
+    sqrt,
+    sum,
+    tanh,
+    top_channels,
+    where,
+)
 from .runtime.evaluation.reference import reference
 from .runtime.serving.load import DecodePipeline, load
 from .runtime.serving.paged_cache import PagedKVCache
@@ -38,7 +62,9 @@ from .version import __version__ as __version__
 __all__ = [
     "DecodePipeline", "InputError", "NonFiniteInputError", "PagedKVCache", "Pipeline",
     "PipelineError", "PipelineIR", "Shape", "TwilightError", "abs", "absmax", "attention",
-    "builtins", "dot", "exact_keys", "exp", "fraction", "load", "max", "maximum", "mean", "min",
-    "minimum", "nothing", "page_summary", "quantized_keys", "reference", "score", "sink", "sum",
-    "threshold", "tokens", "top_k", "top_p", "verify", "window",
+    "builtins", "distance", "dot", "exact_keys", "exp", "fraction", "head_dim", "load", "log",
+    "max", "maximum", "mean", "min", "minimum", "nothing", "page_summary", "position", "project",
+    "quantized_keys", "query_position", "reference", "score", "sign", "sink", "softcap", "sqrt",
+    "sum", "tanh", "threshold", "token_summary", "tokens", "top_channels", "top_k", "top_p",
+    "verify", "where", "window",
 ]

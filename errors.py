@@ -58,8 +58,9 @@ class AxisError(PipelineError):
     """A reduction over the wrong axis (a summary must reduce tokens, a score head_dim)."""
 
 
-class UnknownSummaryError(PipelineError):
-    """A score reads a summary field the page summary does not define."""
+class UnknownSummaryError(PipelineError, AttributeError):
+    """A score reads a summary field the page summary does not define (an ``AttributeError``
+    too, so that ``hasattr`` and Python's own probes of a summary view keep working)."""
 
 
 class BudgetError(PipelineError):

@@ -11,32 +11,54 @@ Score expressions are trees of ``Expr`` nodes. Their value kinds:
 * ``k`` — one key (per-token scores), a vector over head_dim;
 * ``page_k`` — the keys of one page (summaries only), a matrix tokens × head_dim;
 * ``summary`` (attr ``field``) — one field of a page summary, a vector;
-* ``const`` (attr ``value``) — a scalar.
+* ``const`` (attr ``value``) — a scalar;
+* ``position`` — the position of the scored token (per-page scores: of the page's first token),
+  ``query_position`` — the query's own position (the context length - 1), ``head_dim`` — the
+  head dimension: scalars, float32.
 
-Ops: ``neg abs exp`` (elementwise), ``add sub mul div maximum minimum`` (elementwise, scalars
-broadcast), ``take`` (attr ``channels``: a tuple of channel ids, or one tuple per KV head),
-``reduce_sum reduce_max reduce_min reduce_mean`` (attr ``axis``: ``"channel"`` for head_dim,
-``"token"`` for a page's tokens).
+Ops (the torch meaning of each is ``compiler.torch_expr``; every backend lowers every one):
+
+* elementwise, scalars broadcast: ``neg abs exp log sqrt tanh sign``, ``pow`` (attr
+  ``exponent``: a constant, not an integer — the DSL turns integer powers into products),
+  ``add sub mul div maximum minimum``, comparisons ``lt le gt ge eq ne`` (1.0 or 0.0),
+  ``where`` (inputs ``cond, a, b``: ``a`` where ``cond != 0``, else ``b``);
+* channels: ``take`` (attr ``channels``: a tuple of channel ids, or one tuple per KV head),
+  ``top_channels`` (attr ``r``: the ``r`` channels of largest ``|x|`` of a query-side vector
+  ``x``, ties to the lower channel, ascending — an index vector, computed per head and step),
+  ``gather`` (inputs ``x, index``: ``x`` at a ``top_channels`` index), ``project`` (attr
+  ``matrix``: a :class:`Matrix` ``[D, R]`` or ``[Hkv, D, R]``; ``x @ P``, width ``R``);
+* ``reduce_sum reduce_max reduce_min reduce_mean`` (attr ``axis``: ``"channel"`` for head_dim,
+  ``"token"`` for a page's tokens).
+
+Fields added after the first release carry ``_NEW``: at their default they are left out of the
+canonical JSON, so the key of every pipeline that does not use them is what it always was (the
+shipped tuning logs are keyed by it).
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import json
 import numbers
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InputError, SourceLoc
+from ..errors import BudgetError, InputError, SourceLoc, StructureError
 
 IR_VERSION = 1
 
-LEAF_OPS = ("q", "k", "page_k", "summary", "const")
-UNARY_OPS = ("neg", "abs", "exp")
-BINARY_OPS = ("add", "sub", "mul", "div", "maximum", "minimum")
+LEAF_OPS = ("q", "k", "page_k", "summary", "const", "position", "query_position", "head_dim")
+UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "tanh", "sign", "pow")
+COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
+BINARY_OPS = ("add", "sub", "mul", "div", "maximum", "minimum") + COMPARE_OPS
 REDUCE_OPS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_mean")
-ALL_OPS = LEAF_OPS + UNARY_OPS + BINARY_OPS + REDUCE_OPS + ("take",)
+CHANNEL_OPS = ("take", "gather", "project", "top_channels")
+ALL_OPS = LEAF_OPS + UNARY_OPS + BINARY_OPS + REDUCE_OPS + CHANNEL_OPS + ("where",)
+QUERY_LEAVES = ("q", "const", "query_position", "head_dim")
+"""Leaves of a query-side expression: one value per head and step, whatever the token."""
 
 GROUP_MODES = ("none", "union", "mean", "max", "kv")
 """How the query heads of one GQA group share a decision:
@@ -45,6 +67,67 @@ GROUP_MODES = ("none", "union", "mean", "max", "kv")
 ``kv`` one score (or estimate) per KV head from the group's mean query."""
 
 _LOC = dict(default=None, compare=False, hash=False, repr=False)
+_OMIT = {"omit_default": True}
+
+
+def _new(default: Any) -> Any:
+    """A field added after the first release: left out of the key while at its default."""
+    return field(default=default, metadata=_OMIT)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A constant float32 matrix in the IR (a ``project`` map): its shape and its values as
+    the hex of their little-endian float32 bytes — exact, compact and JSON-able.
+
+    >>> m = Matrix.of([[1.0, 2.0], [3.0, 0.5]])
+    >>> m.shape, m.values()
+    ((2, 2), [1.0, 2.0, 3.0, 0.5])
+    """
+
+    shape: tuple[int, ...]
+    data: str
+
+    @classmethod
+    def of(cls, values) -> Matrix:
+        """From a tensor, an array or nested lists (2-D ``[D, R]`` or 3-D ``[Hkv, D, R]``)."""
+        if hasattr(values, "tolist"):
+            values = values.tolist()
+        shape, flat = _flatten(values)
+        buf = array.array("f", flat)
+        if sys.byteorder == "big":
+            buf.byteswap()
+        return cls(tuple(shape), buf.tobytes().hex())
+
+    def values(self) -> list[float]:
+        """Row-major float32 values (as Python floats)."""
+        buf = array.array("f", bytes.fromhex(self.data))
+        if sys.byteorder == "big":
+            buf.byteswap()
+        return buf.tolist()
+
+    @property
+    def out_width(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def in_width(self) -> int:
+        return self.shape[-2]
+
+    @property
+    def per_head(self) -> bool:
+        return len(self.shape) == 3
+
+
+def _flatten(values) -> tuple[list[int], list[float]]:
+    if not isinstance(values, list | tuple):
+        return [], [float(values)]
+    if not values:
+        raise ValueError("a matrix needs values")
+    parts = [_flatten(v) for v in values]
+    if any(p[0] != parts[0][0] for p in parts):
+        raise ValueError("a matrix must be rectangular")
+    return [len(values), *parts[0][0]], [x for p in parts for x in p[1]]
 
 
 @dataclass(frozen=True)
@@ -76,11 +159,14 @@ class SummaryField:
 
 @dataclass(frozen=True)
 class Summary:
-    """What the paged cache keeps per page and KV head: named reductions of the page's keys."""
+    """What the paged cache keeps beside the keys: per page and KV head, named reductions of the
+    page's keys (``per="page"``); or per token and KV head, named maps of each key (``"token"``:
+    a channel subset, a projection ``k @ P``, ...), computed on append."""
 
     name: str
     fields: tuple[SummaryField, ...]
     loc: SourceLoc | None = field(**_LOC)
+    per: str = _new("page")  # "page": reductions of a page's keys; "token": maps of each key
 
     def field_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
@@ -99,15 +185,46 @@ class Score:
 
 @dataclass(frozen=True)
 class Budget:
-    kind: str  # "tokens" | "fraction"
+    """A token budget: ``tokens`` (``value`` tokens), ``fraction`` (``ceil(value · context)``),
+    or the larger (``max``, written ``a | b``) or smaller (``min``, ``a & b``) of its ``parts``."""
+
+    kind: str  # "tokens" | "fraction" | "max" | "min"
     value: float
     loc: SourceLoc | None = field(**_LOC)
+    parts: tuple[Budget, ...] = _new(())
 
     def tokens(self, context: int) -> int:
         """The budget in tokens for a context of ``context`` tokens."""
         if self.kind == "tokens":
             return int(self.value)
-        return max(1, -(-int(round(self.value * context * 1e6)) // 1_000_000))
+        if self.kind == "fraction":
+            return max(1, -(-int(round(self.value * context * 1e6)) // 1_000_000))
+        pick = max if self.kind == "max" else min
+        return pick(b.tokens(context) for b in self.parts)
+
+    def __or__(self, other: Budget) -> Budget:
+        """``tw.tokens(N) | tw.fraction(F)``: the larger of the two budgets."""
+        return self._combine("max", other, "|")
+
+    def __and__(self, other: Budget) -> Budget:
+        """``tw.tokens(N) & tw.fraction(F)``: the smaller of the two budgets."""
+        return self._combine("min", other, "&")
+
+    def _combine(self, kind: str, other, sym: str) -> Budget:
+        if not isinstance(other, Budget):
+            raise BudgetError(f"budget {sym} {type(other).__name__}: combine budgets with "
+                              "budgets (tw.tokens(N), tw.fraction(F))", self.loc)
+        parts = tuple(p for b in (self, other)
+                      for p in (b.parts if b.kind == kind else (b,)))
+        return Budget(kind, 0.0, self.loc, parts)
+
+    def describe(self) -> str:
+        if self.kind == "tokens":
+            return f"tw.tokens({int(self.value)})"
+        if self.kind == "fraction":
+            return f"tw.fraction({self.value:g})"
+        return "(" + (" | " if self.kind == "max" else " & ").join(
+            b.describe() for b in self.parts) + ")"
 
 
 GRANULARITIES = ("token", "page", "group")
@@ -172,15 +289,49 @@ class Estimator:
 
 @dataclass(frozen=True)
 class Select:
-    """The base selector: a score and a budget rule (top-k or threshold), or ``none`` — no
-    candidates beyond the keep rules (StreamingLLM)."""
+    """The base selector: a score and a rule — ``top_k`` (a budget), ``threshold`` (a value),
+    ``top_p`` (the fewest units holding mass ``p`` of ``softmax(score)``) — or ``none`` (no
+    candidates beyond the keep rules: StreamingLLM); or the union (``a | b``, rule ``union``)
+    or intersection (``a & b``, ``intersect``) of other selectors' sets (``parts``).
+
+    ``estimator``: the keys a per-token score's ``k`` reads — None (or exact) the keys
+    themselves, else a low-bit format the cache keeps (as a pruner's estimate reads)."""
 
     score: Score | None
-    rule: str  # "top_k" | "threshold" | "none"
+    rule: str  # "top_k" | "threshold" | "top_p" | "none" | "union" | "intersect"
     budget: Budget | None = None
     threshold: float | None = None
     group: str = "max"
     loc: SourceLoc | None = field(**_LOC)
+    p: float | None = _new(None)
+    estimator: Estimator | None = _new(None)
+    parts: tuple[Select, ...] = _new(())
+
+    def __or__(self, other: Select) -> Select:
+        """``a | b``: the candidates of both selectors (the larger set)."""
+        return self._combine("union", other, "|")
+
+    def __and__(self, other: Select) -> Select:
+        """``a & b``: the candidates both selectors choose (the smaller set)."""
+        return self._combine("intersect", other, "&")
+
+    def _combine(self, rule: str, other, sym: str) -> Select:
+        if not isinstance(other, Select):
+            raise StructureError(f"selector {sym} {type(other).__name__}: combine selectors "
+                                 "(tw.top_k/tw.threshold/tw.top_p with a score)", self.loc,
+                                 hint="to widen a budget, combine budgets: tw.top_k(score, "
+                                 "tw.tokens(N) | tw.fraction(F))")
+        if "none" in (self.rule, other.rule):
+            raise StructureError(f"tw.nothing() {sym} ...: tw.nothing() selects no candidates; "
+                                 "drop it and keep the other selector", self.loc)
+        parts = tuple(p for s in (self, other) for p in (s.parts if s.rule == rule else (s,)))
+        return Select(None, rule, loc=self.loc, parts=parts)
+
+    def scored(self) -> tuple[Select, ...]:
+        """The selectors that score (this one, or its parts, depth first)."""
+        if self.parts:
+            return tuple(x for p in self.parts for x in p.scored())
+        return (self,) if self.score is not None else ()
 
 
 @dataclass(frozen=True)
@@ -205,8 +356,13 @@ class Keep:
     loc: SourceLoc | None = field(**_LOC)
 
     def __or__(self, other: Keep) -> Keep:
-        """``tw.sink(4) | tw.window(64)``: keep both."""
+        """``tw.sink(4) | tw.window(64)`` (or ``+``): keep both."""
+        if not isinstance(other, Keep):
+            raise StructureError(f"keep rule | {type(other).__name__}: combine keep rules "
+                                 "(tw.sink(S), tw.window(W))", self.loc)
         return Keep(max(self.sink, other.sink), max(self.window, other.window), self.loc)
+
+    __add__ = __or__
 
 
 @dataclass(frozen=True)
@@ -214,6 +370,7 @@ class Attend:
     scale: float | None = None  # None: 1/sqrt(head_dim)
     softcap: float | None = None  # logits ← softcap·tanh(logits/softcap)
     loc: SourceLoc | None = field(**_LOC)
+    mean_value: bool = _new(False)  # SparQ: y = α·attn + (1 - α)·mean(V), α the selector's mass
 
 
 @dataclass(frozen=True)
@@ -229,14 +386,29 @@ class PipelineIR:
     def key(self) -> str:
         return content_key(self)
 
+    def selectors(self) -> tuple[Select, ...]:
+        """The scored selectors (one, or the parts of a union/intersection), in order."""
+        return self.select.scored() if self.select else ()
+
+    def _summaries(self, per: str) -> tuple[Summary, ...]:
+        found = [s.score.summary for s in self.selectors() if s.score.summary is not None]
+        return tuple(x for x in dict.fromkeys(found) if x.per == per)
+
     def summaries(self) -> tuple[Summary, ...]:
         """The page summaries the cache must keep for this pipeline."""
-        s = self.select
-        return (s.score.summary,) if s and s.score and s.score.summary else ()
+        return self._summaries("page")
+
+    def token_summaries(self) -> tuple[Summary, ...]:
+        """The per-token summaries (maps of each key) the cache must keep on append."""
+        return self._summaries("token")
 
     def estimators(self) -> tuple[Estimator, ...]:
-        """The distinct key estimators the pruners read (exact ones included)."""
+        """The distinct key estimators the selectors' scores and the pruners read (exact ones
+        included)."""
         seen: dict[Estimator, None] = {}
+        for s in self.selectors():
+            if s.estimator is not None:
+                seen.setdefault(s.estimator)
         for p in self.prune:
             seen.setdefault(p.estimator)
         return tuple(seen)
@@ -290,7 +462,7 @@ class Shape:
 # Canonical form, key, and a JSON round trip (tuning logs and cache entries store IR as JSON).
 
 _CLASSES = {c.__name__: c for c in (Expr, SummaryField, Summary, Score, Budget, Estimator,
-                                    Select, Prune, Keep, Attend, PipelineIR, Shape)}
+                                    Select, Prune, Keep, Attend, PipelineIR, Shape, Matrix)}
 
 
 def to_data(obj: Any) -> Any:
@@ -298,8 +470,10 @@ def to_data(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {"__ir__": type(obj).__name__}
         for f in dataclasses.fields(obj):
-            if f.name != "loc":
-                out[f.name] = to_data(getattr(obj, f.name))
+            value = getattr(obj, f.name)
+            if f.name == "loc" or (f.metadata.get("omit_default") and value == f.default):
+                continue
+            out[f.name] = to_data(value)
         return out
     if isinstance(obj, tuple | list):
         return [to_data(x) for x in obj]

@@ -84,6 +84,8 @@ class ReferenceExecutor:
             kept = prune_mask(pr, w, kept, lengths) | keep[:, None, None]
 
         out = attend_masked(qg, k.float(), v.float(), kept, scale, p.attend.softcap)
+        if p.attend.mean_value:
+            out = reallocate(p, qg, k, valid, cache, ids, kept, out)
         out = out.reshape(q.shape).to(q.dtype)
         if not return_kept:
             return out
@@ -120,56 +122,97 @@ def keep_mask(keep: ir.Keep, valid: Tensor, lengths: Tensor) -> Tensor:
 
 
 def select_mask(p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor, cache: PagedKVCache,
-            ids: list[int]) -> Tensor:
+                ids: list[int]) -> Tensor:
     """Candidate mask ``[B, Hkv, G, T]``."""
     s = p.select
     b, hkv, g, _ = qg.shape
     if s is None:
         return valid[:, None, None].expand(b, hkv, g, -1)
+    return _select(s, p, qg, k, valid, cache, ids).expand(b, hkv, g, -1) & valid[:, None, None]
+
+
+def _select(s: ir.Select, p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor,
+            cache: PagedKVCache, ids: list[int]) -> Tensor:
+    """One selector's (or a combination's) choice ``[B, Hkv, G or 1, T]``."""
+    b, hkv, g, _ = qg.shape
     if s.rule == "none":
-        return torch.zeros(b, hkv, g, valid.shape[-1], dtype=torch.bool, device=valid.device)
-    qs = qg.mean(2, keepdim=True) if s.group == "kv" else qg
-    if s.score.per == "token":
-        units_valid, leaves = valid, {"k": k.float()[:, :, None]}
-    else:
-        pages, page_valid = cache.gather_pages(ids)
-        units_valid = page_valid > 0
-        leaves = {f"summary.{f}": cache.gather_paged(cache.summaries[f"{s.score.summary.name}.{f}"],
-                                                     ids).float()[:, :, None]
-                  for f in s.score.summary.field_names()}
-    leaves["q"] = qs[:, :, :, None]
-    scores = evaluate(s.score.expr, leaves)  # [B, Hkv, G', N]
-    scores = scores.expand(b, hkv, scores.shape[2], units_valid.shape[-1])
-    unit = cache.page_size if s.score.per == "page" else 1
+        return torch.zeros(b, hkv, 1, valid.shape[-1], dtype=torch.bool, device=valid.device)
+    if s.parts:
+        masks = [_select(x, p, qg, k, valid, cache, ids).expand(b, hkv, g, -1) for x in s.parts]
+        out = masks[0]
+        for m in masks[1:]:
+            out = out | m if s.rule == "union" else out & m
+        return out
+    scores, units_valid, unit = select_scores(s, p, qg, k, valid, cache, ids)
     chosen = _decide(s.rule, s.group, scores, units_valid[:, None, None], s.budget,
-                     s.threshold, unit, valid.sum(-1))
-    if s.score.per == "page":
-        chosen = chosen.repeat_interleave(cache.page_size, -1)[..., :valid.shape[-1]]
-    return chosen.expand(b, hkv, g, -1) & valid[:, None, None]
+                     s.threshold, unit, valid.sum(-1), s.p)
+    if unit > 1:
+        chosen = chosen.repeat_interleave(unit, -1)[..., :valid.shape[-1]]
+    return chosen
+
+
+def select_scores(s: ir.Select, p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor,
+                  cache: PagedKVCache, ids: list[int]) -> tuple[Tensor, Tensor, int]:
+    """A scored selector's scores ``float32 [B, Hkv, G' (1 for group kv), N]`` (units: pages or
+    tokens), which units are valid ``[B, N]``, and the unit's size in tokens."""
+    b, hkv, g, _ = qg.shape
+    sc = s.score
+    qs = qg.mean(2, keepdim=True) if s.group == "kv" else qg
+    lengths = valid.sum(-1)
+    if sc.per == "token":
+        units_valid, unit = valid, 1
+        if sc.summary is not None:
+            leaves = {f"summary.{f}": cache.gather_tokens(
+                cache.token_summaries[f"{sc.summary.name}.{f}"], ids)[0].float()[:, :, None]
+                for f in sc.summary.field_names()}
+        else:
+            keys = k.float() if s.estimator is None else \
+                _estimated_keys(s.estimator, cache, ids, k)
+            leaves = {"k": keys[:, :, None]}
+    else:
+        _, page_valid = cache.gather_pages(ids)
+        units_valid, unit = page_valid > 0, cache.page_size
+        leaves = {f"summary.{f}": cache.gather_paged(cache.summaries[f"{sc.summary.name}.{f}"],
+                                                     ids).float()[:, :, None]
+                  for f in sc.summary.field_names()}
+    n = units_valid.shape[-1]
+    leaves["q"] = qs[:, :, :, None]
+    leaves["position"] = (torch.arange(n, device=qg.device, dtype=torch.float32)
+                          * unit).view(1, 1, 1, n).expand(b, 1, 1, n)
+    leaves["query_position"] = (lengths - 1).to(torch.float32).view(b, 1, 1, 1)
+    scores = evaluate(sc.expr, leaves)  # [B, Hkv, G', N]
+    return scores.expand(b, hkv, scores.shape[2], n), units_valid, unit
 
 
 def _decide(rule: str, group: str, s: Tensor, ok: Tensor, budget: ir.Budget | None,
-            thresh: float | None, unit: int, lengths: Tensor) -> Tensor:
+            thresh: float | None, unit: int, lengths: Tensor, p: float | None = None) -> Tensor:
     """Which units to keep from scores ``s [B, Hkv, G, N]`` (valid where ``ok``), merging the
     group as ``group`` says; returns ``[B, Hkv, G or 1, N]``."""
-    s = torch.nan_to_num(s.float(), nan=-math.inf).masked_fill(~ok, -math.inf)
-    if group == "mean":
-        s = s.mean(2, keepdim=True)
-    elif group == "max":
-        s = s.amax(2, keepdim=True)
+    s = merged_scores(group, s, ok)
     if rule == "top_k":
         tokens = torch.tensor([budget.tokens(int(n)) for n in lengths.tolist()],
-                              device=s.device) if budget.kind == "fraction" else \
-            torch.full_like(lengths, int(budget.value))
+                              device=s.device, dtype=torch.long)
         k = (tokens + unit - 1) // unit
         order = s.sort(dim=-1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(
             s.shape[-1], device=s.device).expand_as(order))
         keep = rank < k.view(-1, 1, 1, 1)
+    elif rule == "top_p":
+        keep = top_p_mask(_softmax(s, ok & (s > -math.inf)), p)
     else:
         keep = s >= thresh
     keep = keep & ok
     return keep.any(2, keepdim=True) if group == "union" else keep
+
+
+def merged_scores(group: str, s: Tensor, ok: Tensor) -> Tensor:
+    """Scores with NaN and invalid units at -inf, the group merged (``mean``/``max``)."""
+    s = torch.nan_to_num(s.float(), nan=-math.inf).masked_fill(~ok, -math.inf)
+    if group == "mean":
+        return s.mean(2, keepdim=True)
+    if group == "max":
+        return s.amax(2, keepdim=True)
+    return s
 
 
 def _estimated_keys(e: ir.Estimator, cache: PagedKVCache, ids: list[int], k: Tensor) -> Tensor:
@@ -249,6 +292,33 @@ def top_p_mask(w: Tensor, p: float) -> Tensor:
     first = torch.arange(wd.shape[-1], device=wd.device) == 0
     keep_sorted = ((before < p * cum[..., -1:]) | (p >= 1) | first) & (sorted_w > 0)
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def mean_value_alpha(p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor,
+                     cache: PagedKVCache, ids: list[int], kept: Tensor) -> Tensor:
+    """SparQ's ``α [B, Hkv, G]``: the mass of the attended tokens ``kept [B, Hkv, G, T]`` under
+    ``softmax`` of the selector's (group-merged) scores over the whole context."""
+    s = p.select
+    scores, ok, _ = select_scores(s, p, qg, k, valid, cache, ids)
+    ok = ok[:, None, None]
+    merged = merged_scores(s.group, scores, ok)
+    w = _softmax(merged, ok & (merged > -math.inf)).expand_as(kept)
+    return (w * kept).sum(-1)
+
+
+def mean_value(cache: PagedKVCache, ids: list[int]) -> Tensor:
+    """``v̄ float32 [B, Hkv, D]``: the mean value of each request's context, from the running
+    sum the cache keeps on append."""
+    idx = torch.tensor(ids, dtype=torch.long, device=cache.v_sum.device)
+    return cache.v_sum[idx] / cache.lengths[idx].clamp(min=1).to(torch.float32)[:, None, None]
+
+
+def reallocate(p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor, cache: PagedKVCache,
+               ids: list[int], kept: Tensor, out: Tensor) -> Tensor:
+    """``α·out + (1 - α)·v̄`` (``attention(mean_value=True)``): the mass the selector left out
+    goes to the mean value instead of vanishing."""
+    alpha = mean_value_alpha(p, qg, k, valid, cache, ids, kept)[..., None]
+    return alpha * out + (1 - alpha) * mean_value(cache, ids)[:, :, None]
 
 
 def attend_masked(qg: Tensor, k: Tensor, v: Tensor, kept: Tensor, scale: float,

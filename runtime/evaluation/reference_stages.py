@@ -14,7 +14,7 @@ from ...compiler.passes import softmax_scale
 from ...compiler.stages import StageInputs
 from . import reference as R
 
-__all__ = ["ref_attend", "ref_estimate", "ref_prune", "ref_select"]
+__all__ = ["ref_attend", "ref_estimate", "ref_prune", "ref_scores", "ref_select"]
 
 def _qg(x: StageInputs) -> Tensor:
     b, hq, d = x.q.shape
@@ -52,8 +52,20 @@ def ref_prune(p: ir.PipelineIR, stage: int, x: StageInputs, w: Tensor, cand: Ten
 
 def ref_attend(p: ir.PipelineIR, x: StageInputs, kept: Tensor) -> Tensor:
     """Exact attention ``[B, Hq, D]`` (q's dtype) over the kept mask."""
-    k, v, _ = x.cache.gather(x.ids)
+    k, v, valid = x.cache.gather(x.ids)
     qg = _qg(x)
-    out = R.attend_masked(qg, k.float(), v.float(), kept.view(*qg.shape[:3], -1),
-                    softmax_scale(p, qg.shape[-1]), p.attend.softcap)
+    kept = kept.view(*qg.shape[:3], -1)
+    out = R.attend_masked(qg, k.float(), v.float(), kept, softmax_scale(p, qg.shape[-1]),
+                          p.attend.softcap)
+    if p.attend.mean_value:
+        out = R.reallocate(p, qg, k, valid, x.cache, x.ids, kept, out)
     return out.reshape(x.q.shape).to(x.q.dtype)
+
+
+def ref_scores(p: ir.PipelineIR, x: StageInputs, part: int = 0) -> Tensor:
+    """Scores ``float32 [B, Hkv, G' (1 for group kv), N]`` of scored selector ``part``
+    (``p.selectors()[part]``) over pages or tokens, before the group merge; invalid units hold
+    whatever the expression gives there (a backend's are ``-inf``)."""
+    k, _, valid = x.cache.gather(x.ids)
+    s = p.selectors()[part]
+    return R.select_scores(s, p, _qg(x), k, valid, x.cache, x.ids)[0]

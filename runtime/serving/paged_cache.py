@@ -11,6 +11,10 @@ Layout (``cap`` = capacity in pages, ``ps`` = page size):
 * ``k_pages``, ``v_pages``: ``[cap, Hkv, ps, D]`` in the cache dtype;
 * ``page_table``: int32 ``[request_slots, max_pages]``, -1 padded; ``lengths``: int64 ``[slots]``;
 * ``summaries[name]``: ``[cap, Hkv, C]`` in the cache dtype;
+* ``token_summaries[name]``: ``[cap, Hkv, ps, C]`` in the cache dtype — per-token maps of the
+  keys (a projection ``k @ P``, a channel subset), computed for each appended token;
+* ``v_sum`` (when ``track_v_sum``): float32 ``[request_slots, Hkv, D]``, the running sum of each
+  request's values (SparQ's mean value is ``v_sum / length``);
 * ``key_codes[spec]``: :class:`KeyCodes`, ``packed`` uint8 ``[cap, Hkv, ps, nbytes]`` and
 
   - "token": float32 ``scale``/``zero`` ``[cap, Hkv, ps]``, and with ``smooth`` the float32
@@ -66,10 +70,13 @@ from ...compiler.keycodes import (
 )
 from ...errors import InputError
 
-__all__ = ["KeyCodes", "PagedKVCache", "SummaryFn"]
+__all__ = ["KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
 
 SummaryFn = Callable[[Tensor, Tensor], Tensor]
 """``(keys float32 [P, Hkv, ps, D], valid bool [P, ps]) -> [P, Hkv, C]``."""
+
+TokenSummaryFn = Callable[[Tensor], Tensor]
+"""``(keys float32 [N, Hkv, D]) -> [N, Hkv, C]``: a map of each key."""
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 """The cache (and query) dtypes, by the names ``Shape.dtype`` uses."""
@@ -123,6 +130,8 @@ class PagedKVCache:
         key_codes: Sequence[KeyCodeSpec] = (),
         initial_pages: int = 64,
         minmax_summaries: tuple[str, str] | None = None,
+        token_summaries: Mapping[str, TokenSummaryFn] | None = None,
+        track_v_sum: bool = False,
     ) -> None:
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two (1, 2, 4, ...), got {page_size}")
@@ -160,6 +169,11 @@ class PagedKVCache:
         }
         self.key_codes = {s: self._new_codes(s, initial_pages) for s in self.key_code_specs}
         self._link_minmax()
+        self.token_summary_fns: dict[str, TokenSummaryFn] = dict(token_summaries or {})
+        self.token_summaries = {n: self._new_token_summary(n, fn, initial_pages)
+                                for n, fn in self.token_summary_fns.items()}
+        self.v_sum = torch.zeros(0, num_kv_heads, head_dim, dtype=torch.float32,
+                                 device=self.device) if track_v_sum else None
         self._free_pages: list[int] = list(range(initial_pages - 1, -1, -1))
         self._num_pages: list[int] = []  # pages held by each request slot
         self._live: list[bool] = []
@@ -177,6 +191,16 @@ class PagedKVCache:
         return torch.zeros(
             pages, self.num_kv_heads, out.shape[2], dtype=self.dtype, device=self.device
         )
+
+    def _new_token_summary(self, name: str, fn: TokenSummaryFn, pages: int) -> Tensor:
+        probe = torch.zeros(1, self.num_kv_heads, self.head_dim, device=self.device)
+        out = fn(probe)
+        if out.dim() != 3 or tuple(out.shape[:2]) != (1, self.num_kv_heads):
+            raise ValueError(f"token summary {name!r}: expected [N, num_kv_heads="
+                             f"{self.num_kv_heads}, C] from keys [N, {self.num_kv_heads}, "
+                             f"{self.head_dim}], got {tuple(out.shape)}")
+        return torch.zeros(pages, self.num_kv_heads, self.page_size, out.shape[2],
+                           dtype=self.dtype, device=self.device)
 
     def _new_codes(self, spec: KeyCodeSpec, pages: int) -> KeyCodes:
         h, ps, d = self.num_kv_heads, self.page_size, self.head_dim
@@ -211,6 +235,7 @@ class PagedKVCache:
         self.k_pages, self.v_pages = _grow(self.k_pages, new), _grow(self.v_pages, new)
         self.page_fill = _grow(self.page_fill, new)
         self.summaries = {n: _grow(t, new) for n, t in self.summaries.items()}
+        self.token_summaries = {n: _grow(t, new) for n, t in self.token_summaries.items()}
         for spec, c in self.key_codes.items():
             c.packed = _grow(c.packed, new)
             own = {"token": ("scale", "zero"), "group": ("lo", "hi")}.get(spec.granularity, ())
@@ -241,6 +266,8 @@ class PagedKVCache:
         self._num_pages.append(0)
         self.page_table = _grow(self.page_table, len(self._live), -1)
         self.lengths = _grow(self.lengths, len(self._live))
+        if self.v_sum is not None:
+            self.v_sum = _grow(self.v_sum, len(self._live))
         return len(self._live) - 1
 
     def add_requests(self, n: int) -> list[int]:
@@ -254,6 +281,8 @@ class PagedKVCache:
         self.page_fill[pages] = 0
         self.page_table[rid] = -1
         self.lengths[rid] = 0
+        if self.v_sum is not None:
+            self.v_sum[rid] = 0
         self._num_pages[rid] = 0
         self._live[rid] = False
 
@@ -341,6 +370,10 @@ class PagedKVCache:
             if not fitted:  # the first append sets the factors (a prefill, in practice)
                 self.key_codes[spec].smooth.copy_(fit_smoothing(k_tok.transpose(0, 1), spec.smooth))
                 self.smoothing_fitted[spec] = True
+        if self.v_sum is not None:
+            self.v_sum[idx] += vb.float().sum(2)
+        for name, fn in self.token_summary_fns.items():
+            self.token_summaries[name][phys, :, slot] = fn(k_tok.float()).to(self.dtype)
         self._update_token_codes(k_tok, phys, slot)
         self._update_pages(torch.unique(phys))
         if any(sp.granularity == "group" for sp in self.key_code_specs):
@@ -482,6 +515,9 @@ class PagedKVCache:
             "page_fill": self.page_fill,
         }
         parts |= {f"summary:{n}": t for n, t in self.summaries.items()}
+        parts |= {f"token_summary:{n}": t for n, t in self.token_summaries.items()}
+        if self.v_sum is not None:
+            parts["v_sum"] = self.v_sum
         out = {name: t.numel() * t.element_size() for name, t in parts.items()}
         shared = {id(t) for t in self.summaries.values()}
         for spec, codes in self.key_codes.items():  # a page format's lo/hi are summaries

@@ -6,7 +6,7 @@ import torch
 
 from ...compiler import ir
 from ...compiler.keycodes import KeyCodeSpec
-from ...compiler.torch_expr import summary_fn
+from ...compiler.torch_expr import summary_fn, token_summary_fn
 from ...compiler.verify import verify
 from .paged_cache import PagedKVCache
 
@@ -15,13 +15,17 @@ __all__ = ["make_cache", "minmax_summaries"]
 
 def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float16,
                device="cpu", initial_pages: int = 64) -> PagedKVCache:
-    """A cache that keeps what ``pipeline`` reads: its page summaries and quantized keys."""
+    """A cache that keeps what ``pipeline`` reads: its page and token summaries, quantized keys
+    and (for ``attention(mean_value=True)``) the running sum of V."""
     p = ir.as_ir(pipeline)
     verify(p, ir.Shape(num_kv_heads, num_kv_heads, head_dim, p.page_size))
     sums = {f"{s.name}.{f.name}": summary_fn(f.expr) for s in p.summaries() for f in s.fields}
+    toks = {f"{s.name}.{f.name}": token_summary_fn(f.expr) for s in p.token_summaries()
+            for f in s.fields}
     return PagedKVCache(num_kv_heads, head_dim, page_size=p.page_size, dtype=dtype,
                         device=device, summaries=sums, key_codes=KeyCodeSpec.of_pipeline(p),
-                        initial_pages=initial_pages, minmax_summaries=minmax_summaries(p))
+                        initial_pages=initial_pages, minmax_summaries=minmax_summaries(p),
+                        token_summaries=toks, track_v_sum=p.attend.mean_value)
 
 
 def minmax_summaries(p: ir.PipelineIR) -> tuple[str, str] | None:

@@ -141,22 +141,21 @@ def test_mixing_channel_counts() -> None:
             return tw.sum(q[[0, 1]] * k[[0, 1, 2]])  # <widths>
 
 
-def test_mixing_subset_with_full_head_dim() -> None:
+def test_mixing_two_subsets_with_full_head_dim() -> None:
+    """A full vector meeting a subset is read at the subset's channels; a subset made of two
+    channel lists leaves those channels unclear."""
     with raises_at(errors.ExprTypeError, "subset-full"):
         @tw.score(per="token")
         def bad(q, k):
-            return tw.dot(q[[0, 1]], k)  # <subset-full>
+            mixed = q[[0, 1]] * k[[2, 3]]
+            return tw.dot(mixed, k)  # <subset-full>
 
 
-def test_channel_subset_summary_with_full_query() -> None:
-    @tw.page_summary
-    def part(k):
-        return dict(top=tw.max(k[:, [0, 2]], axis=0))
-
-    with raises_at(errors.ExprTypeError, "subset-summary"):
-        @tw.score(per="page", summary=part)
-        def bad(q, page):
-            return tw.dot(q, page.top)  # <subset-summary>
+def test_projection_with_full_head_dim() -> None:
+    with raises_at(errors.ExprTypeError, "proj-full"):
+        @tw.score(per="token")
+        def bad(q, k):
+            return tw.dot(q @ [[1.0], [2.0]], k)  # <proj-full>
 
 
 def test_channels_selected_twice() -> None:
