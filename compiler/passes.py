@@ -12,7 +12,7 @@ import torch
 
 from . import ir
 
-__all__ = ["MERGED", "SHARING", "budget_units", "candidate_width", "gqa_problem",
+__all__ = ["MERGED", "SHARING", "budget_tokens", "budget_units", "candidate_width", "gqa_problem",
            "list_widths", "lists_shared_after", "softmax_scale"]
 
 
@@ -33,8 +33,7 @@ def lists_shared_after(p: ir.PipelineIR, n_prunes: int) -> bool:
     """Do the query heads of a GQA group share one list after the selector and the first
     ``n_prunes`` pruners? (Then a group's heads can share every key they load, and a merged
     decision has one list to decide over.)"""
-    s = p.select
-    ok = s is None or s.score is None or s.group in SHARING
+    ok = all(s.group in SHARING for s in p.selectors())
     return ok and all(pr.group in SHARING for pr in p.prune[:n_prunes])
 
 
@@ -57,19 +56,26 @@ def gqa_problem(p: ir.PipelineIR, backend: str, union_over_head_lists: bool) \
 def candidate_width(p: ir.PipelineIR, group_size: int, tokens: int) -> int:
     """The most candidates a query head can hold for contexts of up to ``tokens`` tokens: the
     selector's budget (in whole pages for page scores; a ``union`` of the group's ``G``
-    choices), plus the keep rules' tokens, at most ``tokens``."""
-    s, keep = p.select, p.keep
-    extra = keep.sink + keep.window
-    if s is None or s.rule == "threshold":
-        c = tokens
-    elif s.rule == "none":
-        c = extra
-    else:
-        unit = p.page_size if s.score.per == "page" else 1
-        units = -(-s.budget.tokens(tokens) // unit)
-        heads = group_size if s.group == "union" else 1
-        c = heads * units * unit + extra
+    choices; a union of selectors the sum of theirs, an intersection the least), plus the keep
+    rules' tokens, at most ``tokens``."""
+    extra = p.keep.sink + p.keep.window
+    c = tokens if p.select is None else \
+        _select_width(p.select, p.page_size, group_size, tokens) + extra
     return max(1, min(c, tokens))
+
+
+def _select_width(s: ir.Select, page_size: int, group_size: int, tokens: int) -> int:
+    if s.rule == "none":
+        return 0
+    if s.parts:
+        widths = [_select_width(x, page_size, group_size, tokens) for x in s.parts]
+        return sum(widths) if s.rule == "union" else min(widths)
+    if s.rule != "top_k":  # threshold, top_p: anything may qualify
+        return tokens
+    unit = page_size if s.score.per == "page" else 1
+    units = -(-s.budget.tokens(tokens) // unit)
+    heads = group_size if s.group == "union" else 1
+    return heads * units * unit
 
 
 def list_widths(p: ir.PipelineIR, group_size: int, tokens: int) -> list[int]:
@@ -78,16 +84,27 @@ def list_widths(p: ir.PipelineIR, group_size: int, tokens: int) -> list[int]:
     return [candidate_width(p, group_size, tokens)] * (len(p.prune) + 1)
 
 
+def budget_tokens(budget: ir.Budget, lengths: torch.Tensor) -> torch.Tensor:
+    """``Budget.tokens`` of each request's context length, vectorized with the same rounding
+    (int64): fractions rounded as the reference rounds them, combined budgets the larger
+    (``|``) or smaller (``&``) of their parts."""
+    if budget.kind == "tokens":
+        return torch.full_like(lengths, int(budget.value), dtype=torch.int64)
+    if budget.kind == "fraction":
+        scaled = torch.round(lengths.double() * budget.value * 1e6).long()
+        return torch.clamp(-(-scaled // 1_000_000), min=1)
+    parts = [budget_tokens(b, lengths) for b in budget.parts]
+    out = parts[0]
+    for x in parts[1:]:
+        out = torch.maximum(out, x) if budget.kind == "max" else torch.minimum(out, x)
+    return out
+
+
 def budget_units(budget: ir.Budget, lengths: torch.Tensor, unit: int,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Units (pages or tokens) a top-k budget allows each request of ``lengths`` tokens:
     ``ceil(Budget.tokens(length) / unit)``, vectorized with the same rounding (int32)."""
-    if budget.kind == "tokens":
-        units = torch.full_like(lengths, -(-int(budget.value) // unit), dtype=torch.int32)
-    else:
-        scaled = torch.round(lengths.double() * budget.value * 1e6).long()
-        tokens = torch.clamp(-(-scaled // 1_000_000), min=1)
-        units = (-(-tokens // unit)).to(torch.int32)
+    units = (-(-budget_tokens(budget, lengths) // unit)).to(torch.int32)
     if out is None:
         return units
     return out.copy_(units)

@@ -19,23 +19,32 @@ from ..stages import PagedCache
 from .build import KernelSource, aligned
 from .context import StageCtx
 from .dialect import NEG_INF, POS_INF, Src, ceil_div
-from .expr import Lowering, channel_tables
+from .expr import Lowering, channel_tables, matrices
+
+
+def _constant_params(ctx: StageCtx, exprs) -> tuple[list, list, list]:
+    """(channel tables, matrices, their buffer params) of some summary expressions."""
+    tables, mats = channel_tables(exprs), matrices(exprs)
+    params = [(f"tbl{i}", (ctx.HKV, len(t[0]) if isinstance(t[0], tuple) else len(t)),
+               "int32") for i, t in enumerate(tables)]
+    params += [(f"mat{i}", (ctx.HKV, m.in_width, m.out_width), "float32")
+               for i, m in enumerate(mats)]
+    return tables, mats, params
 
 
 def gen_summaries(ctx: StageCtx, summary: Summary) -> KernelSource:
     """``s_<field>[page] ← field(keys of page)`` for the listed physical pages."""
     s = Src(ctx.dialect)
-    exprs = [f.expr for f in summary.fields]
-    tables = channel_tables(exprs)
-    widths = ctx.summary_widths()
+    tables, mats, consts = _constant_params(ctx, [f.expr for f in summary.fields])
+    widths = ctx.summary_widths(summary)
     params = [("kp", ("CAP", ctx.HKV, ctx.PS, ctx.D), ctx.dtype), ("fill", ("CAP",), "int64"),
-              ("pages", ("P",), "int64")]
-    params += [(f"tbl{i}", (ctx.HKV, len(t[0]) if isinstance(t[0], tuple) else len(t)),
-                "int32") for i, t in enumerate(tables)]
+              ("pages", ("P",), "int64"), *consts]
     params += [(f"s_{f.name}", ("CAP", ctx.HKV, widths[f"summary.{f.name}"]), ctx.dtype)
                for f in summary.fields]
 
     def leaf(e, c):
+        if e.op == "head_dim":
+            return f"T.float32({float(ctx.D)!r})"
         return f'T.Cast("float32", kp[pg, hkv, t, {c}])'
     with s.func(f"summary_{summary.name}", params, ("CAP", "P")):
         with s.rows("r", f"P * {ctx.HKV}"):
@@ -44,9 +53,35 @@ def gen_summaries(ctx: StageCtx, summary: Summary) -> KernelSource:
             for f in summary.fields:
                 with s.block(f"for c in range({widths[f'summary.{f.name}']}):"):
                     low = Lowering(s, leaf, {"page_k": ctx.D}, tables, ctx.vec,
-                                   token=("t", ctx.PS, "nv"))
+                                   token=("t", ctx.PS, "nv"), mats=mats)
                     s(f'{f"s_{f.name}"}[pg, hkv, c] = T.Cast("{ctx.dtype}", {low.value(f.expr, "c")})')
     return KernelSource("append", f"summary_{summary.name}", s.text())
+
+
+def gen_token_summaries(ctx: StageCtx, summary: Summary) -> KernelSource:
+    """``ts_<field>[page, slot] ← field(key)`` for the listed (page, slot) tokens."""
+    s = Src(ctx.dialect)
+    tables, mats, consts = _constant_params(ctx, [f.expr for f in summary.fields])
+    widths = ctx.summary_widths(summary)
+    params = [("kp", ("CAP", ctx.HKV, ctx.PS, ctx.D), ctx.dtype), ("phys", ("N",), "int64"),
+              ("slot", ("N",), "int64"), *consts]
+    params += [(f"ts_{f.name}", ("CAP", ctx.HKV, ctx.PS, widths[f"summary.{f.name}"]),
+                ctx.dtype) for f in summary.fields]
+
+    def leaf(e, c):
+        if e.op == "head_dim":
+            return f"T.float32({float(ctx.D)!r})"
+        return f'T.Cast("float32", kp[pg, hkv, sl, {c}])'
+    name = f"token_summary_{summary.name}"
+    with s.func(name, params, ("CAP", "N")):
+        with s.rows("r", f"N * {ctx.HKV}"):
+            s(f"pg = phys[r // {ctx.HKV}]", f"sl = slot[r // {ctx.HKV}]", f"hkv = r % {ctx.HKV}")
+            for f in summary.fields:
+                with s.block(f"for c in range({widths[f'summary.{f.name}']}):"):
+                    low = Lowering(s, leaf, {"k": ctx.D}, tables, ctx.vec, mats=mats)
+                    s(f'ts_{f.name}[pg, hkv, sl, c] = T.Cast("{ctx.dtype}", '
+                      f'{low.value(f.expr, "c")})')
+    return KernelSource("append", name, s.text())
 
 
 def _encode(x: str, zero: str, scale: str, levels: int) -> str:
@@ -206,15 +241,19 @@ class AppendMixin:
         for summ in self.p.summaries():
             outs = [cache.summaries[f"{summ.name}.{f.name}"] for f in summ.fields]
             self.kernels[f"summary_{summ.name}"](cache.k_pages, cache.page_fill, pages,
-                                                 *self.summary_tables, *outs)
+                                                 *self.summary_tables[summ.name], *outs)
         for spec in KeyCodeSpec.of_pipeline(self.p, "page"):
             self.kernels[f"page_codes{spec.bits}"](cache.k_pages, cache.page_fill, pages,
                                                    *cache.key_codes[spec].tensors())
 
     def refresh_tokens(self, cache: PagedCache, phys: torch.Tensor, slot: torch.Tensor) -> None:
-        """Token-granularity codes (smoothed or not) of the tokens at (``phys``, ``slot``)
-        (int64), in place."""
+        """Token summaries and token-granularity codes (smoothed or not) of the tokens at
+        (``phys``, ``slot``) (int64), in place."""
         phys, slot = aligned(phys.to(torch.int64)), aligned(slot.to(torch.int64))
+        for summ in self.p.token_summaries():
+            outs = [cache.token_summaries[f"{summ.name}.{f.name}"] for f in summ.fields]
+            self.kernels[f"token_summary_{summ.name}"](cache.k_pages, phys, slot,
+                                                       *self.summary_tables[summ.name], *outs)
         for spec in KeyCodeSpec.of_pipeline(self.p, "token"):
             self.kernels[token_codes_name(spec)](cache.k_pages, phys, slot,
                                                  *cache.key_codes[spec].tensors())

@@ -47,12 +47,14 @@ class StageCtx:
     def vec(self) -> int:
         return int(self.sched.get("vector_width", 16))
 
-    def summary_widths(self) -> dict[str, int]:
-        """Channels of every summary field the selector reads (``summary.<field>`` → C)."""
+    def summary_widths(self, summary: ir.Summary | None = None) -> dict[str, int]:
+        """Channels of every field (``summary.<field>`` → C) of ``summary``, or of every page
+        and token summary the selectors read."""
         out = {}
-        for s in self.p.summaries():
+        for s in (summary,) if summary else self.p.summaries() + self.p.token_summaries():
             for f in s.fields:
-                low = Lowering(None, None, {"page_k": self.D}, channel_tables([f.expr]))
+                low = Lowering(None, None, {"page_k": self.D, "k": self.D},
+                               channel_tables([f.expr]))
                 out[f"summary.{f.name}"] = low.width(f.expr)
         return out
 

@@ -17,13 +17,14 @@ from ..backend import Artifact
 from ..keycodes import KeyCodeSpec
 from ..passes import budget_units, list_widths
 from ..stages import PagedCache
-from .append import AppendMixin, append_sources, gen_summaries
+from .append import AppendMixin, append_sources, gen_summaries, gen_token_summaries
 from .attend import attend_rows, gen_attend, gen_combine, splits
 from .build import Kernel, aligned, build, set_threads
 from .context import StageCtx
 from .estimate import gen_estimate
-from .expr import channel_tables, table_rows
-from .select import gen_candidates, gen_rank, gen_score, score_rows
+from .expr import channel_tables, matrices, matrix_rows, table_rows
+from .rank import gen_candidates, gen_rank
+from .select import gen_score, kernel_suffix, score_rows
 from .top_p import decision_rows, gen_decide, gen_kept
 
 _ROUND = 1024
@@ -48,13 +49,10 @@ class TVMCompiled(AppendMixin):
         if kernels is None:
             for src in self._sources():
                 self.kernels[src.name] = build(src, target, int(ctx.sched.get("threads", 0)))
-        sel = self.p.select
-        exprs = [sel.score.expr] if sel and sel.score else []
-        self.tables = [aligned(torch.tensor(table_rows(t, ctx.HKV), dtype=torch.int32))
-                       for t in channel_tables(exprs)]
-        sexprs = [f.expr for sm in self.p.summaries() for f in sm.fields]
-        self.summary_tables = [aligned(torch.tensor(table_rows(t, ctx.HKV), dtype=torch.int32))
-                               for t in channel_tables(sexprs)]
+        self.parts = self.p.selectors()
+        self.tables = [_constants([sel.score.expr], ctx.HKV) for sel in self.parts]
+        self.summary_tables = {sm.name: _constants([f.expr for f in sm.fields], ctx.HKV)
+                               for sm in self.p.summaries() + self.p.token_summaries()}
         self.plan_: Plan | None = None
         self._artifacts: list[Artifact] | None = None
 
@@ -79,13 +77,12 @@ class TVMCompiled(AppendMixin):
         e32 = dict(dtype=torch.int32)
         widths = self.widths(tokens)
         b: dict[str, torch.Tensor] = {}
-        sel = self.p.select
-        if sel is not None and sel.score is not None:
-            hs, _ = score_rows(ctx)
+        for i, sel in enumerate(self.parts):
+            hs, _ = score_rows(ctx, i)
             n = -(-tokens // ctx.PS) if sel.score.per == "page" else tokens
-            b["scores"] = torch.empty(batch, hs, n)
-            b["sel"] = torch.empty(batch, hs, n, dtype=torch.uint8)
-        b["kunits"] = torch.zeros(batch, **e32)
+            b[f"scores{i}"] = torch.empty(batch, hs, n)
+            b[f"sel{i}"] = torch.empty(batch, hs, n, dtype=torch.uint8)
+            b[f"kunits{i}"] = torch.zeros(batch, **e32)
         b["idx0"] = torch.empty(batch, ctx.HQ, widths[0], **e32)
         b["cnt0"] = torch.empty(batch, ctx.HQ, **e32)
         for i, pr in enumerate(self.p.prune):
@@ -130,24 +127,37 @@ class TVMCompiled(AppendMixin):
         return p.bufs
 
     def select(self, x: stages.StageInputs):
-        bufs, sel, k = self._ensure_plan(x), self.p.select, self.kernels
-        if sel is not None and sel.score is not None:
-            leaves = self._score_leaves(x.cache)
-            k["score"](x.q, x.page_table, x.lengths, *leaves, *self.tables, bufs["scores"])
+        bufs, k = self._ensure_plan(x), self.kernels
+        for i, sel in enumerate(self.parts):
+            self.scores(x, i)
             if sel.rule == "top_k":
                 unit = x.cache.page_size if sel.score.per == "page" else 1
-                budget_units(sel.budget, x.lengths, unit, bufs["kunits"])
-            k["rank"](bufs["scores"], x.lengths, bufs["kunits"], bufs["sel"])
-            k["candidates"](x.lengths, bufs["sel"], bufs["idx0"], bufs["cnt0"])
-        else:
-            k["candidates"](x.lengths, bufs["idx0"], bufs["cnt0"])
+                budget_units(sel.budget, x.lengths, unit, bufs[f"kunits{i}"])
+            k["rank" + kernel_suffix(i)](bufs[f"scores{i}"], x.lengths, bufs[f"kunits{i}"],
+                                         bufs[f"sel{i}"])
+        flags = [bufs[f"sel{i}"] for i in range(len(self.parts))]
+        k["candidates"](x.lengths, *flags, bufs["idx0"], bufs["cnt0"])
         return bufs["idx0"], bufs["cnt0"]
 
-    def _score_leaves(self, cache: PagedCache) -> list[torch.Tensor]:
-        sc = self.p.select.score
-        if sc.per == "token":
+    def scores(self, x: stages.StageInputs, part: int = 0) -> torch.Tensor:
+        """Scored selector ``part``'s scores ``float32 [B, HS, N]`` (a planned buffer: rows as
+        ``select.score_rows``; ``-inf`` on invalid units and NaN scores)."""
+        bufs = self._ensure_plan(x)
+        out = bufs[f"scores{part}"]
+        self.kernels["score" + kernel_suffix(part)](
+            x.q, x.page_table, x.lengths, *self._score_leaves(x.cache, part),
+            *self.tables[part], out)
+        return out
+
+    def _score_leaves(self, cache: PagedCache, part: int) -> list[torch.Tensor]:
+        sel = self.parts[part]
+        sc = sel.score
+        if sc.summary is not None:
+            data = cache.summaries if sc.per == "page" else cache.token_summaries
+            return [data[f"{sc.summary.name}.{f}"] for f in sc.summary.field_names()]
+        if sel.estimator is None:
             return [cache.k_pages]
-        return [cache.summaries[f"{sc.summary.name}.{f}"] for f in sc.summary.field_names()]
+        return list(cache.key_codes[KeyCodeSpec.of(sel.estimator)].tensors())
 
     def estimate(self, stage: int, x: stages.StageInputs, idx, cnt) -> torch.Tensor:
         bufs = self._ensure_plan(x)
@@ -189,10 +199,9 @@ class TVMCompiled(AppendMixin):
 def pipeline_sources(ctx: StageCtx):
     """The TVMScript of every kernel a pipeline needs, in call order (text only: cheap)."""
     p = ctx.p
-    sel = p.select
-    if sel is not None and sel.score is not None:
-        yield gen_score(ctx)
-        yield gen_rank(ctx)
+    for i, _ in enumerate(p.selectors()):
+        yield gen_score(ctx, i)
+        yield gen_rank(ctx, i)
     yield gen_candidates(ctx)
     for i, _ in enumerate(p.prune):
         yield gen_estimate(ctx, i)
@@ -203,6 +212,8 @@ def pipeline_sources(ctx: StageCtx):
         yield gen_combine(ctx)
     for summ in p.summaries():
         yield gen_summaries(ctx, summ)
+    for summ in p.token_summaries():
+        yield gen_token_summaries(ctx, summ)
     yield from append_sources(ctx)
 
 
@@ -212,6 +223,15 @@ def _fit(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if buf.shape[2] == idx.shape[2] and buf.shape[0] == idx.shape[0]:
         return buf
     return torch.empty(buf.shape[0], buf.shape[1], idx.shape[2], dtype=buf.dtype)
+
+
+def _constants(exprs, kv_heads: int) -> list[torch.Tensor]:
+    """The ``take`` channel tables (int32 ``[Hkv, r]``), then the projection matrices (float32
+    ``[Hkv, D, R]``) of some expressions: the buffers their kernels take after the data."""
+    tables = [torch.tensor(table_rows(t, kv_heads), dtype=torch.int32)
+              for t in channel_tables(exprs)]
+    mats = [torch.tensor(matrix_rows(m, kv_heads), dtype=torch.float32) for m in matrices(exprs)]
+    return [aligned(t.contiguous()) for t in tables + mats]
 
 
 def attend_info(ctx: StageCtx) -> dict:

@@ -1,63 +1,109 @@
-"""The select stage: score every page or token with the user's traced expression, rank the scores
-per row (top-k by radix select, or a threshold), and write the candidate lists (pages expanded to
-their valid tokens, the keep rules' tokens joined, ascending).
+"""The select stage's score kernel: every page or token scored with the user's traced expression
+(ranking and candidate lists: ``rank.py``).
 
-Kernels (rows run in parallel; every shape but head counts, head_dim and page size is symbolic):
-
-* ``score``  — ``scores float32 [B, HS, N]``: ``HS`` is the query heads (group ``none``/``union``)
-  or the KV heads (``mean``/``max`` merge the group's scores, ``kv`` scores the mean query);
-* ``rank``   — ``sel uint8 [B, HS, N]``: the ``k`` best valid units (ties: lower index first),
-  ``k`` per request given by the host, or the units scoring ≥ the threshold;
-* ``candidates`` — ``cand_idx int32 [B, Hq, C]`` (-1 padded), ``cand_cnt int32 [B, Hq]``.
+``score`` (``score1``, ... for the further parts of a combined selector) writes ``scores float32
+[B, HS, N]``: ``HS`` is the query heads (group ``none``/``union``) or the KV heads (``mean``/``max``
+merge the group's scores, ``kv`` scores the mean query); invalid units and NaN scores hold
+``-inf``. Rows run in parallel; every shape but head counts, head_dim and page size is symbolic.
+A per-token score reads the keys, the codes of its ``estimate=`` format, or a token summary;
+query-side parts of the expression (``top_channels``, ``q @ P``, reductions of q) are computed
+once per row before the loop over units (``expr.hoist``).
 """
 
 from __future__ import annotations
 
 from .build import KernelSource
-from .context import StageCtx, f32, keep_text
+from .context import StageCtx, f32
 from .dialect import NEG_INF, Src
-from .expr import Lowering, channel_tables
+from .estimate import key_params
+from .expr import Lowering, channel_tables, hoist, matrices
 
 RADIX_BITS = 8
 
 
-def score_rows(ctx: StageCtx) -> tuple[int, int]:
-    """(rows per request ``HS``, query heads scored per row ``GQ``) for the selector's group."""
-    g = ctx.p.select.group
+def score_rows(ctx: StageCtx, part: int = 0) -> tuple[int, int]:
+    """(rows per request ``HS``, query heads scored per row ``GQ``) of scored selector
+    ``part``'s group."""
+    g = ctx.p.selectors()[part].group
     if g in ("none", "union"):
         return ctx.HQ, 1
     return ctx.HKV, (ctx.G if g in ("mean", "max") else 1)
 
 
-def gen_score(ctx: StageCtx) -> KernelSource:
-    sc = ctx.p.select.score
+def kernel_suffix(part: int) -> str:
+    """Kernel names of scored selector ``part``: ``score``/``rank``, then ``score1``, ..."""
+    return str(part) if part else ""
+
+
+def score_inputs(ctx: StageCtx, part: int) -> list[tuple[str, tuple, str]]:
+    """What scored selector ``part``'s score kernel reads besides q, pt, lens, in order: page
+    summaries; or a token summary; or the keys (or the estimator's codes)."""
+    sel = ctx.p.selectors()[part]
+    sc = sel.score
+    if sc.summary is not None:
+        widths = ctx.summary_widths(sc.summary)
+        shape = ("CAP", ctx.HKV) if sc.per == "page" else ("CAP", ctx.HKV, ctx.PS)
+        return [(_sbuf(f), (*shape, widths[f]), ctx.dtype) for f in widths]
+    if sel.estimator is None:
+        return [("kp", ("CAP", ctx.HKV, ctx.PS, ctx.D), ctx.dtype)]
+    return key_params(ctx, sel.estimator)
+
+
+def _key_leaf(ctx: StageCtx, e, c: str) -> str:
+    """float32 key ``kp[phys, hkv, slot, c]``, or its dequantized code (``keycodes``'s
+    arithmetic: ``code·scale + zero`` per token, ``code·((hi - lo)/levels) + lo`` per channel)."""
+    if e is None:
+        return f'T.Cast("float32", kp[phys, hkv, slot, {c}])'
+    per, mask = 8 // e.bits, (1 << e.bits) - 1
+    code = (f'T.Cast("float32", T.bitwise_and(T.shift_right(codes[phys, hkv, slot, {c} // '
+            f'{per}], T.Cast("uint8", ({c} % {per}) * {e.bits})), T.uint8({mask})))')
+    if e.granularity == "token":
+        val = f"({code} * ksc[phys, hkv, slot] + kzr[phys, hkv, slot])"
+        return f"({val} * smooth[hkv, {c}])" if e.smooth else val
+    side = "phys" if e.granularity == "page" else "lead"
+    lo, hi = (f'T.Cast("float32", {n}[{side}, hkv, {c}])' for n in ("klo", "khi"))
+    return f"({code} * (({hi} - {lo}) / {f32((1 << e.bits) - 1)}) + {lo})"
+
+
+def gen_score(ctx: StageCtx, part: int = 0) -> KernelSource:
+    sel = ctx.p.selectors()[part]
+    sc = sel.score
     s = Src(ctx.dialect)
-    hs, gq = score_rows(ctx)
+    hs, gq = score_rows(ctx, part)
     page = sc.per == "page"
-    tables = channel_tables([sc.expr])
-    widths = {"q": ctx.D, "k": ctx.D, **ctx.summary_widths()}
-    fields = [f for f in widths if f.startswith("summary.")] if page else []
+    tables, mats = channel_tables([sc.expr]), matrices([sc.expr])
+    widths = {"q": ctx.D, "k": ctx.D}
+    if sc.summary is not None:
+        widths |= ctx.summary_widths(sc.summary)
     params = [("q", ("B", ctx.HQ, ctx.D), ctx.dtype), ("pt", ("B", "NP"), "int32"),
-              ("lens", ("B",), "int32")]
-    if page:
-        params += [(_sbuf(f), ("CAP", ctx.HKV, widths[f]), ctx.dtype) for f in fields]
-    else:
-        params += [("kp", ("CAP", ctx.HKV, ctx.PS, ctx.D), ctx.dtype)]
+              ("lens", ("B",), "int32"), *score_inputs(ctx, part)]
     params += [(f"tbl{i}", (ctx.HKV, _tw(t)), "int32") for i, t in enumerate(tables)]
+    params += [(f"mat{i}", (ctx.HKV, m.in_width, m.out_width), "float32")
+               for i, m in enumerate(mats)]
     params += [("out", ("B", hs, "N"), "float32")]
 
     def leaf(e, c):
         if e.op == "q":
             return f"qv[g, {c}]"
         if e.op == "k":
-            return f'T.Cast("float32", kp[phys, hkv, slot, {c}])'
-        return f'T.Cast("float32", {_sbuf("summary." + e.attr("field"))}[phys, hkv, {c}])'
+            return _key_leaf(ctx, sel.estimator, c)
+        if e.op == "position":
+            return f'T.Cast("float32", n * {ctx.PS})' if page else 'T.Cast("float32", n)'
+        if e.op == "query_position":
+            return 'T.Cast("float32", lens[b] - 1)'
+        if e.op == "head_dim":
+            return f32(ctx.D)
+        at = "phys, hkv" if page else "phys, hkv, slot"
+        return f'T.Cast("float32", {_sbuf("summary." + e.attr("field"))}[{at}, {c}])'
 
-    with s.func("score", params, ("B", "NP", "CAP", "N")):
+    name = "score" + kernel_suffix(part)
+    with s.func(name, params, ("B", "NP", "CAP", "N")):
         with s.rows("r", f"B * {hs}"):
             s(f"b = r // {hs}", f"h = r % {hs}")
             s(f"hkv = h // {ctx.G}" if hs == ctx.HQ else "hkv = h")
             _load_query(ctx, s, gq, hs)
+            low = Lowering(s, leaf, widths, tables, ctx.vec, mats=mats)
+            hoist(low, [sc.expr], "g", gq)
             s.local("best", 1)
             s.local("sv", 1)
             units = f"(lens[b] + {ctx.PS - 1}) // {ctx.PS}" if page else "lens[b]"
@@ -66,12 +112,14 @@ def gen_score(ctx: StageCtx) -> KernelSource:
                     s("phys = pt[b, n]" if page else f"phys = pt[b, n // {ctx.PS}]")
                     if not page:
                         s(f"slot = n % {ctx.PS}")
-                    merge = ctx.p.select.group
+                    if sel.estimator is not None and sel.estimator.granularity == "group":
+                        g = sel.estimator.group_pages
+                        s(f"lead = pt[b, n // {ctx.PS} // {g} * {g}]")
+                    merge = sel.group
                     s(f"best[0] = {'T.float32(0)' if merge == 'mean' else NEG_INF}")
                     with s.block(f"for g in range({gq}):"):
-                        low = Lowering(s, leaf, widths, tables, ctx.vec)
-                        val = low.value(sc.expr)
-                        s(f"sv[0] = {val}")
+                        low._memo.clear()  # a fresh body: no value computed above is in scope
+                        s(f"sv[0] = {low.value(sc.expr)}")
                         s(f"sv[0] = T.if_then_else(T.isnan(sv[0]), {NEG_INF}, sv[0])")
                         if merge == "mean":
                             s(f"best[0] = best[0] + sv[0] / {f32(gq)}")
@@ -80,7 +128,7 @@ def gen_score(ctx: StageCtx) -> KernelSource:
                     s("out[b, h, n] = best[0]")
                 with s.block("else:"):
                     s(f"out[b, h, n] = {NEG_INF}")
-    return KernelSource("select", "score", s.text())
+    return KernelSource("select", name, s.text())
 
 
 def _sbuf(field: str) -> str:
@@ -167,71 +215,3 @@ def write_top_k(s: Src, n: str, key, ok, k: str, out) -> None:
                 s("nok[0] = nok[0] + 1")
         with s.block("else:"):
             out("i", "0")
-
-
-def gen_rank(ctx: StageCtx) -> KernelSource:
-    """``sel`` of the selector's rule over the scores."""
-    sel = ctx.p.select
-    s = Src(ctx.dialect)
-    hs, _ = score_rows(ctx)
-    units = f"(lens[b] + {ctx.PS - 1}) // {ctx.PS}" if sel.score.per == "page" else "lens[b]"
-    params = [("scores", ("B", hs, "N"), "float32"), ("lens", ("B",), "int32"),
-              ("kunits", ("B",), "int32"), ("sel", ("B", hs, "N"), "uint8")]
-    with s.func("rank", params, ("B", "N")):
-        with s.rows("r", f"B * {hs}"):
-            s(f"b = r // {hs}", f"h = r % {hs}", f"nu = T.min({units}, N)")
-
-            def out(i, v):
-                s(f"sel[b, h, {i}] = T.uint8({v})")
-            if sel.rule == "top_k":
-                write_top_k(s, "N", lambda i: order_key(f"scores[b, h, {i}]"),
-                            lambda i: f"{i} < nu", "kunits[b]", out)
-            else:
-                with s.block("for i in range(N):"):
-                    s(f"sel[b, h, i] = T.Cast(\"uint8\", i < nu and scores[b, h, i] >= "
-                      f"{f32(sel.threshold)})")
-    return KernelSource("select", "rank", s.text())
-
-
-def gen_candidates(ctx: StageCtx) -> KernelSource:
-    """Candidate lists: chosen units expanded to tokens, plus the keep rules, ascending."""
-    sel = ctx.p.select
-    s = Src(ctx.dialect)
-    scored = sel is not None and sel.score is not None
-    hs = score_rows(ctx)[0] if scored else 0
-    page = scored and sel.score.per == "page"
-    unit = ctx.PS if page else 1
-    params = [("lens", ("B",), "int32")]
-    params += [("sel", ("B", hs, "N"), "uint8")] if scored else []
-    params += [("idx", ("B", ctx.HQ, "C"), "int32"), ("cnt", ("B", ctx.HQ), "int32")]
-    with s.func("candidates", params, ("B", "N", "C")):
-        with s.rows("r", f"B * {ctx.HQ}"):
-            s(f"b = r // {ctx.HQ}", f"h = r % {ctx.HQ}", f"hkv = h // {ctx.G}")
-            s.local("m", 1, "int32")
-            s.local("ch", 1, "int32")
-            s("m[0] = 0", "L = lens[b]")
-            with s.block(f"for n in range((L + {unit - 1}) // {unit}):"):
-                s(f"ch[0] = {_chosen(ctx, hs) if scored else int(sel is None)}")
-                with s.block(f"for o in range({unit}):"):
-                    s(f"t = n * {unit} + o")
-                    with s.block(f"if t < L and (ch[0] == 1 or {keep_text(ctx, 't', 'L')}):"):
-                        with s.block("if m[0] < C:"):
-                            s("idx[b, h, m[0]] = t")
-                        s("m[0] = m[0] + 1")
-            s("cnt[b, h] = T.min(m[0], C)")
-            with s.block("for i in range(C):"):
-                with s.block("if i >= m[0]:"):
-                    s("idx[b, h, i] = -1")
-    return KernelSource("select", "candidates", s.text())
-
-
-def _chosen(ctx: StageCtx, hs: int) -> str:
-    """Text: is unit ``n`` chosen for query head ``h`` (the group rule decides whose ``sel``)."""
-    g = ctx.p.select.group
-    if g == "none":
-        return 'T.Cast("int32", sel[b, h, n])'
-    if g == "union":
-        terms = " + ".join(f'T.Cast("int32", sel[b, hkv * {ctx.G} + {i}, n])'
-                           for i in range(ctx.G))
-        return f"T.min({terms}, 1)"
-    return 'T.Cast("int32", sel[b, hkv, n])'

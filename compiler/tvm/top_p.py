@@ -63,7 +63,7 @@ def gen_decide(ctx: StageCtx, stage: int) -> KernelSource:
                 with s.block("for i in range(n):"):
                     out("i", f"T.Cast(\"int32\", {wt('i')} >= {f32(pr.threshold)})")
             else:
-                {"sort": _sort, "radix": _radix, "bisect": _bisect}[strategy](ctx, s, pr.p, wt, out)
+                {"sort": _sort, "radix": radix_top_p, "bisect": _bisect}[strategy](ctx, s, pr.p, wt, out)
     return KernelSource("prune", f"decide{stage}", s.text())
 
 
@@ -128,7 +128,9 @@ def _bisect(ctx: StageCtx, s: Src, p: float, wt, out) -> None:
         out("i", f'T.Cast("int32", {wt("i")} >= lo[0] and {wt("i")} > T.float32(0))')
 
 
-def _radix(ctx: StageCtx, s: Src, p: float, wt, out) -> None:
+def radix_top_p(ctx: StageCtx, s: Src, p: float, wt, out) -> None:
+    """Keep the minimal set of the ``n`` weights ``wt(i)`` holding mass ``p`` (radix select of the
+    cut on the weights' float32 bits, then the ties at the cut in index order)."""
     bits = int(ctx.sched.get("radix_bits", 8))
     _target(s, p, wt)
     nb = 1 << bits
