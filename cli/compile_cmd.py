@@ -20,8 +20,13 @@ intermediate to --dump DIR:
                                for Triton on cuda; lowered TIR and llvm or cuda source for TVM)
   DIR/resources.json           per kernel: registers, spills, shared memory where known
 
-No GPU is needed: for cuda targets Triton compiles ahead of time and TVM emits CUDA source
-(compiled to a cubin by nvcc when present).
+No GPU is needed: for cuda targets Triton compiles ahead of time (ptx, cubin; registers and
+spills read with cuobjdump) and TVM emits CUDA source, which nvcc compiles to a cubin when the
+machine has it (registers, spills and shared memory from ptxas -v).
+
+The shape's page size is the pipeline's own (tw.Pipeline(..., page_size=N)); --shape sets the
+head layout and dtype. A dict of pipelines in a file is addressed by key:
+'file.py:pipelines[name]'.
 """
 
 EPILOG = """\
@@ -31,6 +36,8 @@ examples:
       --shape q_heads=32,kv_heads=8,head_dim=128 --dump out/
   twilightc compile --pipeline quest_twilight --backend tvm --target cuda:sm_80 \\
       --schedule '{"top_p_strategy": "radix"}' --dump out/
+  twilightc compile --pipeline 'my_selectors.py:pipelines[loki]' --backend tvm --target llvm \\
+      --shape q_heads=9,kv_heads=3,head_dim=64 --dump out/
 """
 
 
@@ -38,14 +45,16 @@ def register(sub) -> None:
     p = sub.add_parser("compile", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", required=True, metavar="PIPELINE",
-                   help="a built-in name, NAME(arg=value, ...), module:attr or file.py:attr")
+                   help="a built-in name, NAME(arg=value, ...), module:attr or file.py:attr "
+                   "(attr[key] for a dict of pipelines)")
     p.add_argument("--backend", required=True, choices=("triton", "tvm"))
     p.add_argument("--target", required=True, metavar="TARGET", type=args.target,
                    help="cuda:sm_80, cuda:sm_90, llvm (CPU) or interpret (Triton interpreter)")
     p.add_argument("--shape", metavar="K=V,...", type=args.head_shape,
                    default=args.head_shape(DEFAULT_SHAPE),
-                   help=f"q_heads (a multiple of kv_heads), kv_heads, head_dim, page_size, dtype "
-                        f"({', '.join(args.SHAPE_DTYPES)}) (default: {DEFAULT_SHAPE})")
+                   help=f"q_heads (a multiple of kv_heads), kv_heads, head_dim, dtype "
+                        f"({', '.join(args.SHAPE_DTYPES)}) (default: {DEFAULT_SHAPE}); the "
+                        "page size is the pipeline's")
     p.add_argument("--schedule", default={}, metavar="JSON", type=args.schedule_json,
                    help="schedule parameters as a JSON object (missing ones take defaults; "
                         "an unknown name or value is an error that lists the allowed ones)")
@@ -54,7 +63,7 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-DEFAULT_SHAPE = "q_heads=32,kv_heads=8,head_dim=128,page_size=16,dtype=float16"
+DEFAULT_SHAPE = "q_heads=32,kv_heads=8,head_dim=128,dtype=float16"
 
 
 def run(ns) -> int:
@@ -72,6 +81,12 @@ def run(ns) -> int:
     if isinstance(pipe, Calibrated):
         raise StructureError(f"{pipe.name} needs calibrated channels to compile; pass them, "
                              f"e.g. '{pipe.name}(channels=[[...], ...])'")
+    given = ns.shape.get("page_size", pipe.ir.page_size)
+    if given != pipe.ir.page_size:
+        raise args.UsageError(f"--shape page_size={given}: the pipeline is built for "
+                              f"page_size={pipe.ir.page_size}; drop page_size from --shape (it "
+                              "follows the pipeline), or build the pipeline with the page size "
+                              "you want (tw.Pipeline(..., page_size=N))")
     shape = args.make_shape(ns.shape, pipe.ir.page_size)
     verify(pipe.ir, shape)
     backend = get_backend(ns.backend)

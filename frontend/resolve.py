@@ -6,6 +6,7 @@ Accepted forms::
     quest_twilight(p=0.85, budget=2048)  a built-in with arguments (Python literals)
     my_pkg.selectors:pipe                an attribute of an importable module
     ./my_selectors.py:pipe               an attribute of a Python file
+    ./my_selectors.py:pipelines[loki]    one entry of a dict of pipelines (key quoted or not)
 
 The attribute must be a ``Pipeline``, a ``Calibrated`` pipeline, or a *factory*: a Python
 function (``def``) that takes no arguments and returns one, e.g. ``def pipe(): return
@@ -22,17 +23,28 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import PipelineError, StructureError
 from .builtins import PIPELINES, Calibrated
 from .dsl import Pipeline
 
+_KEYED = re.compile(r"^(?P<attr>[A-Za-z_]\w*)\[(?P<key>.+)\]$")
+
 
 def resolve_pipeline(spec: str) -> Pipeline | Calibrated:
     spec = spec.strip()
     if ":" in spec and "(" not in spec.split(":", 1)[0]:
-        obj = _load_attr(*spec.rsplit(":", 1))
+        module, attr = spec.rsplit(":", 1)
+        keyed = _KEYED.match(attr.strip())
+        obj = _load_attr(module, keyed["attr"] if keyed else attr)
+        if keyed:
+            obj = _entry(obj, _key(keyed["key"]), spec)
+        elif isinstance(obj, Mapping):
+            raise StructureError(f"pipeline {spec!r} is a dict of {len(obj)} pipelines; name one: "
+                                 f"'{spec}[KEY]', KEY one of: {', '.join(map(str, obj))}")
     else:
         obj = _builtin(spec)
     if _is_factory(obj):
@@ -55,6 +67,25 @@ def _is_factory(obj) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _key(text: str):
+    """A dict key as written in ``attr[key]``: a Python literal (``'loki'``, ``3``) or a bare
+    word."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def _entry(obj, key, spec: str):
+    if not isinstance(obj, Mapping):
+        raise StructureError(f"pipeline {spec!r}: {type(obj).__name__} is not a dict of "
+                             "pipelines; drop the [key]")
+    if key not in obj:
+        raise StructureError(f"pipeline {spec!r}: no key {key!r}; keys: "
+                             f"{', '.join(map(str, obj))}")
+    return obj[key]
 
 
 def _builtin(spec: str):

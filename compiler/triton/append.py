@@ -3,6 +3,8 @@
 * ``append_summary`` — one program per (touched page, KV head): loads the page's keys
   ``[page_size, D]`` (valid slots only), evaluates each field of the pipeline's summary with
   the expression emitter (token reductions mask invalid slots), stores ``[C]`` per field.
+* ``append_token_summary`` — one program per (new token, KV head): each field of a token
+  summary (``k @ P``, ``k[chans]``, ...) of the token's key, stored ``[C]`` per field.
 * ``append_codes_int<bits>_token[_smooth]`` — one program per (new token, KV head): per-token
   min-max over head_dim (of the key divided channel-wise by the smoothing factors, for the
   smoothed format), codes packed ``8 // bits`` per byte (channel ``PER·j + i`` at bit ``bits·i``).
@@ -33,7 +35,7 @@ def gen_summary(c: Ctx, summary: ir.Summary) -> KernelSpec:
         f"tl.load(k_ptr + (base + offs_t)[:, None] * D + {ch.idx}[None, :], "
         f"mask=rmask[:, None] & {ch.mask}[None, :], other=0.0).to(tl.float32)")}
     args = [("k_ptr", c.dtype_ptr), ("pages_ptr", "*i64"), ("fill_ptr", "*i64"),
-            ("chan_ptr", "*i32")]
+            ("chan_ptr", "*i32"), ("mat_ptr", "*fp32")]
     args += [(f"out{i}_ptr", c.dtype_ptr) for i in range(len(summary.fields))]
     em = Emitter(leaves, full, c.tables, prefix="s")
     stores = []
@@ -51,6 +53,32 @@ def gen_summary(c: Ctx, summary: ir.Summary) -> KernelSpec:
       "base = (pg * HKV + hkv) * PS", *em.lines, *stores)
     consts = dict(HKV=sh.kv_heads, D=sh.head_dim, BD=next_pow2(sh.head_dim), PS=sh.page_size)
     return make_kernel("append", f"append_summary_{summary.name}", args, consts, w,
+                       c.schedule["scan_warps"], 1)
+
+
+def gen_token_summary(c: Ctx, summary: ir.Summary) -> KernelSpec:
+    sh = c.shape
+    full = Chan("offs_d", "dmask", sh.head_dim, "offs_d")
+    leaves = {"k": lambda ch: (f"tl.load(k_ptr + tok * D + {ch.idx}[None, :], "
+                               f"mask={ch.mask}[None, :], other=0.0).to(tl.float32)")}
+    args = [("k_ptr", c.dtype_ptr), ("phys_ptr", "*i64"), ("slot_ptr", "*i64"),
+            ("chan_ptr", "*i32"), ("mat_ptr", "*fp32")]
+    args += [(f"out{i}_ptr", c.dtype_ptr) for i in range(len(summary.fields))]
+    em = Emitter(leaves, full, c.tables, prefix="s")
+    stores = []
+    for i, f in enumerate(summary.fields):
+        v = em.emit(f.expr)
+        cf, lanes = expr_width(f.expr, sh.head_dim), v.chan.lanes or v.chan.idx
+        stores.append(f"tl.store(out{i}_ptr + tok * {cf} + {lanes}[None, :], "
+                      f"{v.src} + tl.zeros([1, {next_pow2(cf)}], tl.float32), "
+                      f"mask=({lanes} < {cf})[None, :])")
+    w = SourceWriter()
+    w("hkv = tl.program_id(1)",
+      "tok = (tl.load(phys_ptr + tl.program_id(0)) * HKV + hkv) * PS + "
+      "tl.load(slot_ptr + tl.program_id(0))",
+      "offs_d = tl.arange(0, BD)", "dmask = offs_d < D", *em.lines, *stores)
+    consts = dict(HKV=sh.kv_heads, D=sh.head_dim, BD=next_pow2(sh.head_dim), PS=sh.page_size)
+    return make_kernel("append", f"append_token_summary_{summary.name}", args, consts, w,
                        c.schedule["scan_warps"], 1)
 
 

@@ -20,28 +20,11 @@ Key formats (``compiler.keycodes``; arguments in ``KeyCodes.tensors()`` order):
 
 from __future__ import annotations
 
-from .. import ir
 from ..passes import softmax_scale
 from ..source import SourceWriter
 from .expr import next_pow2
 from .kernels import KernelSpec, make_kernel
-from .select import Ctx
-
-
-def key_kind(e: ir.Estimator) -> str:
-    """``exact``, ``token``, ``page`` or ``group``: which keys the estimate reads."""
-    return "exact" if e.kind == "exact" else e.granularity
-
-
-def key_args(c: Ctx, e: ir.Estimator) -> list[tuple[str, str]]:
-    """The estimate kernel's key arguments, in ``KeyCodes.tensors()`` order."""
-    kind = key_kind(e)
-    if kind == "exact":
-        return [("k_ptr", c.dtype_ptr)]
-    if kind == "token":
-        smooth = [("smooth_ptr", "*fp32")] if e.smooth else []
-        return [("packed_ptr", "*u8"), ("scale_ptr", "*fp32"), ("zero_ptr", "*fp32"), *smooth]
-    return [("packed_ptr", "*u8"), ("lo_ptr", c.dtype_ptr), ("hi_ptr", c.dtype_ptr)]
+from .select import Ctx, key_args, key_kind
 
 
 def _key_tile(w: SourceWriter, kind: str) -> None:

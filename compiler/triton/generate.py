@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...errors import UnsupportedPipeline
 from .. import ir, passes
-from . import append, attend, estimate, select, top_p
+from . import append, attend, estimate, rank, select, top_p
 from .expr import ChannelTables
 from .kernels import KernelSpec
 from .prelude import HEADER, LIBRARY
@@ -26,10 +26,9 @@ def generate(p: ir.PipelineIR, shape: ir.Shape, schedule: dict,
     check_supported(p)
     c = Ctx(p, shape, schedule, ChannelTables(shape.kv_heads))
     specs: list[KernelSpec] = []
-    s = p.select
-    if s is not None and s.score is not None:
-        specs += [select.gen_score(c), select.gen_decide(c)]
-    specs.append(select.gen_compact(c))
+    for i, _ in enumerate(p.selectors()):
+        specs += [select.gen_score(c, i), rank.gen_decide(c, i)]
+    specs.append(rank.gen_compact(c))
     for i, _ in enumerate(p.prune):
         specs += [estimate.gen_estimate(c, i), top_p.gen_decide(c, i, row_block)]
         if not top_p.fuses_compact(c, i):
@@ -39,6 +38,8 @@ def generate(p: ir.PipelineIR, shape: ir.Shape, schedule: dict,
         specs.append(attend.gen_combine(c))
     for summ in p.summaries():
         specs.append(append.gen_summary(c, summ))
+    for summ in p.token_summaries():
+        specs.append(append.gen_token_summary(c, summ))
     for e in p.estimators():
         if e.kind == "quantized":  # one kernel per key-code format (the dict dedups by name)
             specs.append(append.gen_codes(c, e))

@@ -26,7 +26,7 @@ from .attend import shared_lists
 from .expr import next_pow2
 from .generate import generate, module_source
 from .kernels import launch
-from .select import select_rows
+from .select import select_rows, suffix
 from .top_p import prune_rows
 
 
@@ -37,6 +37,7 @@ class TritonCompiled:
         self.p, self.shape, self.schedule, self.target = p, shape, schedule, target
         self.specs, tables = generate(p, shape, schedule)
         self.chan_table = tables.tensor()
+        self.mat_table = tables.matrix_tensor()
         self.source = module_source(self.specs)
         self.artifacts = [Artifact(k.stage, k.name, k.source,
                                    metadata={"constexprs": k.const_dict,
@@ -78,9 +79,14 @@ class TritonCompiled:
             self.chan_table = self.chan_table.to(dev)
         return self.chan_table
 
+    def _mats(self, dev) -> Tensor:
+        if self.mat_table.device != torch.device(dev):
+            self.mat_table = self.mat_table.to(dev)
+        return self.mat_table
+
     def cand_width(self, t_max: int) -> int:
         """Width of the candidate lists for contexts up to ``t_max`` tokens."""
-        return candidate_width(self.p, self.shape.group_size, t_max)
+        return candidate_width(self.p, self.shape.group_size, max(1, t_max))
 
     def plan(self, batch: int, tokens: int) -> None:
         """Nothing to size ahead: buffers are made on the first step of a shape and kept
@@ -92,39 +98,57 @@ class TritonCompiled:
         b, hq, _ = x.q.shape
         np_ = x.page_table.shape[1]
         # a bound of the longest context from the page table's width: no device sync
-        dev, s, t_max = x.q.device, self.p.select, np_ * self.p.page_size
+        dev, t_max = x.q.device, np_ * self.p.page_size
         width = self.cand_width(t_max)
         idx = self._buf("cand_idx", (b, hq, width), torch.int32, dev)
         cnt = self._buf("cand_cnt", (b, hq), torch.int32, dev)
-        flags, numax = self._buf("sel_dummy", (1,), torch.int8, dev), 1
-        if s is not None and s.score is not None:
-            flags, numax = self._score_and_decide(x, np_, t_max)
-        self._launch("select_compact", (b * hq,), flags, x.lengths, idx, cnt, numax, width)
+        flags, numax = [self._buf("sel_dummy", (1,), torch.int8, dev)], [1]
+        if self.p.selectors():
+            flags, numax = [], []
+            for i in range(len(self.p.selectors())):
+                f, n = self._decide(x, i, np_, t_max)
+                flags.append(f)
+                numax.append(n)
+        self._launch("select_compact", (b * hq,), *flags, x.lengths, idx, cnt, *numax, width)
         return idx, cnt
 
-    def _score_and_decide(self, x: StageInputs, np_: int, t_max: int) -> tuple[Tensor, int]:
-        s, b, dev, cache = self.p.select, x.q.shape[0], x.q.device, x.cache
+    def scores(self, x: StageInputs, part: int = 0) -> Tensor:
+        """Scored selector ``part``'s scores ``float32 [B, rows, N]`` (a planned buffer: rows
+        as ``select_rows``; ``-inf`` on invalid units and NaN scores)."""
+        s, b, dev, cache = self.p.selectors()[part], x.q.shape[0], x.q.device, x.cache
+        np_ = x.page_table.shape[1]
         per_page = s.score.per == "page"
-        numax = max(1, np_ if per_page else t_max)
+        numax = max(1, np_ if per_page else np_ * self.p.page_size)
         rows = select_rows(s, self.shape)
-        scores = self._buf("scores", (b, rows, numax), torch.float32, dev)
-        if per_page:
-            data = [cache.summaries[f"{s.score.summary.name}.{f}"]
-                    for f in s.score.summary.field_names()]
+        out = self._buf(f"scores{part}", (b, rows, numax), torch.float32, dev)
+        if s.score.summary is not None:
+            data = cache.summaries if per_page else cache.token_summaries
+            data = [data[f"{s.score.summary.name}.{f}"] for f in s.score.summary.field_names()]
+        elif s.estimator is not None:
+            data = list(cache.key_codes[KeyCodeSpec.of(s.estimator)].tensors())
         else:
             data = [cache.k_pages]
         bn = self.schedule["select_block_n"]
-        self._launch("select_score", (b * rows, -(-numax // bn)), x.q, x.page_table, x.lengths,
-                     *data, self._table(dev), scores, np_, numax)
-        unit = self.p.page_size if per_page else 1
+        self._launch("select_score" + suffix(part), (b * rows, -(-numax // bn)), x.q,
+                     x.page_table, x.lengths, *data, self._table(dev), self._mats(dev), out,
+                     np_, numax)
+        return out
+
+    def _decide(self, x: StageInputs, part: int, np_: int, t_max: int) -> tuple[Tensor, int]:
+        s, b, dev = self.p.selectors()[part], x.q.shape[0], x.q.device
+        scores = self.scores(x, part)
+        numax, rows = scores.shape[-1], scores.shape[1]
+        unit = self.p.page_size if s.score.per == "page" else 1
         kunits = (budget_units(s.budget, x.lengths, unit) if s.rule == "top_k"
                   else torch.zeros_like(x.lengths)).to(dev)
-        hist = self._buf("sel_hist", (b * rows, 1 << self.schedule["select_radix_bits"]),
+        hist = self._buf(f"sel_hist{part}", (b * rows, 1 << self.schedule["select_radix_bits"]),
                          torch.float64, dev)
-        flags = self._buf("sel_flags", (b, rows, numax), torch.int8, dev)
+        flags = self._buf(f"sel_flags{part}", (b, rows, numax), torch.int8, dev)
+        scr = self._buf(f"sel_scr{part}", (b, rows, numax) if s.rule == "top_p" else (1,),
+                        torch.float32, dev)
         thresh = float(s.threshold) if s.rule == "threshold" else 0.0
-        self._launch("select_decide", (b * rows,), scores, x.lengths, kunits, hist, flags,
-                     numax, thresh)
+        self._launch("select_decide" + suffix(part), (b * rows,), scores, x.lengths, kunits,
+                     hist, flags, scr, numax, thresh)
         return flags, numax
 
     def estimate(self, stage: int, x: StageInputs, cand_idx: Tensor, cand_cnt: Tensor) -> Tensor:
@@ -200,18 +224,24 @@ class TritonCompiled:
         for summ in self.p.summaries():
             outs = [cache.summaries[f"{summ.name}.{f}"] for f in summ.field_names()]
             self._launch(f"append_summary_{summ.name}", grid, cache.k_pages, pages,
-                         cache.page_fill, self._table(pages.device), *outs)
+                         cache.page_fill, self._table(pages.device), self._mats(pages.device),
+                         *outs)
         for spec in KeyCodeSpec.of_pipeline(self.p, "page"):
             self._launch(codes_kernel_name(spec), grid, cache.k_pages, pages, cache.page_fill,
                          *cache.key_codes[spec].tensors())
 
     def refresh_tokens(self, cache, phys: Tensor, slot: Tensor) -> None:
-        """Quantize the keys at ``(phys, slot)`` (int64 ``[N]``) into every token-granularity
-        code format the pipeline reads (smoothed ones with the cache's current factors)."""
+        """Token summaries of the keys at ``(phys, slot)`` (int64 ``[N]``), and their codes in
+        every token-granularity format the pipeline reads (smoothed ones with the cache's
+        current factors)."""
         grid = (phys.numel(), self.shape.kv_heads)
         if not phys.numel():
             return
         phys, slot = phys.to(torch.int64).contiguous(), slot.to(torch.int64).contiguous()
+        for summ in self.p.token_summaries():
+            outs = [cache.token_summaries[f"{summ.name}.{f}"] for f in summ.field_names()]
+            self._launch(f"append_token_summary_{summ.name}", grid, cache.k_pages, phys, slot,
+                         self._table(phys.device), self._mats(phys.device), *outs)
         for spec in KeyCodeSpec.of_pipeline(self.p, "token"):
             self._launch(codes_kernel_name(spec), grid, cache.k_pages, phys, slot,
                          *cache.key_codes[spec].tensors())

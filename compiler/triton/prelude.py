@@ -105,6 +105,19 @@ def _tw_round(y, LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _tw_tanh(x):
+    # tanh from exp (libdevice does not run in the interpreter); a series near 0, where
+    # 1 - exp(-2|x|) would cancel; NaN stays NaN
+    a = tl.abs(x)
+    t = tl.exp(-2.0 * a)
+    big = (1.0 - t) / (1.0 + t)
+    x2 = a * a
+    small = a * (1.0 + x2 * (-0.3333333333 + x2 * (0.1333333333 + x2 * -0.0539682540)))
+    y = tl.where(a < 0.125, small, big)
+    return tl.where(x < 0, -y, tl.where(x != x, x, y))
+
+
+@triton.jit
 def _tw_softcap(x, CAP: tl.constexpr):
     # CAP * tanh(x / CAP), tanh from exp (libdevice does not run in the interpreter)
     return CAP * (1.0 - 2.0 / (tl.exp(2.0 * x / CAP) + 1.0))

@@ -81,7 +81,9 @@ def _total(w: SourceWriter) -> None:
     w("P = tot64 * PMASS")
 
 
-def _top_p(w: SourceWriter, strategy: str, p: float) -> None:
+def top_p_decision(w: SourceWriter, strategy: str, p: float) -> None:
+    """The decision of a top-p row ``row_ptr`` of ``n`` weights into ``flag_row`` (names the
+    kernel defines; constants ``PMASS``, ``BITS``, ``NPASS``, ``PAD``, ``BLOCK``, ``ROWB``)."""
     keep_all = p >= 1.0  # every positive weight (the reference's p >= 1 rule)
     if strategy == "sort":
         w("offs = tl.arange(0, ROWB)", "m = offs < n",
@@ -163,7 +165,7 @@ def gen_decide(c: Ctx, stage: int, row_block: int) -> KernelSpec:
     _merge(w, pr)
     w("flag_row = flag_ptr + pid.to(tl.int64) * C")
     if pr.rule == "top_p":
-        _top_p(w, strategy, pr.p)
+        top_p_decision(w, strategy, pr.p)
     elif pr.rule == "top_k":
         w("k = tl.load(kunits_ptr + b)",
           "thr, above = _tw_radix(row_ptr, n, k.to(tl.float64), hist_ptr + pid * "

@@ -21,7 +21,10 @@ Example::
 from __future__ import annotations
 
 import functools
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from ...schedules.tvm import TVM
@@ -29,7 +32,7 @@ from ...version import dist_version, nvcc_version, source_stamp
 from .. import ir
 from ..backend import Backend, Target, register_backend
 from ..verify import verify
-from . import artifacts
+from . import artifacts, nvcc
 from .context import StageCtx
 from .dialect import Dialect
 from .pipeline import TVMCompiled
@@ -91,6 +94,24 @@ class TVMBackend(Backend):
 
     def fresh(self, kernels):
         return type(kernels)(kernels.ctx, kernels.target, kernels.kernels)
+
+    def dump_artifacts(self, compiled, target: Target):
+        """Every kernel's TIR, lowered TIR and generated source; on a cuda target also its
+        cubin from nvcc, when the machine has it, with registers, spills and shared memory
+        from ptxas's report (``nvcc.py``)."""
+        arts = list(compiled.artifacts)
+        if target.kind != "cuda":
+            return arts
+        path = nvcc.nvcc_path()
+        if path is None:
+            return [replace(a, metadata=a.metadata | {"cubin": "nvcc not found"}) for a in arts]
+
+        def build(a):
+            cubin, usage, log = nvcc.compile_cubin(a.files["cuda"], target.arch, path)
+            return replace(a, files=a.files | {"cubin": cubin, "ptxas.log": log},
+                           metadata=a.metadata | usage)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            return list(pool.map(build, arts))
 
 
 @functools.cache

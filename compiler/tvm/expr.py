@@ -274,8 +274,9 @@ def _top_channels(low: Lowering, node: Expr, out: str) -> None:
     s.local(mag, d)
     s.local(m, 1, "int32")
     s.local(rank, 1, "int32")
-    with s.block(f"for {c} in range({d}):"):
+    with s.block(f"for {c} in range({d}):"):  # NaN ranks after every number (torch's sort)
         s(f"{mag}[{c}] = T.abs({low.value(x, c)})")
+        s(f"{mag}[{c}] = T.if_then_else(T.isnan({mag}[{c}]), T.float32(-0.5), {mag}[{c}])")
     s(f"{m}[0] = 0")
     with s.block(f"for {c} in range({d}):"):
         s(f"{rank}[0] = 0")
