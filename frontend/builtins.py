@@ -1,8 +1,10 @@
 """The built-in selectors and pipelines, written in the DSL itself.
 
 Selectors: ``quest`` (page min/max bound), ``double_sparsity`` (channel subsets, calibrated
-offline), ``oracle`` (exact q·k), streaming (sink + window) and dense. Pipelines are factories
-with the published defaults; ``PIPELINES`` maps the names the CLI accepts to them.
+offline), ``oracle`` (exact q·k), streaming (sink + window), dense, ``sparq`` (the query's
+largest channels, chosen per step; SparQ Attention) and ``loki`` (keys projected on their
+principal components, calibrated offline; Loki). Pipelines are factories with the published
+defaults; ``PIPELINES`` maps the names the CLI accepts to them.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from . import ops as tw
 from .dsl import (
     Pipeline,
     ScoreDef,
+    attention,
+    fraction,
     nothing,
     page_summary,
     quantized_keys,
     score,
     sink,
+    token_summary,
     tokens,
     top_k,
     top_p,
@@ -156,7 +161,78 @@ def ds_twilight(channels=None, budget: int = 8192, p: float = 0.9, bits: int = 4
                     name="ds_twilight")
 
 
+def _budget(budget: int | None, frac: float):
+    """``tokens(budget)`` when given, else ``fraction(frac)`` of each context."""
+    return tokens(budget) if budget is not None else fraction(frac)
+
+
+def sparq_score(r: int = 16) -> ScoreDef:
+    """SparQ's approximate logit of each token: ``q[i₁]·k[i₁] / τ`` over the ``r`` channels
+    ``i₁`` of largest ``|q|`` (chosen per head and step), ``τ = sqrt(d · ‖q[i₁]‖₁ / ‖q‖₁)``;
+    its softmax is SparQ's ``ŝ``."""
+    @score(per="token", name="sparq")
+    def sparq(q, k):
+        i1 = tw.top_channels(q, r)
+        tau = tw.sqrt(tw.head_dim() * tw.sum(tw.abs(q[i1])) / tw.sum(tw.abs(q)))
+        return tw.dot(q[i1], k) / tau
+    return sparq
+
+
+def sparq(r: int = 16, budget: int | None = None, frac: float = 0.125,
+          mean_value: bool = True, sink_tokens: int = 0, window_tokens: int = 0) -> Pipeline:
+    """SparQ Attention (Ribar et al., 2024): per query head and step, the ``r`` channels of
+    largest ``|q|`` score every token (``sparq_score``); the top ``budget`` tokens (default
+    ``frac`` = 1/8 of the context) are attended exactly, and with ``mean_value`` the mass
+    ``1 - α`` that ``softmax(ŝ)`` puts outside them goes to the context's mean value:
+    ``y = α·attn + (1 - α)·mean(V)``. Published: ``r`` = d/8 … d/4, 1/8 of the context."""
+    return Pipeline(select=top_k(sparq_score(r), _budget(budget, frac), group="none"),
+                    attend=attention(mean_value=mean_value),
+                    keep=sink(sink_tokens) | window(window_tokens), name="sparq")
+
+
+def calibrate_projection(k: torch.Tensor, d_f: int = 16) -> torch.Tensor:
+    """Loki's offline calibration: per KV head, the principal axes of sample keys
+    ``k [Hkv, T, D]`` (eigenvectors of their covariance, by decreasing variance), the first
+    ``d_f`` of them: ``P float32 [Hkv, D, d_f]``, orthonormal columns."""
+    hkv, t, d = k.shape
+    if not 0 < d_f <= d or t < 2:
+        raise ValueError(f"calibrate_projection: k {tuple(k.shape)}, d_f={d_f}: expected keys "
+                         "[Hkv, T ≥ 2, D] and 0 < d_f ≤ D")
+    x = k.double() - k.double().mean(1, keepdim=True)
+    cov = x.transpose(1, 2) @ x / (t - 1)  # [Hkv, D, D]
+    vals, vecs = torch.linalg.eigh(cov)  # ascending
+    order = vals.argsort(dim=-1, descending=True)[:, None, :d_f].expand(hkv, d, d_f)
+    return torch.gather(vecs, -1, order).float().contiguous()
+
+
+def loki_score(projection) -> ScoreDef:
+    """Loki's approximate score: ``(q P)·(k P)`` over the ``d_f`` leading principal axes
+    ``P [D, d_f]`` or ``[Hkv, D, d_f]``; ``k P`` is kept per token by the cache (on append)."""
+    @token_summary(name="loki_keys")
+    def loki_keys(k):
+        return dict(kp=k @ projection)
+
+    @score(per="token", summary=loki_keys, name="loki")
+    def loki(q, tok):
+        return tw.dot(q @ projection, tok.kp)
+    return loki
+
+
+def loki(projection=None, d_f: int = 16, budget: int | None = None, frac: float = 0.25,
+         sink_tokens: int = 0, window_tokens: int = 0):
+    """Loki (Singhania et al., 2024): keys scored in their principal-component space, the top
+    ``budget`` tokens (default ``frac`` = 1/4 of the context) attended exactly with the full
+    keys. ``projection``: ``[Hkv, D, d_f]`` (``calibrate_projection``); without it a
+    ``Calibrated`` pipeline that fits it on a layer's sample keys. Published: ``d_f`` ≈ d/4,
+    12.5–25% of the tokens."""
+    if projection is None:
+        return Calibrated("loki", lambda q, k: loki(calibrate_projection(k, d_f), d_f, budget,
+                                                    frac, sink_tokens, window_tokens))
+    return Pipeline(select=top_k(loki_score(projection), _budget(budget, frac), group="none"),
+                    keep=sink(sink_tokens) | window(window_tokens), name="loki")
+
+
 PIPELINES: dict[str, Callable] = {
     f.__name__: f for f in (dense, quest_top_k, quest_twilight, oracle_top_k, streaming,
-                            double_sparsity, ds_twilight)
+                            double_sparsity, ds_twilight, sparq, loki)
 }

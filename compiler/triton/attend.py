@@ -17,7 +17,7 @@ from ..passes import softmax_scale
 from ..source import SourceWriter
 from .expr import next_pow2
 from .kernels import KernelSpec, make_kernel
-from .select import Ctx
+from .select import Ctx, select_rows
 
 
 def shared_lists(p: ir.PipelineIR) -> bool:
@@ -106,3 +106,47 @@ def gen_combine(c: Ctx) -> KernelSpec:
     consts = dict(D=sh.head_dim, BD=next_pow2(sh.head_dim), SPLITS=splits,
                   SP=next_pow2(splits))
     return make_kernel("attend", "attend_combine", args, consts, w, 4, 1)
+
+
+def gen_reallocate(c: Ctx) -> KernelSpec:
+    """SparQ's mean-value reallocation (``attention(mean_value=True)``), after attention: one
+    program per (request, query head), ``out ← α·out + (1 - α)·v_sum / L`` with ``α`` the mass of
+    the kept tokens under the softmax of the selector's (group-merged) scores of this step."""
+    sh = c.shape
+    s = c.p.selectors()[0]
+    args = [("score_ptr", "*fp32"), ("len_ptr", "*i32"), ("rid_ptr", "*i64"),
+            ("kidx_ptr", "*i32"), ("kcnt_ptr", "*i32"), ("vsum_ptr", "*fp32"),
+            ("out_ptr", c.dtype_ptr), ("NUMAX", "i32"), ("K", "i32")]
+    row = "h" if select_rows(s, sh) == sh.q_heads else "h // G"
+    w = SourceWriter()
+    w("pid = tl.program_id(0)", "b = pid // HQ", "h = pid % HQ",
+      f"srow = score_ptr + (b * ROWS + {row}).to(tl.int64) * NUMAX",
+      "L = tl.minimum(tl.load(len_ptr + b), NUMAX)",
+      "mx = tl.full([1], float('-inf'), tl.float32).max(0)")
+    with w.block("for start in range(0, L, BLOCK):"):
+        w("t = start + tl.arange(0, BLOCK)",
+          "mx = tl.maximum(mx, tl.max(tl.load(srow + t, mask=t < L, other=float('-inf')), 0))")
+    # tensor masks only: Triton 3.9's interpreter rejects a tensor mask and-ed with a scalar
+    w("fin = (mx + tl.zeros([BLOCK], tl.float32)) > float('-inf')",
+      "den = tl.zeros([1], tl.float32).sum(0)")
+    with w.block("for start in range(0, L, BLOCK):"):
+        w("t = start + tl.arange(0, BLOCK)",
+          "v = tl.load(srow + t, mask=t < L, other=float('-inf'))",
+          "den += tl.sum(tl.where((t < L) & fin, tl.exp(v - mx), 0.0), 0)")
+    w("n = tl.load(kcnt_ptr + pid)", "al = tl.zeros([1], tl.float32).sum(0)")
+    with w.block("for start in range(0, n, BLOCK):"):
+        w("j = start + tl.arange(0, BLOCK)",
+          "tok = tl.load(kidx_ptr + pid.to(tl.int64) * K + j, mask=j < n, other=0)",
+          "v = tl.load(srow + tok, mask=j < n, other=float('-inf'))",
+          "al += tl.sum(tl.where((j < n) & fin, tl.exp(v - mx), 0.0), 0)")
+    w("al = tl.where(den > 0, al / tl.where(den > 0, den, 1.0), 0.0)",
+      "offs_d = tl.arange(0, BD)", "dmask = offs_d < D",
+      "o = tl.load(out_ptr + pid * D + offs_d, mask=dmask, other=0.0).to(tl.float32)",
+      "vs = tl.load(vsum_ptr + (tl.load(rid_ptr + b) * HKV + h // G) * D + offs_d, "
+      "mask=dmask, other=0.0)",
+      "o = al * o + (1.0 - al) * vs / tl.maximum(tl.load(len_ptr + b), 1).to(tl.float32)",
+      "tl.store(out_ptr + pid * D + offs_d, o, mask=dmask)")
+    consts = dict(HQ=sh.q_heads, HKV=sh.kv_heads, G=sh.group_size, ROWS=select_rows(s, sh),
+                  D=sh.head_dim, BD=next_pow2(sh.head_dim), BLOCK=c.schedule["scan_block"])
+    return make_kernel("attend", "attend_reallocate", args, consts, w,
+                       c.schedule["scan_warps"], 1)

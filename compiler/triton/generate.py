@@ -36,6 +36,8 @@ def generate(p: ir.PipelineIR, shape: ir.Shape, schedule: dict,
     specs.append(attend.gen_attend(c))
     if schedule["attend_splits"] > 1:
         specs.append(attend.gen_combine(c))
+    if p.attend.mean_value:
+        specs.append(attend.gen_reallocate(c))
     for summ in p.summaries():
         specs.append(append.gen_summary(c, summ))
     for summ in p.token_summaries():

@@ -46,6 +46,7 @@ class TritonCompiled:
                           for k in self.specs.values()]
         self._mod = None
         self._bufs: dict[tuple, Tensor] = {}
+        self._scores: dict[int, Tensor] = {}  # each scored selector's, of the latest step
 
     # ---- plumbing ----------------------------------------------------------------------------
     @property
@@ -132,6 +133,7 @@ class TritonCompiled:
         self._launch("select_score" + suffix(part), (b * rows, -(-numax // bn)), x.q,
                      x.page_table, x.lengths, *data, self._table(dev), self._mats(dev), out,
                      np_, numax)
+        self._scores[part] = out
         return out
 
     def _decide(self, x: StageInputs, part: int, np_: int, t_max: int) -> tuple[Tensor, int]:
@@ -203,6 +205,11 @@ class TritonCompiled:
                      kept_idx.shape[-1])
         if splits > 1:
             self._launch("attend_combine", (b * hq,), pacc, pml, out)
+        if self.p.attend.mean_value:  # the selector's scores of this step: same object
+            scores = self._scores[0]
+            rid = torch.tensor(x.ids, dtype=torch.int64, device=dev)
+            self._launch("attend_reallocate", (b * hq,), scores, x.lengths, rid, kept_idx,
+                         kept_cnt, x.cache.v_sum, out, scores.shape[-1], kept_idx.shape[-1])
         return out
 
     def run(self, q, cache, req=None, return_lists: bool = False):

@@ -6,6 +6,8 @@ batch of few heads still fills every core. When the heads of a GQA group share o
 ``G`` queries. Tokens go in blocks of ``attend_block_n``: the block's logits first, then one
 online-softmax rescale per block rather than per token. With one split the kernel writes the
 output directly; otherwise it writes ``(acc, max, sum)`` partials and ``combine`` merges them.
+With ``attention(mean_value=True)`` a last kernel, ``reallocate``, mixes in the mean value
+(SparQ), reading the selector's scores from the same step.
 
 cuda, ``cuda_attend_staging="smem"``: the block's threads first copy the queries of all its rows
 into one ``__shared__`` tile together (consecutive threads read consecutive elements, so the load
@@ -23,6 +25,7 @@ from .build import KernelSource
 from .context import StageCtx, f32, softcap_text
 from .dialect import NEG_INF, Src
 from .estimate import _split
+from .select import score_rows
 
 
 def attend_rows(ctx: StageCtx) -> tuple[int, int]:
@@ -217,3 +220,36 @@ def gen_combine(ctx: StageCtx) -> KernelSource:
             with s.block(f"for c in {s.d.vec(d)}:"):
                 s(f'out[b, h, c] = T.Cast("{ctx.dtype}", o[c] * inv)')
     return KernelSource("attend", "combine", s.text())
+
+
+def gen_reallocate(ctx: StageCtx) -> KernelSource:
+    """SparQ's mean-value reallocation (``attention(mean_value=True)``), after attention:
+    ``out ← α·out + (1 - α)·v̄`` per query head, ``α`` the mass of its kept tokens under the
+    softmax of the selector's (group-merged) scores over the context, ``v̄ = v_sum / L``."""
+    s = Src(ctx.dialect)
+    hs, _ = score_rows(ctx, 0)
+    params = [("scores", ("B", hs, "N"), "float32"), ("lens", ("B",), "int32"),
+              ("rid", ("B",), "int64"), ("kidx", ("B", ctx.HQ, "K"), "int32"),
+              ("kcnt", ("B", ctx.HQ), "int32"), ("vsum", ("S", ctx.HKV, ctx.D), "float32"),
+              ("out", ("B", ctx.HQ, ctx.D), ctx.dtype)]
+    with s.func("reallocate", params, ("B", "N", "K", "S")):
+        with s.rows("r", f"B * {ctx.HQ}"):
+            s(f"b = r // {ctx.HQ}", f"h = r % {ctx.HQ}", f"hkv = h // {ctx.G}",
+              "hs = h" if hs == ctx.HQ else "hs = hkv", "L = T.min(lens[b], N)")
+            s.local("mx", 1)
+            s.local("den", 1)
+            s.local("al", 1)
+            s(f"mx[0] = {NEG_INF}", "den[0] = T.float32(0)", "al[0] = T.float32(0)")
+            with s.block("for t in range(L):"):
+                s("mx[0] = T.max(mx[0], scores[b, hs, t])")
+            with s.block(f"if mx[0] > {NEG_INF}:"):
+                with s.block("for t in range(L):"):
+                    s("den[0] = den[0] + T.exp(scores[b, hs, t] - mx[0])")
+                with s.block("for i in range(kcnt[b, h]):"):
+                    s("al[0] = al[0] + T.exp(scores[b, hs, kidx[b, h, i]] - mx[0])")
+                s("al[0] = al[0] / den[0]")
+            with s.block(f"for c in range({ctx.D}):"):
+                s(f'out[b, h, c] = T.Cast("{ctx.dtype}", al[0] * T.Cast("float32", out[b, h, c])'
+                  ' + (T.float32(1) - al[0]) * vsum[rid[b], hkv, c] / T.Cast("float32", '
+                  "T.max(lens[b], 1)))")
+    return KernelSource("attend", "reallocate", s.text())

@@ -18,7 +18,7 @@ from ..keycodes import KeyCodeSpec
 from ..passes import budget_units, list_widths
 from ..stages import PagedCache
 from .append import AppendMixin, append_sources, gen_summaries, gen_token_summaries
-from .attend import attend_rows, gen_attend, gen_combine, splits
+from .attend import attend_rows, gen_attend, gen_combine, gen_reallocate, splits
 from .build import Kernel, aligned, build, set_threads
 from .context import StageCtx
 from .estimate import gen_estimate
@@ -193,6 +193,10 @@ class TVMCompiled(AppendMixin):
         else:
             self.kernels["attend"](*args, bufs["pacc"], bufs["pml"])
             self.kernels["combine"](bufs["pacc"], bufs["pml"], out)
+        if self.p.attend.mean_value:  # the selector's scores of this step: same object
+            rid = torch.tensor(x.ids, dtype=torch.int64)
+            self.kernels["reallocate"](bufs["scores0"], x.lengths, rid, aligned(idx),
+                                       aligned(cnt), c.v_sum, out)
         return out
 
 
@@ -210,6 +214,8 @@ def pipeline_sources(ctx: StageCtx):
     yield gen_attend(ctx)
     if splits(ctx) > 1:
         yield gen_combine(ctx)
+    if p.attend.mean_value:
+        yield gen_reallocate(ctx)
     for summ in p.summaries():
         yield gen_summaries(ctx, summ)
     for summ in p.token_summaries():
