@@ -28,8 +28,9 @@ A PIPELINE is named as:
   'quest_twilight(p=0.85, budget=2048)' a built-in with arguments
   my_pkg.selectors:pipe                 an attribute of an importable module
   ./selectors.py:pipe                   an attribute of a Python file
+  ./selectors.py:pipelines[name]        one entry of a dict of pipelines
 Built-ins: dense, quest_top_k, quest_twilight, oracle_top_k, streaming, double_sparsity,
-ds_twilight.
+ds_twilight, sparq, loki.
 """
 
 EPILOG = """\

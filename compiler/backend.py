@@ -92,6 +92,12 @@ class StageKernels(Protocol):
     def select(self, x) -> tuple[Any, Any]:
         """``(cand_idx int32 [B, Hq, C], cand_cnt int32 [B, Hq])``."""
 
+    def scores(self, x, part: int = 0) -> Any:
+        """Scored selector ``part``'s (``PipelineIR.selectors()``) scores ``float32 [B, rows,
+        N]`` over pages or tokens, rows per query head (groups ``none``/``union``) or per KV
+        head (merged), ``-inf`` on invalid units and NaN scores: a score checked on its own.
+        ``select`` computes them as well; ``attend`` reads the latest (``mean_value``)."""
+
     def estimate(self, stage: int, x, idx, cnt) -> Any:
         """``est_w float32 [B, Hq, C]`` of pruner ``stage`` over the candidates."""
 
@@ -108,7 +114,8 @@ class StageKernels(Protocol):
         """Recompute summaries and page-granularity codes of physical ``pages`` (int64)."""
 
     def refresh_tokens(self, cache, phys, slot) -> None:
-        """Quantize the keys at ``(phys, slot)`` (int64 ``[N]``) into every token format."""
+        """Token summaries of the keys at ``(phys, slot)`` (int64 ``[N]``), and their codes in
+        every token format."""
 
     def refresh_groups(self, cache, gp) -> None:
         """Min/max and codes of the groups ``gp int64 [N, G]`` of every group format."""

@@ -38,6 +38,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 
 class PagedCache(Protocol):
     """What stage kernels read of a paged KV cache (the layout above; ``runtime``'s
@@ -52,7 +54,9 @@ class PagedCache(Protocol):
     lengths: Tensor
     page_fill: Tensor
     summaries: dict[str, Tensor]
+    token_summaries: dict[str, Tensor]  # [cap, Hkv, ps, C]: per-token maps of the keys
     key_codes: dict[Any, Any]
+    v_sum: Tensor | None  # float32 [request slots, Hkv, D]: running sum of V (mean_value)
 
     def resolve_ids(self, req: int | Sequence[int] | None) -> list[int]: ...
 
@@ -90,6 +94,16 @@ def run_stages(c, x: StageInputs, num_prune: int, return_lists: bool = False):
         idx, cnt = c.prune(i, x, w, idx, cnt)
     out = c.attend(x, idx, cnt)
     return (out, (idx, cnt)) if return_lists else out
+
+
+def v_sum_of(cache: PagedCache) -> Tensor:
+    """The cache's running sum of V (``attention(mean_value=True)`` reads it), or a clear
+    error when the cache was made without it."""
+    if getattr(cache, "v_sum", None) is None:
+        raise InputError("cache: attention(mean_value=True) reads the running sum of V, which "
+                         "this cache does not keep; make it with make_cache(pipeline) (or "
+                         "PagedKVCache(track_v_sum=True))")
+    return cache.v_sum
 
 
 # ---- conversions ----------------------------------------------------------------------------------

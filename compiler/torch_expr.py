@@ -34,13 +34,30 @@ def evaluate(expr: Expr, leaves: dict[str, torch.Tensor],
     """Value of ``expr`` given its leaves: ``q``, ``k``, ``page_k``, ``summary.<field>``,
     ``position`` and ``query_position``."""
     memo: dict[int, torch.Tensor] = {}
+    vec: dict[int, bool] = {}
 
     def ev(e: Expr) -> torch.Tensor:
         if id(e) not in memo:
-            memo[id(e)] = _node(e, [ev(x) for x in e.inputs], leaves, token_valid)
+            args = [ev(x) for x in e.inputs]
+            vec[id(e)] = _has_channels(e, [vec[id(x)] for x in e.inputs])
+            if e.op in _BINARY or e.op in _COMPARE or e.op == "where":
+                # a scalar (one value per unit) meeting a vector gets a channel axis
+                args = [a if vec[id(x)] or not vec[id(e)] else a.unsqueeze(-1)
+                        for a, x in zip(args, e.inputs, strict=True)]
+            memo[id(e)] = _node(e, args, leaves, token_valid)
         return memo[id(e)]
 
     return ev(expr)
+
+
+def _has_channels(e: Expr, inputs: list[bool]) -> bool:
+    """Does ``e``'s value carry a channel axis (a vector), or is it one value per unit?"""
+    if e.op in _VECTOR_LEAVES or e.op in ("summary", "take", "gather", "project",
+                                          "top_channels"):
+        return True
+    if e.op.startswith("reduce_"):
+        return e.attr("axis") == "token"
+    return any(inputs)
 
 
 def _node(e: Expr, args: list[torch.Tensor], leaves: dict[str, torch.Tensor],

@@ -77,8 +77,16 @@ class Pipeline:
         sel = select and _with_group(select, group or _DEFAULT_GROUP["select"])
         prunes = tuple(dataclasses.replace(p, group=p.group or group or _DEFAULT_GROUP["prune"])
                        for p in prunes)
+        attend = attend or ir.Attend()
+        if not isinstance(attend, ir.Attend):
+            raise StructureError(f"attend= takes tw.attention(...), got {_what(attend)}", loc)
+        if attend.mean_value and not (sel and sel.score and sel.score.per == "token"):
+            raise StructureError("attention(mean_value=True) needs one selector with a per-token "
+                                 "score: its softmax weighs what the attended tokens hold",
+                                 attend.loc or loc,
+                                 hint="select=tw.top_k(per_token_score, budget), as SparQ does")
         self.ir = ir.PipelineIR(name or _default_name(sel, prunes), page_size, sel, prunes,
-                                keep or ir.Keep(), attend or ir.Attend(), loc)
+                                keep or ir.Keep(), attend, loc)
 
     @classmethod
     def from_ir(cls, p: ir.PipelineIR) -> Pipeline:

@@ -19,7 +19,7 @@ from .. import ir
 from ..backend import Artifact, Target
 from ..keycodes import KeyCodeSpec
 from ..passes import budget_units, candidate_width
-from ..stages import StageInputs, run_stages, stage_inputs
+from ..stages import StageInputs, run_stages, stage_inputs, v_sum_of
 from . import loader
 from .append import codes_kernel_name
 from .attend import shared_lists
@@ -209,7 +209,7 @@ class TritonCompiled:
             scores = self._scores[0]
             rid = torch.tensor(x.ids, dtype=torch.int64, device=dev)
             self._launch("attend_reallocate", (b * hq,), scores, x.lengths, rid, kept_idx,
-                         kept_cnt, x.cache.v_sum, out, scores.shape[-1], kept_idx.shape[-1])
+                         kept_cnt, v_sum_of(x.cache), out, scores.shape[-1], kept_idx.shape[-1])
         return out
 
     def run(self, q, cache, req=None, return_lists: bool = False):

@@ -196,7 +196,7 @@ class TVMCompiled(AppendMixin):
         if self.p.attend.mean_value:  # the selector's scores of this step: same object
             rid = torch.tensor(x.ids, dtype=torch.int64)
             self.kernels["reallocate"](bufs["scores0"], x.lengths, rid, aligned(idx),
-                                       aligned(cnt), c.v_sum, out)
+                                       aligned(cnt), stages.v_sum_of(c), out)
         return out
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from ...compiler import ir
 from ...compiler.keycodes import KeyCodeSpec, dequantize_minmax, dequantize_token
 from ...compiler.passes import softmax_scale
-from ...compiler.stages import mask_to_lists
+from ...compiler.stages import mask_to_lists, v_sum_of
 from ...compiler.torch_expr import evaluate
 from ...compiler.verify import verify
 from ...errors import InputError, NonFiniteInputError
@@ -309,8 +309,9 @@ def mean_value_alpha(p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor,
 def mean_value(cache: PagedKVCache, ids: list[int]) -> Tensor:
     """``v̄ float32 [B, Hkv, D]``: the mean value of each request's context, from the running
     sum the cache keeps on append."""
-    idx = torch.tensor(ids, dtype=torch.long, device=cache.v_sum.device)
-    return cache.v_sum[idx] / cache.lengths[idx].clamp(min=1).to(torch.float32)[:, None, None]
+    v_sum = v_sum_of(cache)
+    idx = torch.tensor(ids, dtype=torch.long, device=v_sum.device)
+    return v_sum[idx] / cache.lengths[idx].clamp(min=1).to(torch.float32)[:, None, None]
 
 
 def reallocate(p: ir.PipelineIR, qg: Tensor, k: Tensor, valid: Tensor, cache: PagedKVCache,

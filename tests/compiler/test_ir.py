@@ -16,15 +16,20 @@ from twilight.compiler import ir
 from twilight.frontend.builtins import PIPELINES
 
 TABLE = ((0, 3, 5), (1, 2, 7))  # a per-KV-head channel table for Double Sparsity
+PROJ = tuple(tuple(tuple(((h + 2 * i + 3 * j) % 5 - 2) / 4 for j in range(2)) for i in range(16))
+             for h in range(2))  # a per-KV-head projection [2, 16, 2] for Loki
+
+
+def _make(name: str, make):
+    """A built-in, the calibrated ones given their calibration (a channel table, a projection)."""
+    if name in ("double_sparsity", "ds_twilight"):
+        return make(channels=TABLE)
+    return make(projection=PROJ) if name == "loki" else make()
 
 
 def _builtins() -> dict[str, ir.PipelineIR]:
-    """Every built-in pipeline's IR (the calibrated ones given a channel table)."""
-    out = {}
-    for name, make in PIPELINES.items():
-        pipe = make(channels=TABLE) if name in ("double_sparsity", "ds_twilight") else make()
-        out[name] = pipe.ir
-    return out
+    """Every built-in pipeline's IR."""
+    return {name: _make(name, make).ir for name, make in PIPELINES.items()}
 
 
 @tw.score(per="token")
@@ -45,16 +50,19 @@ def _user_pipeline() -> tw.Pipeline:
 SUBPROCESS = """
 import json, twilight as tw
 from twilight.frontend.builtins import PIPELINES
-t = {table!r}
-print(json.dumps({{n: (m(channels=t) if n in ("double_sparsity", "ds_twilight") else m()).key()
-                  for n, m in PIPELINES.items()}}))
+t, proj = {table!r}, {proj!r}
+def make(n, m):
+    if n in ("double_sparsity", "ds_twilight"):
+        return m(channels=t)
+    return m(projection=proj) if n == "loki" else m()
+print(json.dumps({{n: make(n, m).key() for n, m in PIPELINES.items()}}))
 """
 
 
 def test_key_is_stable_across_processes() -> None:
     here = {n: p.key() for n, p in _builtins().items()}
     env = dict(os.environ, PYTHONHASHSEED="12345")  # str hashing must not leak into the key
-    res = subprocess.run([sys.executable, "-c", SUBPROCESS.format(table=TABLE)],
+    res = subprocess.run([sys.executable, "-c", SUBPROCESS.format(table=TABLE, proj=PROJ)],
                          capture_output=True, text=True, env=env, timeout=60, check=True)
     assert json.loads(res.stdout) == here
 

@@ -125,7 +125,8 @@ def test_attention_defaults() -> None:
 
 def test_builtin_factories() -> None:
     assert set(PIPELINES) == {"dense", "quest_top_k", "quest_twilight", "oracle_top_k",
-                              "streaming", "double_sparsity", "ds_twilight"}
+                              "streaming", "double_sparsity", "ds_twilight", "sparq", "loki"}
+    assert isinstance(tw.builtins.loki(), tw.builtins.Calibrated)
     assert isinstance(tw.builtins.double_sparsity(), tw.builtins.Calibrated)
     q, k = torch.randn(5, 4, 16), torch.randn(2, 30, 16)
     pipe = tw.builtins.ds_twilight().make(q, k)

@@ -50,6 +50,8 @@ def _unbounded(name: str, ps: int, hkv: int, d: int) -> tw.Pipeline:
         "streaming": lambda: b.streaming(sink_tokens=3, window_tokens=BIG),
         "double_sparsity": lambda: b.double_sparsity(channels=_table(hkv, d), budget=BIG),
         "ds_twilight": lambda: b.ds_twilight(channels=_table(hkv, d), budget=BIG, p=1.0),
+        "sparq": lambda: b.sparq(r=min(4, d), budget=BIG),  # α = 1: nothing left for v̄
+        "loki": lambda: b.loki(torch.randn(hkv, d, 2), budget=BIG),
         "user_mean_key": lambda: tw.Pipeline(select=tw.top_k(mean_key, tw.tokens(BIG)),
                                              prune=tw.top_p(1.0, estimate=tw.exact_keys()),
                                              page_size=ps),

@@ -21,6 +21,11 @@ def _builtin(name: str, budget: int = 48):
         return B.streaming(4, 16)
     if name in ("double_sparsity", "ds_twilight"):
         return B.PIPELINES[name](channels=CH4, budget=budget)
+    if name == "loki":
+        proj = torch.randn(2, 32, 4, generator=torch.Generator().manual_seed(0))
+        return B.loki(proj, budget=budget)
+    if name == "sparq":
+        return B.sparq(r=8, budget=budget)
     return B.PIPELINES[name](budget=budget)
 
 

@@ -20,6 +20,8 @@ def builtin(name: str):
         return make(CHANNELS, budget=40)
     if name in ("dense", "streaming"):
         return make() if name == "dense" else make(4, 24)
+    if name == "loki":
+        return make(torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0)), budget=40)
     return make(budget=40)
 
 
