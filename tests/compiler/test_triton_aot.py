@@ -18,13 +18,16 @@ from twilight.frontend import builtins as B  # noqa: E402
 
 SHAPE = tw.Shape(32, 8, 128, 16, "float16")
 PER_HEAD = tuple(tuple(range(h, 128, 8)) for h in range(8))
+PROJECTION = tuple(tuple(tuple(((h + i + j) % 7 - 3) / 8 for j in range(32)) for i in range(128))
+                   for h in range(8))  # Loki's [kv_heads, head_dim, d_f]
 
 
 def _pipelines():
     return [B.dense(), B.quest_top_k(), B.quest_twilight(), B.oracle_top_k(), B.streaming(),
             B.double_sparsity(channels=PER_HEAD),
             B.ds_twilight(channels=PER_HEAD, granularity="page", bits=2),
-            B.quest_twilight(bits=8, granularity="page")]
+            B.quest_twilight(bits=8, granularity="page"), B.sparq(r=16),
+            B.loki(PROJECTION, d_f=32, budget=1024)]
 
 
 @pytest.fixture(autouse=True)
