@@ -112,12 +112,10 @@ def _summary_leaf(i: int, cf: int, page: bool):
     return leaf
 
 
-def gen_score(c: Ctx, part: int = 0) -> KernelSpec:
-    s, sh = c.p.selectors()[part], c.shape
-    sc = s.score
+def _score_leaves(c: Ctx, s: ir.Select, mode: int) -> tuple[dict, list, dict]:
+    """(leaf loaders, kernel arguments, summary field widths) of selector ``s``'s score."""
+    sh, sc = c.shape, s.score
     per_page = sc.per == "page"
-    mode = SCORE_MODES[s.group]
-    full = Chan("offs_d", "dmask", sh.head_dim)
     unit = "(offs_u * PS)" if per_page else "offs_u"
     leaves = {"q": _q_leaf(mode, sh.group_size),
               "position": lambda ch: f"{unit}.to(tl.float32)",
@@ -135,6 +133,16 @@ def gen_score(c: Ctx, part: int = 0) -> KernelSpec:
         leaves["k"] = _key_leaf(s.estimator)
     args += [("chan_ptr", "*i32"), ("mat_ptr", "*fp32"), ("out_ptr", "*fp32"), ("NP", "i32"),
              ("NUMAX", "i32")]
+    return leaves, args, widths
+
+
+def gen_score(c: Ctx, part: int = 0) -> KernelSpec:
+    s, sh = c.p.selectors()[part], c.shape
+    sc = s.score
+    per_page = sc.per == "page"
+    mode = SCORE_MODES[s.group]
+    full = Chan("offs_d", "dmask", sh.head_dim)
+    leaves, args, widths = _score_leaves(c, s, mode)
     em = Emitter(leaves, full, c.tables, prefix="e", widths=widths)
     val = em.emit(sc.expr)
     score = [*em.lines, f"sc = {as_rows(val, 'BN')}", "sc = tl.where(sc != sc, float('-inf'), sc)"]

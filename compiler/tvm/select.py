@@ -82,20 +82,7 @@ def gen_score(ctx: StageCtx, part: int = 0) -> KernelSource:
                for i, m in enumerate(mats)]
     params += [("out", ("B", hs, "N"), "float32")]
 
-    def leaf(e, c):
-        if e.op == "q":
-            return f"qv[g, {c}]"
-        if e.op == "k":
-            return _key_leaf(ctx, sel.estimator, c)
-        if e.op == "position":
-            return f'T.Cast("float32", n * {ctx.PS})' if page else 'T.Cast("float32", n)'
-        if e.op == "query_position":
-            return 'T.Cast("float32", lens[b] - 1)'
-        if e.op == "head_dim":
-            return f32(ctx.D)
-        at = "phys, hkv" if page else "phys, hkv, slot"
-        return f'T.Cast("float32", {_sbuf("summary." + e.attr("field"))}[{at}, {c}])'
-
+    leaf = _leaves(ctx, sel)
     name = "score" + kernel_suffix(part)
     with s.func(name, params, ("B", "NP", "CAP", "N")):
         with s.rows("r", f"B * {hs}"):
@@ -129,6 +116,26 @@ def gen_score(ctx: StageCtx, part: int = 0) -> KernelSource:
                 with s.block("else:"):
                     s(f"out[b, h, n] = {NEG_INF}")
     return KernelSource("select", name, s.text())
+
+
+def _leaves(ctx: StageCtx, sel):
+    """``leaf(node, channel)``: the text of a score leaf inside the loop over units ``n``."""
+    page = sel.score.per == "page"
+
+    def leaf(e, c):
+        if e.op == "q":
+            return f"qv[g, {c}]"
+        if e.op == "k":
+            return _key_leaf(ctx, sel.estimator, c)
+        if e.op == "position":
+            return f'T.Cast("float32", n * {ctx.PS})' if page else 'T.Cast("float32", n)'
+        if e.op == "query_position":
+            return 'T.Cast("float32", lens[b] - 1)'
+        if e.op == "head_dim":
+            return f32(ctx.D)
+        at = "phys, hkv" if page else "phys, hkv, slot"
+        return f'T.Cast("float32", {_sbuf("summary." + e.attr("field"))}[{at}, {c}])'
+    return leaf
 
 
 def _sbuf(field: str) -> str:
