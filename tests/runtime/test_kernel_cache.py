@@ -434,27 +434,39 @@ print(json.dumps(result))
 """
 
 
-def _as_reader_only(code: str, *argv: str):
-    """Run ``code`` where the cache cannot be written: as this user when it is not root
-    (directory permissions then bind), else as ``nobody`` (root ignores them)."""
+def _run(code: str, *argv: str, **kw):
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=120, **kw)
+
+
+def _as_reader_only(code: str, root: Path, *argv: str):
+    """Run ``code`` where nothing under ``root`` can be written. Not root: directory
+    permissions bind. Root ignores them, so: the immutable attribute (``chattr +i``, which
+    binds root too) where the file system has it, else drop to ``nobody``."""
     if os.geteuid() != 0:
-        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
-                              text=True, timeout=120)
+        return _run(code, *argv)
+    if subprocess.run(["chattr", "-R", "+i", str(root)], capture_output=True).returncode == 0:
+        try:
+            return _run(code, *argv)
+        finally:
+            subprocess.run(["chattr", "-R", "-i", str(root)], capture_output=True)
     import pwd
     try:
         nobody = pwd.getpwnam("nobody")
     except KeyError:
-        pytest.skip("running as root and there is no 'nobody' user to drop to")
+        pytest.skip("running as root, no chattr +i here and no 'nobody' user to drop to")
 
     def drop():
         os.setgid(nobody.pw_gid)
         os.setuid(nobody.pw_uid)
-    probe = subprocess.run([sys.executable, "-c", "import twilight"], capture_output=True,
-                           timeout=120, preexec_fn=drop, cwd="/")
-    if probe.returncode:
-        pytest.skip("'nobody' cannot run this checkout's Python (a private folder above it)")
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
-                          timeout=120, preexec_fn=drop, cwd="/")
+    try:
+        probe = _run("import twilight", preexec_fn=drop, cwd="/")
+    except OSError:  # the interpreter itself lies in a folder 'nobody' may not enter
+        probe = None
+    if probe is None or probe.returncode:
+        pytest.skip("running as root, no chattr +i here, and 'nobody' cannot run this "
+                    "checkout's Python")
+    return _run(code, *argv, preexec_fn=drop, cwd="/")
 
 
 def test_read_only_cache_loads_hits_and_says_why_it_cannot_do_more(tmp_path):
@@ -466,7 +478,7 @@ def test_read_only_cache_loads_hits_and_says_why_it_cannot_do_more(tmp_path):
         _flip_byte(cache.get_or_build(bad, Builder()).path)
         for p in [root, *root.rglob("*")]:
             p.chmod(0o555 if p.is_dir() else 0o444)
-        done = _as_reader_only(READ_ONLY, good, bad, str(root / "c"))
+        done = _as_reader_only(READ_ONLY, root, good, bad, str(root / "c"))
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout.splitlines()[-1])
         assert result["hit"] and result["corrupt"] is None
