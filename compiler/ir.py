@@ -49,6 +49,20 @@ from .matrix import Matrix as Matrix  # part of the IR: a projection's constant
 
 IR_VERSION = 1
 
+# ---- limits: what every kernel, cache and budget is built for ----------------------------------
+MAX_TOKENS = 2**31 - 1
+"""Token counts and positions are int32 in the stage ABI (lengths, index lists): a budget, a
+sink or a window holds at most this many tokens."""
+MAX_PAGE_SIZE = 1024
+"""Pages hold a power of two ≤ this many tokens (Quest uses 16; a 1024-token page of 8 KV heads ×
+128 fp16 channels is already 2 MiB of K and V per page)."""
+MAX_HEAD_DIM = 1024
+"""Channels per head (models use 64–256; kernels keep a head's vector in registers/locals)."""
+MAX_HEADS = 1024
+"""Query (and so KV) heads per layer."""
+MAX_GROUP_PAGES = 64
+"""Pages per group of group-granularity key codes (a group's min/max is encoded in one pass)."""
+
 LEAF_OPS = ("q", "k", "page_k", "summary", "const", "position", "query_position", "head_dim")
 UNARY_OPS = ("neg", "abs", "exp", "log", "sqrt", "tanh", "sign", "pow")
 COMPARE_OPS = ("lt", "le", "gt", "ge", "eq", "ne")
@@ -192,9 +206,10 @@ def code_problem(bits: int, granularity: str, group_pages: int = 1,
     if granularity not in GRANULARITIES:
         return f"granularity={granularity!r}: use 'token', 'page' or 'group'"
     g = group_pages
-    if not isinstance(g, int) or g < 1 or g & (g - 1) or (g > 1) != (granularity == "group"):
-        return (f"pages={g!r}: a group is a power of two ≥ 2 of pages, and only "
-                "granularity='group' has one")
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or g & (g - 1) \
+            or g > MAX_GROUP_PAGES or (g > 1) != (granularity == "group"):
+        return (f"pages={g!r}: a group is a power of two from 2 to {MAX_GROUP_PAGES} pages, "
+                "and only granularity='group' has one")
     if not isinstance(smooth, int | float) or not 0 <= smooth <= 1:
         return f"smooth={smooth!r}: use True, False or a strength in (0, 1]"
     if smooth and granularity != "token":
@@ -387,19 +402,46 @@ class Shape:
     dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        # whether q_heads is a multiple of kv_heads is the verifier's (it names the pipeline)
+        problem = shape_problem(self.q_heads, self.kv_heads, self.head_dim, self.page_size,
+                                self.dtype)
+        if problem:
+            raise InputError(f"Shape: {problem}")
         for name in ("q_heads", "kv_heads", "head_dim", "page_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise InputError(f"Shape: {name}={value!r}; expected a positive whole number")
-            object.__setattr__(self, name, int(value))  # numpy/torch integers → int (the key)
-        if self.dtype not in SHAPE_DTYPES:
-            raise InputError(f"Shape: dtype={self.dtype!r}; expected one of "
-                             f"{', '.join(SHAPE_DTYPES)}")
+            object.__setattr__(self, name, int(getattr(self, name)))  # numpy/torch ints → int
 
     @property
     def group_size(self) -> int:
         return self.q_heads // self.kv_heads
+
+
+def _whole(x: Any) -> bool:
+    """A whole number: Python's or numpy's/torch's integer types, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def page_size_problem(page_size: Any) -> str | None:
+    """What is wrong with a page size, or None (the one statement of the rule)."""
+    if not _whole(page_size) or page_size < 1 or page_size & (page_size - 1) \
+            or page_size > MAX_PAGE_SIZE:
+        return (f"page_size={page_size!r}: use a power of two from 1 to {MAX_PAGE_SIZE} "
+                "(16 is Quest's)")
+    return None
+
+
+def shape_problem(q_heads: Any, kv_heads: Any, head_dim: Any, page_size: Any,
+                  dtype: Any) -> str | None:
+    """What is wrong with a head layout, or None: whole positive counts within the limits above,
+    ``q_heads`` a multiple of ``kv_heads``, a dtype named as in ``SHAPE_DTYPES``."""
+    for name, v, top in (("q_heads", q_heads, MAX_HEADS), ("kv_heads", kv_heads, MAX_HEADS),
+                         ("head_dim", head_dim, MAX_HEAD_DIM)):
+        if not _whole(v) or not 1 <= v <= top:
+            return f"{name}={v!r}: use a whole number from 1 to {top}"
+    if q_heads % kv_heads:
+        return (f"q_heads={q_heads} is not a multiple of kv_heads={kv_heads} (each KV head "
+                "serves a whole group of query heads)")
+    if not isinstance(dtype, str) or dtype not in SHAPE_DTYPES:
+        return f"dtype={dtype!r}: use one of {', '.join(map(repr, SHAPE_DTYPES))}"
+    return page_size_problem(page_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ made the offending node, and the stage that ran the check (``stage=``).
 
 from __future__ import annotations
 
+import math
+
 from ..errors import BudgetError, ChannelIndexError, ExprTypeError, StructureError
 from . import ir
 
@@ -13,8 +15,15 @@ from . import ir
 def verify(p: ir.PipelineIR, shape: ir.Shape | None = None, stage: str = "frontend") -> None:
     """Raise a ``PipelineError`` if ``p`` is malformed (for ``shape``, when given)."""
     where = f" (verifier after stage '{stage}')" if stage != "frontend" else ""
-    if p.page_size < 1 or p.page_size & (p.page_size - 1):
-        raise StructureError(f"page_size {p.page_size} is not a power of two{where}", p.loc)
+    problem = ir.page_size_problem(p.page_size)
+    if problem:
+        raise StructureError(f"{problem}{where}", p.loc)
+    _verify_keep(p.keep, where)
+    for name in ("scale", "softcap"):
+        v = getattr(p.attend, name)
+        if v is not None and not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+            raise BudgetError(f"attention {name}={v!r} must be a positive finite number{where}",
+                              p.attend.loc)
     if p.select is not None:
         _verify_select(p.select, where)
     for pr in p.prune:
@@ -111,9 +120,19 @@ def _verify_budget(b: ir.Budget | None, loc, where: str) -> None:
         for part in b.parts:
             _verify_budget(part, loc, where)
         return
-    if b is None or b.kind not in ("tokens", "fraction") or b.value <= 0 \
-            or (b.kind == "fraction" and b.value > 1):
-        raise BudgetError(f"budget {b!r} out of range{where}", getattr(b, "loc", None) or loc)
+    ok = b is not None and (
+        (b.kind == "tokens" and 1 <= b.value <= ir.MAX_TOKENS and b.value == int(b.value))
+        or (b.kind == "fraction" and 0 < b.value <= 1))
+    if not ok:
+        raise BudgetError(f"budget {b!r} out of range: tokens in [1, {ir.MAX_TOKENS}] or a "
+                          f"fraction in (0, 1]{where}", getattr(b, "loc", None) or loc)
+
+
+def _verify_keep(k: ir.Keep, where: str) -> None:
+    for name, n in (("sink", k.sink), ("window", k.window)):
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= ir.MAX_TOKENS:
+            raise BudgetError(f"keep rule {name}={n!r} must be a whole number of tokens in "
+                              f"[0, {ir.MAX_TOKENS}]{where}", k.loc)
 
 
 def _verify_shape(p: ir.PipelineIR, shape: ir.Shape, where: str) -> None:

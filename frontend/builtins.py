@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiler import ir
+from ..errors import ChannelIndexError, InputError, NonFiniteInputError
 from . import ops as tw
 from .dsl import (
     Pipeline,
@@ -31,6 +33,7 @@ from .dsl import (
     top_p,
     window,
 )
+from .location import user_location
 
 
 @page_summary
@@ -67,10 +70,18 @@ def calibrate_channels(q: torch.Tensor, k: torch.Tensor, r: int = 16,
 
     ``mode``: ``"qk"`` ranks by mean |q_c·k_c| over all (query, key) pairs of the head's group,
     which factorizes as mean|q_c| · mean|k_c|; ``"q"`` by mean |q_c|; ``"k"`` by mean |k_c|."""
+    if mode not in ("qk", "q", "k"):
+        raise InputError(f"calibrate_channels: mode={mode!r}: use 'qk', 'q' or 'k'")
+    ok = isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 3 \
+        and k.dim() == 3 and q.shape[0] and k.shape[0] and k.shape[1] and q.is_floating_point()
+    if not ok or q.shape[1] % k.shape[0] or q.shape[-1] != k.shape[-1] \
+            or not _whole(r) or not 0 < r <= k.shape[-1]:
+        raise InputError(f"calibrate_channels: q {tuple(getattr(q, 'shape', ()))}, k "
+                         f"{tuple(getattr(k, 'shape', ()))}, r={r!r}: expected float q [N, Hq, "
+                         "D], k [Hkv, T, D] (none empty), Hq a multiple of Hkv, 0 < r ≤ D")
+    if not (torch.isfinite(q).all() and torch.isfinite(k).all()):
+        raise NonFiniteInputError("calibrate_channels: the sample q or k holds NaN or inf")
     hq, hkv, d = q.shape[1], k.shape[0], k.shape[-1]
-    if hq % hkv or q.shape[-1] != d or not 0 < r <= d:
-        raise ValueError(f"calibrate_channels: q {tuple(q.shape)}, k {tuple(k.shape)}, r={r}: "
-                         "expected q [N, Hq, D], k [Hkv, T, D], Hq a multiple of Hkv, 0 < r ≤ D")
     qa = q.float().abs().mean(0).view(hkv, hq // hkv, d).mean(1)  # [Hkv, D]
     ka = k.float().abs().mean(1)  # [Hkv, D]
     weight = {"qk": qa * ka, "q": qa, "k": ka}[mode]
@@ -139,6 +150,7 @@ def streaming(sink_tokens: int = 4, window_tokens: int = 1020) -> Pipeline:
 
 def double_sparsity(channels=None, budget: int = 1024, r: int = 16):
     """Double Sparsity top-k; without ``channels`` it returns a ``Calibrated`` pipeline."""
+    _check_r(r)
     if channels is None:
         return Calibrated("double_sparsity", lambda q, k: double_sparsity(
             calibrate_channels(q, k, r), budget))
@@ -153,6 +165,7 @@ def ds_twilight(channels=None, budget: int = 8192, p: float = 0.9, bits: int = 4
     Double Sparsity keeps no page min/max to share, so the estimate defaults to INT4 per
     channel within a group of 4 pages: robust to outlier key channels like the page variant,
     with a quarter of its side data."""
+    _check_r(r)
     if channels is None:
         return Calibrated("ds_twilight", lambda q, k: ds_twilight(
             calibrate_channels(q, k, r), budget, p, bits, r, granularity, group_pages, smooth))
@@ -230,6 +243,17 @@ def loki(projection=None, d_f: int = 16, budget: int | None = None, frac: float 
                                                     frac, sink_tokens, window_tokens))
     return Pipeline(select=top_k(loki_score(projection), _budget(budget, frac), group="none"),
                     keep=sink(sink_tokens) | window(window_tokens), name="loki")
+
+
+def _whole(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool)
+
+
+def _check_r(r) -> None:
+    """Double Sparsity's channel count, checked where it is written (calibration runs later)."""
+    if not _whole(r) or not 1 <= r <= ir.MAX_HEAD_DIM:
+        raise ChannelIndexError(f"r={r!r}: Double Sparsity keeps r channels of each key; use a "
+                                f"whole number from 1 to head_dim", user_location())
 
 
 PIPELINES: dict[str, Callable] = {

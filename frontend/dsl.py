@@ -66,14 +66,17 @@ class Pipeline:
         if select is not None and not isinstance(select, ir.Select):
             raise StructureError(f"select= takes tw.top_k(score, ...), tw.threshold(score, ...) "
                                  f"or tw.top_p(score, p), got {_what(select)}", loc)
-        prunes = () if prune is None else (prune,) if isinstance(prune, ir.Prune) else tuple(prune)
-        for p in prunes:
-            if not isinstance(p, ir.Prune):
-                raise StructureError(f"prune= takes tw.top_p(...), or tw.top_k/tw.threshold "
-                                     f"without a score, got {_what(p)}", loc)
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1 \
-                or page_size & (page_size - 1):
-            raise StructureError(f"page_size={page_size!r} must be a power of two", loc)
+        prunes = _prunes(prune, loc)
+        _check_parts(keep, attend, name, loc)
+        problem = ir.page_size_problem(page_size)
+        if problem:
+            raise StructureError(problem, loc)
+        if select is None and not prunes and (keep or ir.Keep()) != ir.Keep():
+            raise StructureError(
+                "keep= without select= or prune= would attend every token anyway (no select "
+                "means every token is a candidate)", loc,
+                hint="select=tw.nothing() attends only the kept tokens (StreamingLLM); or drop "
+                     "keep=")
         sel = select and _with_group(select, group or _DEFAULT_GROUP["select"])
         prunes = tuple(dataclasses.replace(p, group=p.group or group or _DEFAULT_GROUP["prune"])
                        for p in prunes)
@@ -111,6 +114,35 @@ def _with_group(s: ir.Select, group: str) -> ir.Select:
     if s.parts:
         return dataclasses.replace(s, parts=tuple(_with_group(p, group) for p in s.parts))
     return dataclasses.replace(s, group=s.group or group)
+
+
+def _prunes(prune, loc) -> tuple[ir.Prune, ...]:
+    """``prune=`` as a tuple of pruners: one, a sequence of them, or None."""
+    if prune is None:
+        return ()
+    if isinstance(prune, ir.Prune):
+        return (prune,)
+    if isinstance(prune, ir.Select):
+        raise StructureError(
+            "prune= got a selector (a tw.top_k/tw.threshold/tw.top_p with a score); a pruner "
+            "ranks the candidates' estimated weights", loc,
+            hint="pass it as select=, or drop the score: tw.top_k(budget=..., estimate=...)")
+    items = tuple(prune) if isinstance(prune, list | tuple) else (prune,)
+    for p in items:
+        if not isinstance(p, ir.Prune):
+            raise StructureError(f"prune= takes tw.top_p(...), or tw.top_k/tw.threshold "
+                                 f"without a score (or a list of them), got {_what(p)}", loc)
+    return items
+
+
+def _check_parts(keep, attend, name, loc) -> None:
+    if keep is not None and not isinstance(keep, ir.Keep):
+        raise StructureError(f"keep= takes tw.sink(n), tw.window(n) or both joined with |, got "
+                             f"{_what(keep)}", loc)
+    if attend is not None and not isinstance(attend, ir.Attend):
+        raise StructureError(f"attend= takes tw.attention(...), got {_what(attend)}", loc)
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise StructureError(f"name={name!r} must be a non-empty string", loc)
 
 
 def _what(x) -> str:

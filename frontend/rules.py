@@ -21,9 +21,9 @@ from .score import ScoreDef, check_score
 
 def tokens(n: int) -> ir.Budget:
     """A budget of ``n`` tokens (a per-page rule keeps ceil(n / page_size) pages)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise BudgetError(f"tw.tokens({n!r}): a budget must be a positive whole number of tokens",
-                          user_location())
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= ir.MAX_TOKENS:
+        raise BudgetError(f"tw.tokens({_short(n)}): a budget must be a whole number of tokens "
+                          f"from 1 to {ir.MAX_TOKENS} (token counts are int32)", user_location())
     return ir.Budget("tokens", float(n), user_location())
 
 
@@ -189,8 +189,9 @@ def window(n: int) -> ir.Keep:
 
 
 def _count(what: str, n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise BudgetError(f"tw.{what}({_short(n)}) needs a whole number ≥ 0", user_location())
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= ir.MAX_TOKENS:
+        raise BudgetError(f"tw.{what}({_short(n)}) needs a whole number of tokens from 0 to "
+                          f"{ir.MAX_TOKENS} (token counts are int32)", user_location())
     return n
 
 

@@ -215,7 +215,7 @@ def test_verifier_rejects_and_names_the_stage(change, error: str) -> None:
 
 def test_verifier_checks_the_shape() -> None:
     p = tw.builtins.quest_top_k(page_size=16).ir
-    with pytest.raises(tw.PipelineError, match="multiple"):
+    with pytest.raises(tw.InputError, match="multiple"):  # a Shape is checked when made
         tw.verify(p, tw.Shape(6, 4, 64, 16))
     with pytest.raises(tw.PipelineError, match="page_size=8"):
         tw.verify(p, tw.Shape(8, 4, 64, 8))
