@@ -12,9 +12,11 @@ this. One decode step, for requests ``req`` of a :class:`PagedKVCache`:
    ≥ a weight; the keep rules' tokens are always kept;
 3. **attend** — exact softmax attention over full-precision K/V at the kept tokens.
 
-There is no Python loop over requests, heads or tokens. An empty kept set (``tw.nothing()``
-with no keep rule) gives a zero output. A query holding NaN or inf raises
-``NonFiniteInputError``.
+There is no Python loop over requests, heads or tokens. Non-finite values follow the one
+policy of ``twilight.runtime.serving.checks``: a query holding NaN or inf raises
+``NonFiniteInputError`` (naming request and head), and the cache never holds one (``append``
+refuses them), so no path here replaces NaN by anything. The one zero by design: a head whose
+kept set is empty (``tw.nothing()`` with no keep rule) gives an exactly-zero output row.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from ...compiler.passes import softmax_scale
 from ...compiler.stages import mask_to_lists, v_sum_of
 from ...compiler.torch_expr import evaluate
 from ...compiler.verify import verify
-from ...errors import InputError, NonFiniteInputError
+from ...errors import InputError
+from ..serving.checks import batch_ids, check_cache, check_query_finite
 from ..serving.paged_cache import PagedKVCache
 
 
@@ -66,8 +69,10 @@ class ReferenceExecutor:
             return_kept: bool = False):
         """Attention output ``[B, Hq, D]`` (q's dtype) for queries ``q [B, Hq, D]`` of the
         requests ``req`` (default: all live ones, by id); with ``return_kept`` also a ``Kept``."""
-        ids = cache.resolve_ids(req)
+        ids = batch_ids(cache, req)
+        check_cache(self.ir, cache)
         q = self._check_query(q, cache, len(ids))
+        check_query_finite(q, cache, ids)
         p, g = self.ir, q.shape[1] // cache.num_kv_heads
         verify(p, ir.Shape(q.shape[1], cache.num_kv_heads, cache.head_dim, cache.page_size))
         k, v, valid = cache.gather(ids)
@@ -104,9 +109,8 @@ class ReferenceExecutor:
                              f"{tuple(getattr(q, 'shape', ()))}")
         if not q.is_floating_point():
             raise InputError(f"q: expected a floating dtype, got {q.dtype}")
-        if not torch.isfinite(q).all():
-            raise NonFiniteInputError("q holds NaN or inf; twilight does not select tokens for a "
-                                      "non-finite query (check the model's activations)")
+        if q.device != cache.device:
+            raise InputError(f"q: expected device {cache.device} (the cache's), got {q.device}")
         return q
 
 
@@ -246,8 +250,10 @@ def _logits(qg: Tensor, k: Tensor, scale: float, softcap: float | None) -> Tenso
 
 
 def _softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over each row's masked-in entries; a row with nothing in it is exactly zero (the
+    one zero by design); anything else non-finite stays visible (NaN), never zeroed."""
     w = torch.softmax(logits.masked_fill(~mask, -math.inf), -1)
-    return torch.nan_to_num(w, nan=0.0)  # a row with nothing to attend to stays zero
+    return w.masked_fill(~mask.any(-1, keepdim=True), 0.0)
 
 
 def estimate_weights(pr: ir.Prune, qg: Tensor, cand: Tensor, cache: PagedKVCache, ids: list[int],

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ... import knobs
 from ...compiler import ir
 from ...compiler.backend import (
     Backend,
@@ -65,6 +66,7 @@ from ..store import tuning_log
 from ..store.estimator_choice import calibrated
 from ..store.kernel_cache import CorruptEntryWarning, KernelCache, cache_key, default_cache
 from ..store.tuning_log import ShapeBucket
+from .checks import batch_ids, check_cache, check_query_finite, whole
 from .paged_cache import DTYPES, PagedKVCache
 from .pipeline_cache import make_cache
 
@@ -218,6 +220,7 @@ class DecodePipeline:
         self.compiled, self.origin, self.key = compiled, origin, key
         self.dtype = DTYPES[shape.dtype]
         self._plan: _Plan | None = None
+        self._fits: weakref.ref | None = None  # the last cache check_cache passed
 
     def __repr__(self) -> str:
         return (f"DecodePipeline({self.ir.name!r}, {self.shape}, backend={self.backend!r}, "
@@ -235,10 +238,11 @@ class DecodePipeline:
         """Size every buffer ``run`` needs for ``batch`` requests of up to ``max_context``
         tokens: query staging, page-table rows, lengths, and the kernels' scratch. A later
         ``run`` with another batch size, or a longer context, plans again by itself."""
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
-                   for n in (batch, max_context)):
-            raise InputError(f"plan: batch and max_context must be whole numbers ≥ 1, got "
-                             f"{batch!r}, {max_context!r}")
+        try:
+            batch, max_context = whole("batch", batch), whole("max_context", max_context)
+        except InputError:
+            raise InputError(f"plan: batch and max_context must be whole numbers from 1 to "
+                             f"{ir.MAX_TOKENS}, got {batch!r}, {max_context!r}") from None
         s, i32 = self.shape, dict(dtype=torch.int32, device=device)
         pages = math.ceil(max_context / self.ir.page_size)
         self._plan = _Plan(batch, max_context,
@@ -251,13 +255,24 @@ class DecodePipeline:
         self.compiled.plan(batch, max_context)
         return self
 
+    def _fit_cache(self, cache: PagedKVCache) -> None:
+        """``check_cache`` once per cache object (a cache's layout never changes)."""
+        if self._fits is not None and self._fits() is cache:
+            return
+        check_cache(self.ir, cache, self.shape)
+        self._fits = weakref.ref(cache)
+
     def _inputs(self, q: torch.Tensor, cache: PagedKVCache, req) -> StageInputs:
-        ids = cache.resolve_ids(req)
-        if q.dim() != 3 or tuple(q.shape[1:]) != (self.shape.q_heads, self.shape.head_dim) \
+        ids = batch_ids(cache, req)
+        self._fit_cache(cache)
+        if not isinstance(q, torch.Tensor) or q.dim() != 3 \
+                or tuple(q.shape[1:]) != (self.shape.q_heads, self.shape.head_dim) \
                 or q.shape[0] != len(ids) or q.dtype != self.dtype:
             raise InputError(f"q: expected [{len(ids)}, {self.shape.q_heads}, "
                              f"{self.shape.head_dim}] {self.dtype} (one row per request), got "
-                             f"{tuple(q.shape)} {q.dtype}")
+                             f"{tuple(getattr(q, 'shape', ()))} {getattr(q, 'dtype', type(q))}")
+        if q.device != cache.device:
+            raise InputError(f"q: expected device {cache.device} (the cache's), got {q.device}")
         pl = self._plan
         if pl is None or pl.batch != len(ids):
             pl = self.plan(len(ids), pl.context if pl else 4096, q.device)._plan
@@ -294,7 +309,11 @@ class DecodePipeline:
         """Attention output ``[B, Hq, D]`` for queries ``q [B, Hq, D]`` of requests ``req``
         (default: every live request, by id) over ``cache``. Every stage is one kernel call
         over all requests and heads; only the output is allocated once planned. With
-        ``return_lists`` also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's)."""
+        ``return_lists`` also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's).
+        A query holding NaN or inf raises ``NonFiniteInputError`` (``TWILIGHT_CHECK_FINITE=0``
+        skips that check; see ``twilight.runtime.serving.checks``)."""
+        if knobs.check_finite():
+            check_query_finite(q, cache, req)
         return run_stages(self.compiled, self._inputs(q, cache, req), len(self.ir.prune),
                           return_lists)
 

@@ -31,8 +31,9 @@ Appending to a page re-encodes that page's per-channel codes (its min/max may ha
 appending to a group re-encodes the whole group (``G · ps`` tokens).
 
 Request ids are page-table rows; a freed id is reused by the next :meth:`PagedKVCache.add_request`.
-Keys holding NaN or inf are stored as they are; their summaries follow torch's arithmetic and
-their codes are unspecified (see :mod:`twilight.compiler.keycodes`).
+Keys or values holding NaN or inf are refused by :meth:`PagedKVCache.append`
+(``NonFiniteInputError`` naming the request, KV head and token position) before anything is
+stored, so the cache only ever holds finite values (the policy: ``twilight.runtime.serving.checks``).
 
 Example:
     >>> import torch
@@ -59,6 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...compiler.ir import MAX_TOKENS, page_size_problem
 from ...compiler.keycodes import (
     KeyCodeSpec,
     channel_extreme,
@@ -69,6 +71,7 @@ from ...compiler.keycodes import (
     quantize_token,
 )
 from ...errors import InputError
+from .checks import allocating, as_request_id, refuse_non_finite_kv
 
 __all__ = ["KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
 
@@ -132,16 +135,17 @@ class PagedKVCache:
         minmax_summaries: tuple[str, str] | None = None,
         token_summaries: Mapping[str, TokenSummaryFn] | None = None,
         track_v_sum: bool = False,
+        summary_keys: Mapping[str, str] | None = None,
     ) -> None:
-        if page_size < 1 or page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two (1, 2, 4, ...), got {page_size}")
+        problem = page_size_problem(page_size)
+        if problem:
+            raise InputError(f"PagedKVCache: {problem}")
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
-        if num_kv_heads < 1 or head_dim < 1 or initial_pages < 1:
-            raise ValueError(
-                "num_kv_heads, head_dim and initial_pages must be positive, got "
-                f"{num_kv_heads}, {head_dim}, {initial_pages}"
-            )
+            raise InputError(f"PagedKVCache: dtype must be one of {_DTYPES}, got {dtype!r}")
+        for name, n in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("initial_pages", initial_pages)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise InputError(f"PagedKVCache: {name} must be a whole number ≥ 1, got {n!r}")
         self.num_kv_heads, self.head_dim, self.page_size = num_kv_heads, head_dim, page_size
         self.dtype, self.device = dtype, torch.device(device)
         self.summary_fns: dict[str, SummaryFn] = dict(summaries or {})
@@ -156,18 +160,22 @@ class PagedKVCache:
                 raise ValueError(f"minmax_summaries: no summary named {missing[0]!r} (have "
                                  f"{sorted(self.summary_fns)})")
         self.minmax_summaries = minmax_summaries
+        self.summary_keys: dict[str, str] = dict(summary_keys or {})
+        """IR key of the expression behind each summary (``make_cache`` records them), so a
+        pipeline can tell a same-named summary of another pipeline from its own."""
         self.smoothing_fitted: dict[KeyCodeSpec, bool] = {
             sp: False for sp in self.key_code_specs if sp.smooth}
-        shape = (initial_pages, num_kv_heads, page_size, head_dim)
-        self.k_pages = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_pages = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.page_fill = torch.zeros(initial_pages, dtype=torch.int64, device=self.device)
-        self.page_table = torch.full((0, 1), -1, dtype=torch.int32, device=self.device)
-        self.lengths = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self.summaries = {
-            n: self._new_summary(n, fn, initial_pages) for n, fn in self.summary_fns.items()
-        }
-        self.key_codes = {s: self._new_codes(s, initial_pages) for s in self.key_code_specs}
+        with allocating(initial_pages, num_kv_heads, page_size, head_dim, dtype):
+            shape = (initial_pages, num_kv_heads, page_size, head_dim)
+            self.k_pages = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.v_pages = torch.zeros(shape, dtype=dtype, device=self.device)
+            self.page_fill = torch.zeros(initial_pages, dtype=torch.int64, device=self.device)
+            self.page_table = torch.full((0, 1), -1, dtype=torch.int32, device=self.device)
+            self.lengths = torch.zeros(0, dtype=torch.int64, device=self.device)
+            self.summaries = {
+                n: self._new_summary(n, fn, initial_pages) for n, fn in self.summary_fns.items()
+            }
+            self.key_codes = {s: self._new_codes(s, initial_pages) for s in self.key_code_specs}
         self._link_minmax()
         self.token_summary_fns: dict[str, TokenSummaryFn] = dict(token_summaries or {})
         self.token_summaries = {n: self._new_token_summary(n, fn, initial_pages)
@@ -232,6 +240,10 @@ class PagedKVCache:
     def _grow_pages(self, needed: int) -> None:
         old = self.capacity_pages
         new = max(2 * old, old + needed)
+        with allocating(new, self.num_kv_heads, self.page_size, self.head_dim, self.dtype):
+            self._grow_to(old, new)
+
+    def _grow_to(self, old: int, new: int) -> None:
         self.k_pages, self.v_pages = _grow(self.k_pages, new), _grow(self.v_pages, new)
         self.page_fill = _grow(self.page_fill, new)
         self.summaries = {n: _grow(t, new) for n, t in self.summaries.items()}
@@ -288,20 +300,30 @@ class PagedKVCache:
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         for r in ids:
-            if not isinstance(r, int) or not 0 <= r < len(self._live) or not self._live[r]:
+            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(self._live) \
+                    or not self._live[r]:
                 raise InputError(f"unknown request id {r!r}; live ids are {self.request_ids}")
 
     def resolve_ids(self, req: int | Sequence[int] | None) -> list[int]:
-        """Request ids as a list: ``None`` means every live request, in id order."""
-        ids = self.request_ids if req is None else [req] if isinstance(req, int) else list(req)
+        """Request ids as a list of ints: ``None`` means every live request, in id order; an
+        id may be any integer (numpy's, a 0-d tensor), and ``req`` one, a sequence of them, or
+        a 1-d integer array or tensor."""
+        if req is None:
+            return self.request_ids
+        if getattr(req, "ndim", None) == 1 and hasattr(req, "tolist"):  # numpy, torch
+            req = req.tolist()
+        ids = [as_request_id(r) for r in (req if isinstance(req, Sequence | range)
+                                   and not isinstance(req, str | bytes) else [req])]
         self._check_ids(ids)
         return ids
 
     # ---- append ----------------------------------------------------------------------------
 
     def _check_kv(self, name: str, t: Tensor, req: int | Sequence[int]) -> Tensor:
+        if not isinstance(t, Tensor):
+            raise InputError(f"{name}: expected a tensor, got {type(t).__name__}")
         h, d = self.num_kv_heads, self.head_dim
-        batched = not isinstance(req, int)
+        batched = not isinstance(as_request_id(req, None), int)
         ok = t.dim() == (4 if batched else 3) and t.shape[-3] == h and t.shape[-1] == d
         if ok and batched and t.shape[0] != len(req):
             ok = False
@@ -357,6 +379,10 @@ class PagedKVCache:
             return
         idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
         old = self.lengths[idx]
+        if int(old.max()) + n > MAX_TOKENS:
+            raise InputError(f"append: a request would exceed {MAX_TOKENS} tokens (int32 "
+                             "positions)")
+        refuse_non_finite_kv(kb, vb, ids, old)
         self._reserve(ids, (old + n).tolist())
         pos = old[:, None] + torch.arange(n, device=self.device)  # [B, n]
         phys = self.page_table[idx].to(torch.int64).gather(1, pos // self.page_size).flatten()
@@ -449,9 +475,10 @@ class PagedKVCache:
         if spec not in self.smoothing_fitted:
             raise InputError(f"set_smoothing: the cache keeps no smoothed format {spec.name}")
         want = (self.num_kv_heads, self.head_dim)
-        if tuple(factors.shape) != want or not bool((factors > 0).all()):
-            raise InputError(f"factors: expected positive values of shape {list(want)}, got "
-                             f"{tuple(factors.shape)}")
+        if not isinstance(factors, Tensor) or tuple(factors.shape) != want \
+                or not bool(((factors > 0) & torch.isfinite(factors)).all()):
+            raise InputError(f"factors: expected positive finite values of shape {list(want)}, "
+                             f"got {tuple(getattr(factors, 'shape', ()))}")
         codes = self.key_codes[spec]
         codes.smooth.copy_(factors.to(codes.smooth))
         self.smoothing_fitted[spec] = True

@@ -19,13 +19,15 @@ def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float1
     and (for ``attention(mean_value=True)``) the running sum of V."""
     p = ir.as_ir(pipeline)
     verify(p, ir.Shape(num_kv_heads, num_kv_heads, head_dim, p.page_size))
-    sums = {f"{s.name}.{f.name}": summary_fn(f.expr) for s in p.summaries() for f in s.fields}
-    toks = {f"{s.name}.{f.name}": token_summary_fn(f.expr) for s in p.token_summaries()
-            for f in s.fields}
+    fields = {f"{s.name}.{f.name}": f.expr for s in p.summaries() for f in s.fields}
+    tok_fields = {f"{s.name}.{f.name}": f.expr for s in p.token_summaries() for f in s.fields}
     return PagedKVCache(num_kv_heads, head_dim, page_size=p.page_size, dtype=dtype,
-                        device=device, summaries=sums, key_codes=KeyCodeSpec.of_pipeline(p),
-                        initial_pages=initial_pages, minmax_summaries=minmax_summaries(p),
-                        token_summaries=toks, track_v_sum=p.attend.mean_value)
+                        device=device, summaries={n: summary_fn(e) for n, e in fields.items()},
+                        key_codes=KeyCodeSpec.of_pipeline(p), initial_pages=initial_pages,
+                        minmax_summaries=minmax_summaries(p),
+                        token_summaries={n: token_summary_fn(e) for n, e in tok_fields.items()},
+                        track_v_sum=p.attend.mean_value,
+                        summary_keys={n: e.key() for n, e in (fields | tok_fields).items()})
 
 
 def minmax_summaries(p: ir.PipelineIR) -> tuple[str, str] | None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from twilight.compiler import keycodes as quant
 from twilight.compiler.keycodes import KeyCodeSpec, quantize_page, quantize_token
-from twilight.errors import InputError
+from twilight.errors import InputError, NonFiniteInputError
 from twilight.runtime.serving import paged_cache
 from twilight.runtime.serving.paged_cache import PagedKVCache
 
@@ -233,12 +233,23 @@ def test_empty_requests_and_empty_append() -> None:
     assert cache.gather([])[0].shape == (0, 2, 0, 8)
 
 
-def test_non_finite_keys_are_stored_as_is() -> None:
-    cache = _cache(1, 4, 4)
-    k = torch.tensor([[[1.0, float("nan"), INF, -INF]]])
-    cache.append(k, k, cache.add_request())
-    got = cache.gather()[0][0]
-    assert torch.equal(got.isnan(), k.isnan()) and torch.equal(got[~got.isnan()], k[~k.isnan()])
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), INF, -INF])
+def test_non_finite_keys_and_values_are_refused_and_nothing_is_stored(which, bad) -> None:
+    cache = _cache(2, 4, 4)
+    a, b = cache.add_requests(2)
+    cache.append(_seq(2, 3, 4), _seq(2, 3, 4), a)
+    before = (cache.lengths.clone(), cache.k_pages.clone(), cache.v_pages.clone())
+    k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    (k if which == "k" else v)[0, 1, 2, 3] = bad  # request a, KV head 1, its 3rd new token
+    kind = "NaN" if bad != bad else "inf"
+    with pytest.raises(NonFiniteInputError, match=rf"^{which}: request {a}, KV head 1, token "
+                       rf"position 5 holds {kind};"):
+        cache.append(k, v, [a, b])
+    after = (cache.lengths, cache.k_pages, cache.v_pages)
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+    with pytest.raises(NonFiniteInputError, match=rf"request {b}, KV head 0, token position 0"):
+        cache.append(torch.full((2, 1, 4), bad), torch.full((2, 1, 4), bad), b)
 
 
 def test_error_messages() -> None:
@@ -302,7 +313,8 @@ def test_smoothed_codes_fit_on_first_append_and_can_be_set() -> None:
     new = torch.full((2, 8), 2.0)
     cache.set_smoothing(spec, new)  # re-encodes what is stored
     assert torch.equal(cache.gather_tokens(codes.packed, a)[0][0], quantize_token(k / 2, 4)[0])
-    with pytest.raises(InputError, match="positive values of shape"):
-        cache.set_smoothing(spec, torch.zeros(2, 8))
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(InputError, match="positive finite values of shape"):
+            cache.set_smoothing(spec, torch.full((2, 8), bad))
     with pytest.raises(InputError, match="no smoothed format"):
         cache.set_smoothing(KeyCodeSpec(4), new)
