@@ -106,6 +106,31 @@ def v_sum_of(cache: PagedCache) -> Tensor:
     return cache.v_sum
 
 
+def check_page_ids(cache: PagedCache, name: str, pages: Tensor, missing_ok: bool = False,
+                   slots: Tensor | None = None) -> None:
+    """Refuse physical page ids outside the cache's pool (``-1``, "not allocated", only where
+    ``missing_ok``) and slots outside ``[0, page_size)`` before a kernel indexes with them: a
+    kernel trusts its indices, and one past the pool reads or writes foreign memory. For the
+    append (refresh) kernels' entry points, called with ids from outside the cache's own
+    bookkeeping; the decode stages read page tables the cache wrote and are not checked."""
+    cap = cache.k_pages.shape[0]
+    if not isinstance(pages, Tensor) or pages.is_floating_point() or pages.is_complex():
+        raise InputError(f"{name}: expected an integer tensor of physical page ids, got "
+                         f"{type(pages).__name__} {getattr(pages, 'dtype', '')}")
+    if pages.numel():
+        lo, hi = int(pages.min()), int(pages.max())
+        if lo < (-1 if missing_ok else 0) or hi >= cap:
+            allowed = "-1 (none) or " if missing_ok else ""
+            raise InputError(f"{name}: page ids must be {allowed}in [0, {cap}) (the cache's "
+                             f"pool), got ids from {lo} to {hi}")
+    if slots is not None and slots.numel():
+        if tuple(slots.shape) != tuple(pages.shape):
+            raise InputError(f"{name}: slot {tuple(slots.shape)} must match the page ids "
+                             f"{tuple(pages.shape)}")
+        if int(slots.min()) < 0 or int(slots.max()) >= cache.page_size:
+            raise InputError(f"{name}: slots must lie in [0, page_size={cache.page_size})")
+
+
 # ---- conversions ----------------------------------------------------------------------------------
 def lists_to_mask(idx: Tensor, cnt: Tensor, t: int) -> Tensor:
     """``bool [B, H, t]`` from -1 padded index lists ``[B, H, C]`` with counts ``[B, H]``."""

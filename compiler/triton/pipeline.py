@@ -19,7 +19,7 @@ from .. import ir
 from ..backend import Artifact, Target
 from ..keycodes import KeyCodeSpec
 from ..passes import budget_units, candidate_width
-from ..stages import StageInputs, run_stages, stage_inputs, v_sum_of
+from ..stages import StageInputs, check_page_ids, run_stages, stage_inputs, v_sum_of
 from . import loader
 from .append import codes_kernel_name
 from .attend import shared_lists
@@ -224,6 +224,7 @@ class TritonCompiled:
         """Recompute summaries and page-granularity codes (with their ``lo``/``hi``) of
         ``pages`` (int64 physical ids) with the generated append kernels (what
         ``PagedKVCache._update_pages`` does in torch)."""
+        check_page_ids(cache, "refresh_pages", pages)
         pages = pages.to(torch.int64).contiguous()
         grid = (pages.numel(), self.shape.kv_heads)
         if not pages.numel():
@@ -244,6 +245,7 @@ class TritonCompiled:
         grid = (phys.numel(), self.shape.kv_heads)
         if not phys.numel():
             return
+        check_page_ids(cache, "refresh_tokens", phys, slots=slot)
         phys, slot = phys.to(torch.int64).contiguous(), slot.to(torch.int64).contiguous()
         for summ in self.p.token_summaries():
             outs = [cache.token_summaries[f"{summ.name}.{f}"] for f in summ.field_names()]
@@ -267,6 +269,7 @@ class TritonCompiled:
         gp = gp.to(torch.int64).contiguous()
         if not gp.shape[0]:
             return
+        check_page_ids(cache, "refresh_groups", gp, missing_ok=True)
         for spec in formats:
             self._launch(codes_kernel_name(spec), (gp.shape[0], self.shape.kv_heads),
                          cache.k_pages, gp, cache.page_fill, *cache.key_codes[spec].tensors())

@@ -15,7 +15,7 @@ import torch
 
 from ..ir import Summary
 from ..keycodes import KeyCodeSpec
-from ..stages import PagedCache
+from ..stages import PagedCache, check_page_ids
 from .build import KernelSource, aligned
 from .context import StageCtx
 from .dialect import NEG_INF, POS_INF, Src, ceil_div
@@ -237,6 +237,7 @@ class AppendMixin:
     def refresh_pages(self, cache: PagedCache, pages: torch.Tensor) -> None:
         """Summaries and page-granularity codes (with their min/max) of physical ``pages``
         (int64), in place."""
+        check_page_ids(cache, "refresh_pages", pages)
         pages = aligned(pages.to(torch.int64))
         for summ in self.p.summaries():
             outs = [cache.summaries[f"{summ.name}.{f.name}"] for f in summ.fields]
@@ -249,6 +250,7 @@ class AppendMixin:
     def refresh_tokens(self, cache: PagedCache, phys: torch.Tensor, slot: torch.Tensor) -> None:
         """Token summaries and token-granularity codes (smoothed or not) of the tokens at
         (``phys``, ``slot``) (int64), in place."""
+        check_page_ids(cache, "refresh_tokens", phys, slots=slot)
         phys, slot = aligned(phys.to(torch.int64)), aligned(slot.to(torch.int64))
         for summ in self.p.token_summaries():
             outs = [cache.token_summaries[f"{summ.name}.{f.name}"] for f in summ.fields]
@@ -269,6 +271,7 @@ class AppendMixin:
                              f"{sorted({sp.group_pages for sp in specs})}")
         if gp.shape[0] == 0:
             return
+        check_page_ids(cache, "refresh_groups", gp, missing_ok=True)
         gp = aligned(gp.to(torch.int64))
         for spec in specs:
             if spec.group_pages == gp.shape[1]:

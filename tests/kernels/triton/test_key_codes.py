@@ -171,6 +171,22 @@ def test_refresh_groups_checks_group_size(lower):
     comp.refresh_groups(cache, torch.zeros(0, 2, dtype=torch.int64))  # nothing to do
 
 
+def test_refresh_refuses_page_ids_outside_the_pool(lower):
+    """An id past the pool (or a slot past the page) is one InputError before a kernel runs."""
+    pipe = tw.Pipeline(select=tw.top_k(B.quest, tw.tokens(8)), page_size=4,
+                       prune=[tw.top_p(0.9, estimate=_est(*FORMATS[f]))
+                              for f in ("token", "group2")])
+    comp = lower(pipe, 2, 2, 16, schedule=EXACT)
+    cache, _ = _filled(pipe, 2, 16, [9])
+    cap, i64 = cache.capacity_pages, dict(dtype=torch.int64)
+    with pytest.raises(tw.InputError, match=rf"refresh_pages: page ids must be in \[0, {cap}\)"):
+        comp.refresh_pages(cache, torch.tensor([0, cap], **i64))
+    with pytest.raises(tw.InputError, match="refresh_tokens: slots must lie in"):
+        comp.refresh_tokens(cache, torch.tensor([0], **i64), torch.tensor([-1], **i64))
+    with pytest.raises(tw.InputError, match="refresh_groups: page ids must be -1"):
+        comp.refresh_groups(cache, torch.tensor([[-2, 0]], **i64))
+
+
 def test_one_kernel_per_format(lower):
     """Two pruners of the same bits and different formats get their own append kernels; two of
     the same format share one."""

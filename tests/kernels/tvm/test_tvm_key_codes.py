@@ -277,6 +277,25 @@ def test_refresh_groups_checks_group_size():
     comp.refresh_groups(cache, torch.zeros(0, 2, dtype=torch.int64))  # nothing to do
 
 
+def test_refresh_refuses_page_ids_outside_the_pool():
+    """An id past the pool (or a slot past the page) is one InputError, not a segfault."""
+    pipe, comp = compiled(fmts=("token", "page", "group2"), hq=2, d=16, append=True)
+    cache, ids = filled(pipe, 2, 16, [9])
+    cap, i64 = cache.capacity_pages, dict(dtype=torch.int64)
+    for pages in ([cap], [-1], [0, 10**9]):
+        with pytest.raises(tw.InputError, match=rf"refresh_pages: page ids must be in \[0, {cap}\)"):
+            comp.refresh_pages(cache, torch.tensor(pages, **i64))
+    with pytest.raises(tw.InputError, match="refresh_tokens: page ids"):
+        comp.refresh_tokens(cache, torch.tensor([cap], **i64), torch.tensor([0], **i64))
+    with pytest.raises(tw.InputError, match="refresh_tokens: slots must lie in"):
+        comp.refresh_tokens(cache, torch.tensor([0], **i64), torch.tensor([4], **i64))
+    with pytest.raises(tw.InputError, match="refresh_groups: page ids must be -1"):
+        comp.refresh_groups(cache, torch.tensor([[0, cap]], **i64))
+    with pytest.raises(tw.InputError, match="integer tensor"):
+        comp.refresh_pages(cache, torch.tensor([0.0]))
+    comp.refresh_groups(cache, torch.tensor([[0, -1]], **i64))  # -1: a page not allocated yet
+
+
 def test_one_append_kernel_per_format():
     """Formats of the same bits get their own append kernels; two pruners of one format share
     one."""
