@@ -201,7 +201,7 @@ def code_problem(bits: int, granularity: str, group_pages: int = 1,
                  smooth: float = 0.0) -> str | None:
     """What is wrong with a key-code format, or None: the one statement of the rules that the
     DSL, ``verify`` and ``KeyCodeSpec`` enforce."""
-    if bits not in (2, 4, 8):
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 4, 8):
         return f"bits={bits!r}: use 2, 4 or 8"
     if granularity not in GRANULARITIES:
         return f"granularity={granularity!r}: use 'token', 'page' or 'group'"

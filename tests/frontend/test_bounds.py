@@ -86,6 +86,12 @@ def test_page_size_outside_the_limits_is_refused_at_the_line(ps) -> None:
         tw.Pipeline(page_size=ps)  # <page-size>
 
 
+@pytest.mark.parametrize("bits", [4.0, True, 3])
+def test_key_code_bits_are_whole_numbers(bits) -> None:
+    with raises_at(errors.StructureError, "bits"):
+        tw.quantized_keys(bits)  # <bits>
+
+
 def test_group_of_too_many_pages_is_refused() -> None:
     with raises_at(errors.StructureError, "group-pages"):
         tw.quantized_keys(4, "group", pages=2 * ir.MAX_GROUP_PAGES)  # <group-pages>
