@@ -27,10 +27,15 @@ Stages (lists are per *query* head; a group that shares a decision repeats it):
 The exact answer of each stage lives with the reference executor
 (``twilight.runtime.evaluation.reference_stages``, dense masks/weights over ``[B, Hq, T]``);
 ``lists_to_mask`` and ``rows_to_dense`` below turn a backend's lists into that form.
+
+Every value a stage reads is finite: ``check_query_finite`` refuses a non-finite query at
+``run`` and the runtime's cache refuses non-finite keys and values at append (the policy:
+``twilight.runtime.serving.checks``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,7 +43,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteInputError
 
 
 class PagedCache(Protocol):
@@ -129,6 +134,29 @@ def check_page_ids(cache: PagedCache, name: str, pages: Tensor, missing_ok: bool
                              f"{tuple(pages.shape)}")
         if int(slots.min()) < 0 or int(slots.max()) >= cache.page_size:
             raise InputError(f"{name}: slots must lie in [0, page_size={cache.page_size})")
+
+
+def check_query_finite(q: Tensor, cache: PagedCache, req=None) -> None:
+    """Raise ``NonFiniteInputError`` if ``q [B, Hq, D]`` holds NaN or ±inf, naming the first
+    request (row ``b`` is request ``req[b]``) and query head that does. Anything that is not a
+    floating ``[B, Hq, D]`` tensor passes: the shape checks after this one name it."""
+    if not isinstance(q, Tensor) or q.dim() != 3 or not q.is_floating_point():
+        return
+    if math.isfinite(q.sum(dtype=torch.float64).item()):
+        return
+    bad = (~torch.isfinite(q)).any(-1).nonzero()  # [n, 2]: (row, head)
+    if not bad.numel():  # float64 queries whose finite values overflowed the sum
+        return
+    b, h = bad[0].tolist()
+    try:
+        who = f"request {cache.resolve_ids(req)[b]}"
+    except Exception:  # noqa: BLE001 - a bad req is reported by the checks that follow
+        who = f"row {b}"
+    kind = "NaN" if bool(q[b, h].isnan().any()) else "inf"
+    more = f" (and {len(bad) - 1} more (request, head) pairs)" if len(bad) > 1 else ""
+    raise NonFiniteInputError(f"q: {who}, query head {h} holds {kind}{more}; twilight refuses a "
+                              "non-finite query rather than select tokens for it (check the "
+                              "model's activations)")
 
 
 # ---- conversions ----------------------------------------------------------------------------------

@@ -15,11 +15,19 @@ import contextlib
 import torch
 from torch import Tensor
 
+from ... import knobs
 from .. import ir
 from ..backend import Artifact, Target
 from ..keycodes import KeyCodeSpec
 from ..passes import budget_units, candidate_width
-from ..stages import StageInputs, check_page_ids, run_stages, stage_inputs, v_sum_of
+from ..stages import (
+    StageInputs,
+    check_page_ids,
+    check_query_finite,
+    run_stages,
+    stage_inputs,
+    v_sum_of,
+)
 from . import loader
 from .append import codes_kernel_name
 from .attend import shared_lists
@@ -213,6 +221,8 @@ class TritonCompiled:
         return out
 
     def run(self, q, cache, req=None, return_lists: bool = False):
+        if knobs.check_finite():
+            check_query_finite(q, cache, req)
         return self.run_stages(stage_inputs(q, cache, req), return_lists)
 
     def run_stages(self, x: StageInputs, return_lists: bool = False):

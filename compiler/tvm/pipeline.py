@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ... import knobs
 from .. import stages
 from ..backend import Artifact
 from ..keycodes import KeyCodeSpec
@@ -107,6 +108,8 @@ class TVMCompiled(AppendMixin):
 
     # ---- run ----------------------------------------------------------------------------------
     def run(self, q, cache: PagedCache, req=None, return_lists: bool = False):
+        if knobs.check_finite():
+            stages.check_query_finite(q, cache, req)
         return stages.run_stages(self, self.inputs(q, cache, req), len(self.p.prune),
                                  return_lists)
 

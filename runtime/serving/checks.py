@@ -3,12 +3,14 @@
 **Non-finite values** — one policy for the torch reference and every backend (TVM, Triton):
 
 * *Queries.* ``run`` refuses a query holding NaN or ±inf with ``NonFiniteInputError`` naming
-  the first request and query head that holds one (:func:`check_query_finite`). The reference
-  always checks; ``DecodePipeline.run`` (``tw.load``, the torch op, the transformers backend)
-  checks unless ``TWILIGHT_CHECK_FINITE=0``. The check is one float64 sum of ``q [B, Hq, D]``
-  (exact: finite values cannot overflow a float64 sum), under 0.1% of a CPU decode step
-  (README, "Non-finite values"); on a GPU it is one host sync per step, which serving may turn
-  off, accepting unspecified output for a non-finite query.
+  the first request and query head that holds one (``check_query_finite``, in
+  ``compiler/stages.py`` so that the backends' own ``Compiled.run`` apply it too). The
+  reference always checks; ``DecodePipeline.run`` (``tw.load``, the torch op, the transformers
+  backend) and the backends' ``run`` check unless ``TWILIGHT_CHECK_FINITE=0``. The check is
+  one float64 sum of ``q [B, Hq, D]`` (exact: finite values cannot overflow a float64 sum),
+  under 0.1% of a CPU decode step (README, "Inputs: limits and non-finite values"); on a GPU
+  it is one host sync per step, which serving may turn off, accepting unspecified output for
+  a non-finite query.
 * *Keys and values* are refused by ``PagedKVCache.append`` (naming request, KV head and token
   position) before anything is stored. A cache never holds a non-finite value, so no kernel
   and no reference path has to decide what NaN means, and nothing is ever replaced by zero.
@@ -37,34 +39,11 @@ from torch import Tensor
 
 from ...compiler import ir
 from ...compiler.keycodes import KeyCodeSpec
-from ...compiler.stages import PagedCache
+from ...compiler.stages import PagedCache, check_query_finite
 from ...errors import InputError, NonFiniteInputError
 
 __all__ = ["batch_ids", "cache_problem", "check_cache", "check_query_finite",
            "refuse_non_finite_kv"]
-
-
-def check_query_finite(q: Tensor, cache: PagedCache, req=None) -> None:
-    """Raise ``NonFiniteInputError`` if ``q [B, Hq, D]`` holds NaN or ±inf, naming the first
-    request (row ``b`` is request ``req[b]``) and query head that does. Anything that is not a
-    floating ``[B, Hq, D]`` tensor passes: the shape checks after this one name it."""
-    if not isinstance(q, Tensor) or q.dim() != 3 or not q.is_floating_point():
-        return
-    if math.isfinite(q.sum(dtype=torch.float64).item()):
-        return
-    bad = (~torch.isfinite(q)).any(-1).nonzero()  # [n, 2]: (row, head)
-    if not bad.numel():  # float64 queries whose finite values overflowed the sum
-        return
-    b, h = bad[0].tolist()
-    try:
-        who = f"request {cache.resolve_ids(req)[b]}"
-    except Exception:  # noqa: BLE001 - a bad req is reported by the checks that follow
-        who = f"row {b}"
-    kind = "NaN" if bool(q[b, h].isnan().any()) else "inf"
-    more = f" (and {len(bad) - 1} more (request, head) pairs)" if len(bad) > 1 else ""
-    raise NonFiniteInputError(f"q: {who}, query head {h} holds {kind}{more}; twilight refuses a "
-                              "non-finite query rather than select tokens for it (check the "
-                              "model's activations)")
 
 
 def _is_cache(cache) -> bool:
@@ -128,16 +107,17 @@ def check_cache(p: ir.PipelineIR, cache: PagedCache, shape: ir.Shape | None = No
                          "pipeline, ...)) for this pipeline and shape")
 
 
-def whole(name: str, value, low: int = 1) -> int:
-    """``value`` as an int ≥ ``low`` (Python or numpy integers; not bools or floats)."""
+def whole(name: str, value, low: int = 1, high: int = ir.MAX_TOKENS) -> int:
+    """``value`` as an int in ``[low, high]`` (Python or numpy integers; not bools or floats)."""
+    want = f"expected a whole number from {low} to {high}"
     try:
         if isinstance(value, bool):
             raise TypeError
         n = operator.index(value)
     except TypeError:
-        raise InputError(f"{name}: expected a whole number ≥ {low}, got {value!r}") from None
-    if n < low:
-        raise InputError(f"{name}: expected a whole number ≥ {low}, got {n}")
+        raise InputError(f"{name}: {want}, got {value!r}") from None
+    if not low <= n <= high:
+        raise InputError(f"{name}: {want}, got {n}")
     return n
 
 
@@ -169,11 +149,11 @@ def refuse_non_finite_kv(k: Tensor, v: Tensor, ids: list[int], old: Tensor) -> N
 
 
 class allocating:
-    """Turns a failed allocation of the cache's pages into one ``InputError`` with its size."""
+    """Turns a failed allocation (host or device memory) inside the block into one
+    ``InputError``: ``what`` could not be allocated, and ``advice``."""
 
-    def __init__(self, pages: int, heads: int, page_size: int, head_dim: int, dtype) -> None:
-        self.gib = 2 * pages * heads * page_size * head_dim * dtype.itemsize / 2**30
-        self.pages = pages
+    def __init__(self, what: str, advice: str) -> None:
+        self.what, self.advice = what, advice
 
     def __enter__(self) -> None:
         return None
@@ -181,7 +161,16 @@ class allocating:
     def __exit__(self, kind, err, tb) -> bool:
         if kind is not None and issubclass(kind, MemoryError | RuntimeError) \
                 and ("alloc" in str(err).lower() or issubclass(kind, MemoryError)):
-            raise InputError(f"PagedKVCache: could not allocate {self.pages} pages "
-                             f"({self.gib:.1f} GiB of K and V): {str(err).splitlines()[0]}; "
-                             "ask for fewer initial_pages or a smaller page_size") from None
+            first = (str(err).strip().splitlines() or [kind.__name__])[0]
+            if "DefaultCPUAllocator" in first:  # drop torch's "[enforce fail at ...]" prefix
+                first = first[first.index("DefaultCPUAllocator"):]
+            raise InputError(f"{self.what}: could not be allocated ({first}); {self.advice}") \
+                from None
         return False
+
+
+def cache_pages(pages: int, heads: int, page_size: int, head_dim: int, dtype) -> allocating:
+    """``allocating`` for a cache's K and V pages, with their size."""
+    gib = 2 * pages * heads * page_size * head_dim * dtype.itemsize / 2**30
+    return allocating(f"PagedKVCache: {pages} pages ({gib:.1f} GiB of K and V)",
+                      "ask for fewer initial_pages or a smaller page_size")

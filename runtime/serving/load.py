@@ -66,7 +66,7 @@ from ..store import tuning_log
 from ..store.estimator_choice import calibrated
 from ..store.kernel_cache import CorruptEntryWarning, KernelCache, cache_key, default_cache
 from ..store.tuning_log import ShapeBucket
-from .checks import batch_ids, check_cache, check_query_finite, whole
+from .checks import allocating, batch_ids, check_cache, check_query_finite, whole
 from .paged_cache import DTYPES, PagedKVCache
 from .pipeline_cache import make_cache
 
@@ -245,14 +245,16 @@ class DecodePipeline:
                              f"{ir.MAX_TOKENS}, got {batch!r}, {max_context!r}") from None
         s, i32 = self.shape, dict(dtype=torch.int32, device=device)
         pages = math.ceil(max_context / self.ir.page_size)
-        self._plan = _Plan(batch, max_context,
-                           torch.empty(batch, s.q_heads, s.head_dim, dtype=self.dtype,
-                                       device=device),
-                           torch.empty(batch, dtype=torch.int64, device=device),
-                           torch.full((batch, pages), -1, **i32),
-                           torch.empty(batch, dtype=torch.int64, device=device),
-                           torch.empty(batch, **i32))
-        self.compiled.plan(batch, max_context)
+        with allocating(f"plan: buffers for {batch} requests of {max_context} tokens",
+                        "plan a smaller batch or max_context"):
+            self._plan = _Plan(batch, max_context,
+                               torch.empty(batch, s.q_heads, s.head_dim, dtype=self.dtype,
+                                           device=device),
+                               torch.empty(batch, dtype=torch.int64, device=device),
+                               torch.full((batch, pages), -1, **i32),
+                               torch.empty(batch, dtype=torch.int64, device=device),
+                               torch.empty(batch, **i32))
+            self.compiled.plan(batch, max_context)
         return self
 
     def _fit_cache(self, cache: PagedKVCache) -> None:

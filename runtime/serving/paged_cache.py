@@ -71,7 +71,7 @@ from ...compiler.keycodes import (
     quantize_token,
 )
 from ...errors import InputError
-from .checks import allocating, as_request_id, refuse_non_finite_kv
+from .checks import as_request_id, cache_pages, refuse_non_finite_kv
 
 __all__ = ["KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
 
@@ -107,6 +107,17 @@ class KeyCodes:
 
 MINMAX = ("key.min", "key.max")
 """Summaries the cache adds for page-granularity codes when no ``minmax_summaries`` are given."""
+
+
+def _device(device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here (one line otherwise)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"PagedKVCache: device={device!r} is not a device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"PagedKVCache: device={device!r}, but this torch sees no CUDA device")
+    return dev
 
 
 def _grow(t: Tensor, rows: int, fill: float | int = 0) -> Tensor:
@@ -147,7 +158,7 @@ class PagedKVCache:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise InputError(f"PagedKVCache: {name} must be a whole number ≥ 1, got {n!r}")
         self.num_kv_heads, self.head_dim, self.page_size = num_kv_heads, head_dim, page_size
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, _device(device)
         self.summary_fns: dict[str, SummaryFn] = dict(summaries or {})
         self.key_code_specs: tuple[KeyCodeSpec, ...] = tuple(dict.fromkeys(key_codes))
         if any(sp.granularity == "page" for sp in self.key_code_specs):
@@ -157,7 +168,7 @@ class PagedKVCache:
                 self.summary_fns[MINMAX[1]] = lambda k, v: channel_extreme(k, v[:, None], "max")
             missing = [n for n in minmax_summaries if n not in self.summary_fns]
             if missing:
-                raise ValueError(f"minmax_summaries: no summary named {missing[0]!r} (have "
+                raise InputError(f"minmax_summaries: no summary named {missing[0]!r} (have "
                                  f"{sorted(self.summary_fns)})")
         self.minmax_summaries = minmax_summaries
         self.summary_keys: dict[str, str] = dict(summary_keys or {})
@@ -165,7 +176,7 @@ class PagedKVCache:
         pipeline can tell a same-named summary of another pipeline from its own."""
         self.smoothing_fitted: dict[KeyCodeSpec, bool] = {
             sp: False for sp in self.key_code_specs if sp.smooth}
-        with allocating(initial_pages, num_kv_heads, page_size, head_dim, dtype):
+        with cache_pages(initial_pages, num_kv_heads, page_size, head_dim, dtype):
             shape = (initial_pages, num_kv_heads, page_size, head_dim)
             self.k_pages = torch.zeros(shape, dtype=dtype, device=self.device)
             self.v_pages = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -192,7 +203,7 @@ class PagedKVCache:
         probe = torch.zeros(1, self.num_kv_heads, self.page_size, self.head_dim, device=self.device)
         out = fn(probe, torch.ones(1, self.page_size, dtype=torch.bool, device=self.device))
         if out.dim() != 3 or tuple(out.shape[:2]) != (1, self.num_kv_heads):
-            raise ValueError(
+            raise InputError(
                 f"summary {name!r}: expected [P, num_kv_heads={self.num_kv_heads}, C] from pages "
                 f"[P, {self.num_kv_heads}, {self.page_size}, {self.head_dim}], got {tuple(out.shape)}"
             )
@@ -240,7 +251,7 @@ class PagedKVCache:
     def _grow_pages(self, needed: int) -> None:
         old = self.capacity_pages
         new = max(2 * old, old + needed)
-        with allocating(new, self.num_kv_heads, self.page_size, self.head_dim, self.dtype):
+        with cache_pages(new, self.num_kv_heads, self.page_size, self.head_dim, self.dtype):
             self._grow_to(old, new)
 
     def _grow_to(self, old: int, new: int) -> None:

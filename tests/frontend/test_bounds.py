@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,12 @@ def test_shape_is_checked_when_made(kw, field) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_shape_takes_numpy_integers_as_ints() -> None:
+    s = tw.Shape(np.int64(4), np.int32(2), np.int64(64), np.int16(16))
+    assert s == tw.Shape(4, 2, 64, 16) and type(s.q_heads) is int
+    assert ir.content_key(s) == ir.content_key(tw.Shape(4, 2, 64, 16))
+
+
 def test_page_size_hint_only_ever_names_a_valid_page_size() -> None:
     p = B.quest_top_k(page_size=16).ir
     with pytest.raises(tw.PipelineError) as info:
@@ -177,5 +184,6 @@ def test_cache_construction_errors_are_input_errors(kw) -> None:
 
 
 def test_a_cache_too_large_to_allocate_is_one_line() -> None:
-    with pytest.raises(tw.InputError, match=r"could not allocate .* GiB of K and V"):
+    with pytest.raises(tw.InputError, match=r"^PagedKVCache: 4194304 pages \(131072.0 GiB of K "
+                       r"and V\): could not be allocated \(.*\); ask for fewer initial_pages"):
         PagedKVCache(8, 1024, page_size=1024, initial_pages=2**22)  # 2^47 bytes

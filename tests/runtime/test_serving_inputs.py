@@ -87,6 +87,15 @@ def test_finite_answers_agree_after_a_refused_append(runner) -> None:
     torch.testing.assert_close(out, tw.reference(PIPE).run(q, cache), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["tvm", "triton"])
+def test_the_backends_own_run_applies_the_policy_too(backend, kernel_dir) -> None:
+    compiled = _load(backend).compiled  # what get_backend(...).lower(...) returns
+    cache, q = _cache(), _q(3)
+    q[2, 1, 4] = float("inf")
+    with pytest.raises(tw.NonFiniteInputError, match="^q: request 2, query head 1 holds inf"):
+        compiled.run(q, cache)
+
+
 def test_the_knob_turns_the_query_check_off_for_serving(kernel_dir) -> None:
     dp = _load("tvm")
     cache, q = _cache(), _q(3)
@@ -101,10 +110,14 @@ def test_the_knob_turns_the_query_check_off_for_serving(kernel_dir) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_head_with_nothing_kept_is_exactly_zero(backend, kernel_dir) -> None:
-    pipe = tw.Pipeline(select=tw.nothing(), page_size=4, name="nothing")
-    run = tw.reference(pipe).run if backend == "reference" else _load(backend, pipe).run
-    out = run(_q(3), _cache(pipe))
-    assert torch.equal(out, torch.zeros_like(out))
+    """The one zero by design: nothing selected and no keep rule, or an empty request."""
+    nothing = tw.Pipeline(select=tw.nothing(), page_size=4, name="nothing")
+    for pipe, lengths, row in ((nothing, (9, 14, 6), slice(None)), (PIPE, (9, 0, 6), 1)):
+        run = tw.reference(pipe).run if backend == "reference" else _load(backend, pipe).run
+        out = run(_q(3), _cache(pipe, lengths=lengths))
+        assert torch.equal(out[row], torch.zeros_like(out[row]))
+        if pipe is PIPE:  # the other requests attend as usual
+            assert (out[[0, 2]].abs().amax(-1) > 0).all()
 
 
 # ---- a cache of another layout or pipeline -----------------------------------------------------
@@ -186,6 +199,31 @@ def test_request_ids_of_any_integer_type(runner) -> None:
 def test_plan_takes_whole_positive_numbers(args, kernel_dir) -> None:
     with pytest.raises(tw.InputError, match="^plan: "):
         _load("tvm").plan(*args)
+
+
+def test_plan_and_load_bound_the_context(kernel_dir) -> None:
+    with pytest.raises(tw.InputError, match="^plan: batch and max_context must be whole numbers "
+                       "from 1 to 2147483647, got 1, 2147483648"):
+        _load("tvm").plan(1, 2**31)
+    with pytest.raises(tw.InputError, match="^load: .*batch"):
+        tw.load(PIPE, shape=SHAPE, backend="tvm", batch=2.5)
+
+
+@pytest.mark.parametrize("what", [None, 3, tw.sink(4), tw.builtins.ds_twilight()])
+def test_something_that_is_not_a_pipeline_is_one_line(what) -> None:
+    for call in (lambda: tw.load(what, shape=SHAPE), lambda: tw.reference(what),
+                 lambda: make_cache(what, 2, 8)):
+        with pytest.raises(tw.InputError, match="expected a tw.Pipeline|calibrat") as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:0"])
+def test_a_device_that_is_not_here_is_one_line(device) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(tw.InputError, match=f"^PagedKVCache: device='{device}'"):
+        make_cache(PIPE, 2, 8, device=device)
 
 
 def test_plan_accepts_numpy_integers(kernel_dir) -> None:
