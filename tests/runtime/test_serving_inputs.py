@@ -33,7 +33,8 @@ def _load(backend: str, pipe=PIPE, shape=SHAPE):
             pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", load_mod.DefaultScheduleWarning)
-        return tw.load(pipe, shape=shape, backend=backend)
+        return tw.load(pipe, shape=shape, backend=backend,
+                       target="interpret" if backend == "triton" else None)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
