@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...compiler.ir import MAX_TOKENS, page_size_problem
+from ...compiler.ir import MAX_HEAD_DIM, MAX_HEADS, MAX_TOKENS, page_size_problem
 from ...compiler.keycodes import (
     KeyCodeSpec,
     channel_extreme,
@@ -71,7 +71,7 @@ from ...compiler.keycodes import (
     quantize_token,
 )
 from ...errors import InputError
-from .checks import as_request_id, cache_pages, refuse_non_finite_kv
+from .checks import as_request_id, cache_pages, refuse_non_finite_kv, whole
 
 __all__ = ["KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
 
@@ -153,11 +153,11 @@ class PagedKVCache:
             raise InputError(f"PagedKVCache: {problem}")
         if dtype not in _DTYPES:
             raise InputError(f"PagedKVCache: dtype must be one of {_DTYPES}, got {dtype!r}")
-        for name, n in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                        ("initial_pages", initial_pages)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise InputError(f"PagedKVCache: {name} must be a whole number ≥ 1, got {n!r}")
-        self.num_kv_heads, self.head_dim, self.page_size = num_kv_heads, head_dim, page_size
+        num_kv_heads, head_dim, initial_pages = (
+            whole(f"PagedKVCache: {name}", n, 1, top) for name, n, top in (
+                ("num_kv_heads", num_kv_heads, MAX_HEADS), ("head_dim", head_dim, MAX_HEAD_DIM),
+                ("initial_pages", initial_pages, MAX_TOKENS)))
+        self.num_kv_heads, self.head_dim, self.page_size = num_kv_heads, head_dim, int(page_size)
         self.dtype, self.device = dtype, _device(device)
         self.summary_fns: dict[str, SummaryFn] = dict(summaries or {})
         self.key_code_specs: tuple[KeyCodeSpec, ...] = tuple(dict.fromkeys(key_codes))
@@ -323,8 +323,8 @@ class PagedKVCache:
             return self.request_ids
         if getattr(req, "ndim", None) == 1 and hasattr(req, "tolist"):  # numpy, torch
             req = req.tolist()
-        ids = [as_request_id(r) for r in (req if isinstance(req, Sequence | range)
-                                   and not isinstance(req, str | bytes) else [req])]
+        one = not isinstance(req, Sequence | range) or isinstance(req, str | bytes)
+        ids = [as_request_id(r) for r in ([req] if one else req)]
         self._check_ids(ids)
         return ids
 
