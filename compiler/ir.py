@@ -423,7 +423,7 @@ def page_size_problem(page_size: Any) -> str | None:
     """What is wrong with a page size, or None (the one statement of the rule)."""
     if not _whole(page_size) or page_size < 1 or page_size & (page_size - 1) \
             or page_size > MAX_PAGE_SIZE:
-        return (f"page_size={page_size!r}: use a power of two from 1 to {MAX_PAGE_SIZE} "
+        return (f"page_size={page_size!r}; expected a power of two from 1 to {MAX_PAGE_SIZE} "
                 "(16 is Quest's)")
     return None
 
@@ -435,12 +435,12 @@ def shape_problem(q_heads: Any, kv_heads: Any, head_dim: Any, page_size: Any,
     for name, v, top in (("q_heads", q_heads, MAX_HEADS), ("kv_heads", kv_heads, MAX_HEADS),
                          ("head_dim", head_dim, MAX_HEAD_DIM)):
         if not _whole(v) or not 1 <= v <= top:
-            return f"{name}={v!r}: use a whole number from 1 to {top}"
+            return f"{name}={v!r}; expected a whole number from 1 to {top}"
     if q_heads % kv_heads:
-        return (f"q_heads={q_heads} is not a multiple of kv_heads={kv_heads} (each KV head "
-                "serves a whole group of query heads)")
+        return (f"q_heads={q_heads}, kv_heads={kv_heads}; expected q_heads a multiple of "
+                "kv_heads (each KV head serves a whole group of query heads)")
     if not isinstance(dtype, str) or dtype not in SHAPE_DTYPES:
-        return f"dtype={dtype!r}: use one of {', '.join(map(repr, SHAPE_DTYPES))}"
+        return f"dtype={dtype!r}; expected one of {', '.join(SHAPE_DTYPES)}"
     return page_size_problem(page_size)
 
 

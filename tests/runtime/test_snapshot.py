@@ -81,7 +81,7 @@ CASES = {  # name: (how to write the file, what the one line must say)
     "inf in v": (lambda p: _write(p, **_nan_at("v", np.inf)), "'v' holds NaN or inf"),
     "inf in q": (lambda p: _write(p, **_nan_at("q", -np.inf)), "'q' holds NaN or inf"),
     "missing scale": (lambda p: _write(p, scale=None), "missing 'scale'"),
-    "heads not a multiple": (lambda p: _write(p, q=GOOD["q"][:, :, :3]), "not a multiple"),
+    "heads not a multiple": (lambda p: _write(p, q=GOOD["q"][:, :, :3]), "a multiple of"),
     "head_dim past the limit": (lambda p: _write(p, q=np.zeros((1, 1, 1, 2048), np.float16),
                                                  k=np.zeros((1, 1, 4, 2048), np.float16),
                                                  v=np.zeros((1, 1, 4, 2048), np.float16),
