@@ -80,6 +80,12 @@ class UnsupportedPipeline(StructureError):
     part); another backend, or another group mode, may."""
 
 
+class UnsupportedModel(TwilightError, NotImplementedError):
+    """A model, or a use of it, that twilight's transformers backend cannot reproduce exactly.
+    Raised by ``install`` (and by cache operations it cannot honour) with the feature named,
+    never a silent change of the model's attention."""
+
+
 class InputError(TwilightError, ValueError):
     """A tensor handed to twilight at run time has the wrong shape, dtype or values."""
 

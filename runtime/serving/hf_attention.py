@@ -1,189 +1,307 @@
 """A transformers (5.x) attention backend that runs a model's decode steps through twilight.
 
-``install(model, pipeline)`` loads the pipeline for the model's head layout (``twilight.load``),
-registers an attention function under ``name`` with ``AttentionInterface`` — and, beside it,
-``sdpa_mask`` under the same name in ``ALL_MASK_ATTENTION_FUNCTIONS``: without a mask function
-transformers passes no mask at all, and prefill would silently lose its causal mask — and
-switches the model to it. ``new_cache()`` then makes the cache (``cache=``, formerly
-``past_key_values=``) to run the model with: the first ``dense_layers`` layers keep transformers' dense ``DynamicLayer`` (published
-Quest/Twilight setups keep the first two layers dense), the others a :class:`TwilightLayer`
-that appends every new key and value to a :class:`~twilight.runtime.serving.paged_cache.PagedKVCache`
-of its own (page summaries and quantized keys are kept as it grows).
+``install(model, pipeline)`` first reads what every layer's attention computes, from the model
+itself (:mod:`~twilight.runtime.hf_semantics`: one short run through a recording attention
+function, and a check of each full-attention layer's output against the math twilight runs),
+then decides per layer:
 
-* prefill (more than one query token) is dense: SDPA over the prompt's own keys, or, for a later
-  chunk, over the keys gathered back from the pages;
-* a decode step (one query token) of a sparse layer is one ``DecodePipeline.run`` over the
-  layer's paged cache; the dense layers attend with SDPA as usual.
+* **twilight** — a causal full-attention layer past the first ``dense_layers``: its decode
+  steps run ``DecodePipeline.run`` over the layer's paged cache, with the layer's own logit
+  scale (Gemma's ``query_pre_attn_scalar``) and softcap (Gemma-2) put into the pipeline's
+  ``attention(scale=, softcap=)``, and learned sinks (gpt-oss) folded in after it
+  (``out · sigmoid(lse − sink)``, the lse over the kept tokens);
+* **model** — every other layer (sliding-window, chunked, linear, KV-shared, the dense first
+  layers) keeps the model's own attention function and its own cache layer: exactly the model.
 
-Batches of equal-length sequences only (no padding); beam search, cropping and reordering of a
-twilight layer are not supported.
+A full-attention layer that does something twilight does not reproduce (a position bias, an
+attention argument it does not know, MLA's separate value head_dim, bidirectional attention,
+an output that differs from ``softmax(scale·q·k)·v``) is refused at ``install`` with
+:class:`~twilight.frontend.errors.UnsupportedModel`, naming the layer and the feature.
+
+Prefill stays dense (the model's own attention function). Padding (a batch of different prompt
+lengths) is left out of the paged cache, ``model.generate(..., cache=att.new_cache())`` works,
+beam search works (repeated beams copy pages), cropping is refused
+(:mod:`~twilight.runtime.hf_cache`).
 
 Example::
 
     from transformers import AutoModelForCausalLM
-    import twilight as tw
-    from twilight.runtime.serving.hf_attention import install
+    from twilight.runtime.hf_attention import install
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tw_attn = install(model, tw.builtins.quest_twilight(budget=1024), dense_layers=2)
-    cache = tw_attn.new_cache()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    att = install(model)                            # "auto": see twilight.runtime.hf_auto
+    print(att.report())                             # what runs where, and why
+    cache = att.new_cache()
     logits = model(prompt_ids, cache=cache, use_cache=True).logits   # dense prefill
-    step = model(next_ids, cache=cache, use_cache=True).logits       # sparse decode
+    step = model(next_ids, cache=cache, use_cache=True).logits       # twilight decode
+    out = model.generate(prompt_ids, cache=att.new_cache(), max_new_tokens=32)
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ...compiler import ir
+from ...errors import InputError, UnsupportedModel
+from .hf_cache import make_cache_class, make_layer_class
+from .hf_semantics import LayerSemantics, ModelSemantics, read_semantics, visible_from_mask
 from .load import DecodePipeline, load
-from .paged_cache import PagedKVCache
 
-__all__ = ["TwilightAttention", "TwilightLayer", "install"]
+__all__ = ["TwilightAttention", "install"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _layer_base():
-    from transformers.cache_utils import DynamicLayer  # noqa: PLC0415 - optional dependency
-    return DynamicLayer
+def with_layer_attention(p: ir.PipelineIR, sem: LayerSemantics) -> ir.PipelineIR:
+    """``p`` with the layer's logit scale and softcap in its attention stage; the pipeline
+    is left as it is (same key, same tuned schedules) where they are the defaults. A pipeline
+    that sets a scale or softcap of its own that the layer does not have is refused."""
+    default = sem.head_dim ** -0.5
+    want_scale = None if math.isclose(sem.scale, default, rel_tol=1e-6) else sem.scale
+    att = p.attend
+    if att.scale is not None and not math.isclose(att.scale, sem.scale, rel_tol=1e-6):
+        raise UnsupportedModel(f"layer {sem.index} scales logits by {sem.scale:.6g}, pipeline "
+                               f"{p.name!r} by {att.scale:.6g}: leave attention(scale=) unset")
+    if att.softcap is not None and att.softcap != sem.softcap:
+        raise UnsupportedModel(f"layer {sem.index} softcaps logits at {sem.softcap}, pipeline "
+                               f"{p.name!r} at {att.softcap}: leave attention(softcap=) unset")
+    new = dataclasses.replace(att, scale=att.scale if att.scale is not None else want_scale,
+                              softcap=sem.softcap)
+    return p if new == att else dataclasses.replace(p, attend=new)
 
 
-def make_layer_class():
-    """``TwilightLayer``, built on first use so that importing twilight needs no transformers."""
-
-    class TwilightLayer(_layer_base()):
-        """One sparse layer's cache: a ``PagedKVCache`` appended on every ``update``."""
-
-        is_croppable = False
-
-        def __init__(self, paged: PagedKVCache):
-            super().__init__()
-            self.paged, self.ids, self.length = paged, None, 0
-
-        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-            self.device, self.dtype = key_states.device, key_states.dtype
-            self.keys = self.values = torch.empty(0, device=self.device)
-            self.ids = self.paged.add_requests(key_states.shape[0])
-            self.is_initialized = True
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            past, n = self.length, key_states.shape[-2]
-            dt = self.paged.dtype
-            self.paged.append(key_states.to(dt).contiguous(), value_states.to(dt).contiguous(),
-                              self.ids)
-            self.length += n
-            if past == 0 or n == 1:  # prefill attends to itself; decode reads the pages
-                return key_states, value_states
-            k, v, _ = self.paged.gather(self.ids)  # a later prefill chunk: the whole context
-            return k.to(key_states.dtype), v.to(value_states.dtype)
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.length + query_length, 0
-
-        def get_max_length(self) -> int:
-            return -1
-
-        def reset(self) -> None:
-            raise NotImplementedError("a twilight layer cannot be reset: make a new cache")
-
-        def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("a twilight layer cannot be cropped")
-
-        def reorder_cache(self, beam_idx) -> None:
-            raise NotImplementedError("beam search is not supported by twilight layers")
-
-        batch_repeat_interleave = batch_select_indices = reorder_cache
-
-    return TwilightLayer
+def sink_factor(q: Tensor, paged, ids: list[int], idx: Tensor, cnt: Tensor, sinks: Tensor,
+                scale: float, softcap: float | None) -> Tensor:
+    """``sigmoid(lse − sink) [B, Hq]``: what a softmax with a learned sink logit per query head
+    leaves of the attention over the kept tokens (lse: their log-sum-exp)."""
+    b, hq, _ = q.shape
+    group, ps = hq // paged.num_kv_heads, paged.page_size
+    pos = idx.long().clamp(min=0)  # [B, Hq, K]
+    table = paged.page_table[torch.tensor(ids, device=paged.device)].long()  # [B, NP]
+    phys = table[:, None, :].expand(b, hq, -1).gather(2, pos // ps)
+    head = (torch.arange(hq, device=q.device) // group)[None, :, None].expand_as(pos)
+    keys = paged.k_pages[phys, head, pos % ps].float()  # [B, Hq, K, D]
+    logits = torch.einsum("bhkd,bhd->bhk", keys, q.float()) * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    live = torch.arange(pos.shape[-1], device=q.device) < cnt[..., None].long()
+    lse = logits.masked_fill(~live, float("-inf")).logsumexp(-1)
+    return torch.sigmoid(lse - sinks.float()[None].to(q.device))
 
 
-TwilightLayer = None  # the class, once make_layer_class() has run (see install)
+@dataclass
+class SparseLayer:
+    """How twilight runs one layer's decode step."""
+
+    sem: LayerSemantics
+    decode: DecodePipeline
+
+    def check(self, kw: dict) -> None:
+        """A call must carry what ``install`` read; anything else is refused, not ignored."""
+        s, sw, cap = kw.get("scaling"), kw.get("sliding_window"), kw.get("softcap")
+        if (s is not None and not math.isclose(float(s), self.sem.scale, rel_tol=1e-6)) \
+                or sw is not None or (cap or None) != self.sem.softcap or kw.get("dropout"):
+            raise UnsupportedModel(
+                f"layer {self.sem.index}: its attention was called with scaling={s}, "
+                f"sliding_window={sw}, softcap={cap}, dropout={kw.get('dropout')}, not what "
+                f"install read ({self.sem.features()}); install again")
+
+    def run(self, q: Tensor, layer, module, kw: dict) -> Tensor:
+        if not self.sem.sinks:
+            return self.decode.run(q, layer.paged, layer.ids)
+        out, (idx, cnt) = self.decode.run(q, layer.paged, layer.ids, return_lists=True)
+        sinks = getattr(module, "sinks", None)
+        sinks = sinks if isinstance(sinks, Tensor) else kw["s_aux"]
+        f = sink_factor(q, layer.paged, layer.ids, idx, cnt, sinks.detach(), self.sem.scale,
+                        self.sem.softcap)
+        return (out.float() * f[..., None]).to(out.dtype)
 
 
 class TwilightAttention:
-    """What :func:`install` sets up: the loaded pipeline, the layer split, ``new_cache()``."""
+    """What :func:`install` set up: per-layer decisions, the loaded pipelines, ``new_cache()``,
+    and the attention function registered with transformers."""
 
-    def __init__(self, model, decode: DecodePipeline, dense_layers: int, name: str,
-                 initial_pages: int):
-        cfg = model.config
-        self.decode, self.name, self.initial_pages = decode, name, initial_pages
-        self.num_layers = cfg.num_hidden_layers
-        self.dense_layers = min(dense_layers, self.num_layers)
-        self.current: dict[int, object] = {}  # layer index -> the TwilightLayer last updated
+    def __init__(self, model, semantics: ModelSemantics, sparse: dict[int, SparseLayer],
+                 decisions: dict[int, str], name: str, initial_pages: int, note: str = ""):
+        self.model, self.semantics, self.sparse = model, semantics, sparse
+        self.decisions, self.name, self.initial_pages, self.note = decisions, name, \
+            initial_pages, note
+        self.dense_fn = semantics.dense_fn
+        self.current: dict[int, object] = {}  # layer -> the TwilightLayer updated last
         self.decode_calls = 0
-        self.dense_fn = None
+        self.device = next(model.parameters()).device
 
-    def sparse(self, layer_idx: int) -> bool:
-        return layer_idx >= self.dense_layers
+    @property
+    def num_layers(self) -> int:
+        return len(self.semantics.layers)
+
+    @property
+    def decode(self) -> DecodePipeline | None:
+        """The pipeline of the first twilight layer (most models have one for all)."""
+        return next(iter(self.sparse.values())).decode if self.sparse else None
+
+    def report(self) -> str:
+        """One line per layer: its attention features and what runs it."""
+        lines = [f"{type(self.model).__name__} ({self.semantics.implementation}): "
+                 f"{len(self.sparse)} of {self.num_layers} layers through twilight"
+                 + (f"; {self.note}" if self.note else "")]
+        for s in self.semantics.layers:
+            lines.append(f"  {s.index:3d} {s.module or '-':24s} {s.features():48s} "
+                         f"{self.decisions[s.index]}")
+        return "\n".join(lines)
 
     def new_cache(self, initial_pages: int | None = None):
-        """``past_key_values`` for one generation: dense layers, then twilight layers."""
-        from transformers.cache_utils import Cache, DynamicLayer  # noqa: PLC0415
-
-        owner = self
-
-        class TwilightCache(Cache):
-            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-                owner.current[layer_idx] = self.layers[layer_idx]
-                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
+        """The cache (``cache=``) for one batch of requests: the model's own cache layers,
+        a ``TwilightLayer`` where twilight runs the layer."""
+        layer_cls = make_layer_class()
         pages = initial_pages or self.initial_pages
-        layers = [TwilightLayer(self.decode.make_cache(initial_pages=pages))
-                  if self.sparse(i) else DynamicLayer() for i in range(self.num_layers)]
-        return TwilightCache(layers=layers)
+        layers = {i: layer_cls(sl.decode.make_cache(initial_pages=pages, device=self.device),
+                               i, self) for i, sl in self.sparse.items()}
+        return make_cache_class()(self.model.config, layers)
 
-    def attention(self, module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
-                  scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    def uninstall(self) -> None:
+        """Switch the model back to its own attention implementation."""
+        self.model.set_attn_implementation(self.semantics.implementation)
+
+    # ---- the attention function ------------------------------------------------------------
+
+    def attention(self, module, query: Tensor, key: Tensor, value: Tensor, attention_mask=None,
+                  **kw):
         """The function registered with ``AttentionInterface``: ``[B, T, Hq, D]`` out."""
-        layer = self.current.get(getattr(module, "layer_idx", -1))
-        if query.shape[2] != 1 or layer is None or not isinstance(layer, TwilightLayer) \
-                or layer.length == 1:
-            return self.dense_fn(module, query, key, value, attention_mask, scaling=scaling,
-                                 dropout=dropout, **kwargs)
+        i = getattr(module, "layer_idx", None)
+        layer = self.current.pop(i, None)
+        if layer is None:  # a model-path layer, or the model run without a twilight cache
+            return self.dense_fn(module, query, key, value, attention_mask, **kw)
+        if key is not layer.returned:
+            raise UnsupportedModel(f"layer {i}: its attention received keys other than the "
+                                   "ones its twilight cache layer returned")
+        sl = self.sparse[i]
+        sl.check(kw)
+        if layer.pending is None:
+            return self._decode(sl, layer, module, query, attention_mask, kw)
+        n = layer.pending[0].shape[-2]
+        if layer.length == n:  # the first chunk: the model's own attention over itself
+            out = self.dense_fn(module, query, key, value, attention_mask, **kw)
+            vis = visible_from_mask(attention_mask, n, key.shape[-2], key.shape[0])
+            layer.commit(None if vis is None else vis[:, -1, -n:])
+            return out
+        return self._later_chunk(module, query, layer, attention_mask, kw)
+
+    def _decode(self, sl: SparseLayer, layer, module, query: Tensor, mask, kw):
+        if mask is not None and mask.dim() == 4:
+            last = mask[:, 0, -1, -1]
+            hidden = ~last if last.dtype == torch.bool else last < torch.finfo(last.dtype).min / 2
+            if bool(hidden.any()):
+                raise InputError("attention_mask hides the decoded token itself: a decode step "
+                                 "must see its own token (padding belongs in the prompt)")
         self.decode_calls += 1
-        q = query[:, :, 0].to(self.decode.dtype)
-        out = self.decode.run(q, layer.paged, layer.ids)
-        return out.to(query.dtype)[:, None], None
+        out = sl.run(query[:, :, 0], layer, module, kw)
+        return out[:, None].to(query.dtype), None
+
+    def _later_chunk(self, module, query: Tensor, layer, mask, kw):
+        """A multi-token step after the first: each row's pages (its tokens only) with a mask
+        of what each new position may see, through the model's own attention function."""
+        b, n = query.shape[0], query.shape[2]
+        vis = visible_from_mask(mask, n, layer.length, b)
+        new_vis = None if vis is None else vis[:, -1, -n:]
+        past = [int(layer.paged.lengths[r]) for r in layer.ids]
+        layer.commit(new_vis)
+        outs = []
+        for row, rid in enumerate(layer.ids):
+            k, v, _ = layer.paged.gather(rid)
+            total = k.shape[2]
+            kept = torch.arange(n) if new_vis is None else new_vis[row].nonzero().flatten().cpu()
+            see = torch.ones(n, total, dtype=torch.bool)
+            see[:, past[row]:] = kept[None, :] <= torch.arange(n)[:, None]
+            outs.append(self.dense_fn(module, query[row:row + 1], k, v,
+                                      self._mask(see.to(query.device), query.dtype), **kw)[0])
+        return torch.cat(outs), None
+
+    def _mask(self, see: Tensor, dtype: torch.dtype) -> Tensor:
+        if self.semantics.implementation == "sdpa":
+            return see[None, None]
+        zero = torch.zeros((), dtype=dtype, device=see.device)
+        return torch.where(see, zero, torch.finfo(dtype).min)[None, None]
 
 
-def install(model, pipeline, *, dense_layers: int = 2, name: str = "twilight",
-            device: str = "auto", backend: str = "auto", schedule: dict | None = None,
-            context: int = 8192, initial_pages: int = 64) -> TwilightAttention:
-    """Load ``pipeline`` for ``model``'s heads and make it the model's attention backend.
+def _resolve(pipeline, model, sem: ModelSemantics, context: int, dense_layers: int | None,
+             model_name: str | None):
+    """``(pipeline IR, dense_layers, calibration name, note)`` for ``pipeline`` ("auto" or one
+    given)."""
+    if isinstance(pipeline, str):
+        if pipeline != "auto":
+            raise InputError(f"pipeline={pipeline!r}: pass a tw.Pipeline, its IR, or 'auto'")
+        from .hf_auto import choose  # noqa: PLC0415
 
-    ``dense_layers``: how many leading layers stay dense at decode; ``context``: the shape
-    bucket whose tuned schedule ``twilight.load`` prefers. Returns the
-    :class:`TwilightAttention`; run the model with ``cache=att.new_cache()``."""
-    global TwilightLayer
-    from transformers import AttentionInterface  # noqa: PLC0415
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: PLC0415
-
-    if TwilightLayer is None:
-        TwilightLayer = make_layer_class()
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype = _DTYPE_NAMES[next(model.parameters()).dtype]
+        return choose(model, sem, context, dense_layers, model_name)
     p = pipeline if isinstance(pipeline, ir.PipelineIR) else pipeline.ir
-    shape = ir.Shape(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, p.page_size,
-                     dtype)
-    scale = p.attend.scale or head_dim ** -0.5
-    for mod in model.modules():
-        if hasattr(mod, "layer_idx") and hasattr(mod, "scaling") \
-                and abs(float(mod.scaling) - scale) > 1e-6 * scale:
-            raise ValueError(f"layer {mod.layer_idx} scales logits by {mod.scaling}, the "
-                             f"pipeline by {scale}: build it with attention(scale=...)")
-    decode = load(p, device, shape, backend, schedule=schedule, context=context)
-    att = TwilightAttention(model, decode, dense_layers, name, initial_pages)
-    att.dense_fn = sdpa_attention_forward
+    return p, 2 if dense_layers is None else dense_layers, model_name, ""
+
+
+def _decide(sem: ModelSemantics, dense_layers: int) -> tuple[list[LayerSemantics], dict]:
+    run, decisions = [], {}
+    for s in sem.layers:
+        if s.kind != "full":
+            decisions[s.index] = f"model ({s.kind} layer: its own attention and cache)"
+        elif s.index < dense_layers:
+            decisions[s.index] = "model (dense: one of the first dense_layers)"
+        elif s.problem:
+            raise UnsupportedModel(f"layer {s.index} ({s.module}): {s.problem}")
+        else:
+            run.append(s)
+            decisions[s.index] = "twilight"
+    return run, decisions
+
+
+def install(model, pipeline="auto", *, dense_layers: int | None = None, name: str = "twilight",
+            device: str = "auto", backend: str = "auto", schedule: dict | None = None,
+            context: int = 8192, initial_pages: int = 64,
+            model_name: str | None = None) -> TwilightAttention:
+    """Make twilight ``model``'s attention backend for decode; returns the
+    :class:`TwilightAttention` (run the model with ``cache=att.new_cache()``).
+
+    ``pipeline``: a ``tw.Pipeline`` (or its IR), or ``"auto"`` — the model's calibrated choice
+    (:mod:`twilight.runtime.hf_auto`). ``dense_layers``: leading layers left to the model's
+    own attention (default 2, the published setting); ``context``: the context the tuned
+    schedules are picked for; ``model_name``: the name ``twilightc calibrate`` filed the
+    model's estimator choice under (default: read from the model's config).
+    Raises :class:`UnsupportedModel` naming the feature where the model's attention cannot be
+    reproduced exactly."""
+    from transformers import AttentionInterface  # noqa: PLC0415
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: PLC0415
+
+    if model.config._attn_implementation == name:
+        raise UnsupportedModel(f"twilight is already installed on this model (as {name!r}): "
+                               "call uninstall() on the first install's result first")
+    sem = read_semantics(model)
+    p, dense_layers, calib, note = _resolve(pipeline, model, sem, context, dense_layers,
+                                            model_name)
+    run, decisions = _decide(sem, dense_layers)
+    dtype = next(model.parameters()).dtype
+    if dtype not in _DTYPE_NAMES:
+        raise UnsupportedModel(f"model dtype {dtype}: twilight caches float32, float16 or "
+                               "bfloat16")
+    loaded: dict[tuple, DecodePipeline] = {}
+    sparse = {}
+    for s in run:
+        pl = with_layer_attention(p, s)
+        shape = ir.Shape(s.q_heads, s.kv_heads, s.head_dim, pl.page_size, _DTYPE_NAMES[dtype])
+        key = (pl.key(), shape)
+        if key not in loaded:
+            loaded[key] = load(pl, device, shape, backend, schedule=schedule, context=context,
+                               model=calib)
+        sparse[s.index] = SparseLayer(s, loaded[key])
+    if not sparse:
+        warnings.warn(f"twilight runs no layer of {type(model).__name__}: "
+                      + "; ".join(sorted(set(decisions.values()))), stacklevel=2)
+    att = TwilightAttention(model, sem, sparse, decisions, name, initial_pages, note)
     AttentionInterface.register(name, att.attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)  # else no mask reaches prefill
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sem.mask_fn)  # else no mask reaches prefill
     model.set_attn_implementation(name)
     return att

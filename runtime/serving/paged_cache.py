@@ -309,6 +309,28 @@ class PagedKVCache:
         self._num_pages[rid] = 0
         self._live[rid] = False
 
+    def _page_tensors(self) -> list[Tensor]:
+        """Every tensor indexed by physical page first (K/V, fill, summaries, key codes)."""
+        ts = [self.k_pages, self.v_pages, self.page_fill, *self.summaries.values()]
+        for c in self.key_codes.values():
+            ts += [t for t in (c.packed, c.scale, c.zero, c.lo, c.hi) if t is not None]
+        return list({id(t): t for t in ts}.values())
+
+    def copy_request(self, src: int) -> int:
+        """A new request holding a copy of request ``src``: its own pages, with the summaries
+        and key codes copied, so appending to one never changes the other (beam search)."""
+        self._check_ids([src])
+        rid, n = self.add_request(), int(self.lengths[src])
+        if n:
+            self._reserve([rid], [n])
+            cols = self._num_pages[src]
+            dst = self.page_table[rid, :cols].to(torch.int64)
+            from_ = self.page_table[src, :cols].to(torch.int64)
+            for t in self._page_tensors():
+                t[dst] = t[from_]
+            self.lengths[rid] = n
+        return rid
+
     def _check_ids(self, ids: Sequence[int]) -> None:
         for r in ids:
             if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(self._live) \
