@@ -50,7 +50,14 @@ from torch import Tensor
 from ...compiler import ir
 from ...errors import InputError, UnsupportedModel
 from .hf_cache import make_cache_class, make_layer_class
-from .hf_semantics import LayerSemantics, ModelSemantics, read_semantics, visible_from_mask
+from .hf_semantics import (
+    LayerSemantics,
+    ModelSemantics,
+    read_semantics,
+    sinks_of,
+    unknown_kwargs,
+    visible_from_mask,
+)
 from .load import DecodePipeline, load
 
 __all__ = ["TwilightAttention", "install"]
@@ -106,20 +113,20 @@ class SparseLayer:
         """A call must carry what ``install`` read; anything else is refused, not ignored."""
         s, sw, cap = kw.get("scaling"), kw.get("sliding_window"), kw.get("softcap")
         if (s is not None and not math.isclose(float(s), self.sem.scale, rel_tol=1e-6)) \
-                or sw is not None or (cap or None) != self.sem.softcap or kw.get("dropout"):
+                or sw is not None or (cap or None) != self.sem.softcap or kw.get("dropout") \
+                or unknown_kwargs(kw):
             raise UnsupportedModel(
                 f"layer {self.sem.index}: its attention was called with scaling={s}, "
-                f"sliding_window={sw}, softcap={cap}, dropout={kw.get('dropout')}, not what "
-                f"install read ({self.sem.features()}); install again")
+                f"sliding_window={sw}, softcap={cap}, dropout={kw.get('dropout')}"
+                f"{', ' + ', '.join(unknown_kwargs(kw)) if unknown_kwargs(kw) else ''}: not "
+                f"what install read ({self.sem.features()}); install again")
 
     def run(self, q: Tensor, layer, module, kw: dict) -> Tensor:
         if not self.sem.sinks:
             return self.decode.run(q, layer.paged, layer.ids)
         out, (idx, cnt) = self.decode.run(q, layer.paged, layer.ids, return_lists=True)
-        sinks = getattr(module, "sinks", None)
-        sinks = sinks if isinstance(sinks, Tensor) else kw["s_aux"]
-        f = sink_factor(q, layer.paged, layer.ids, idx, cnt, sinks.detach(), self.sem.scale,
-                        self.sem.softcap)
+        f = sink_factor(q, layer.paged, layer.ids, idx, cnt, sinks_of(module, kw),
+                        self.sem.scale, self.sem.softcap)
         return (out.float() * f[..., None]).to(out.dtype)
 
 

@@ -28,7 +28,8 @@ from ...errors import UnsupportedModel
 
 __all__ = ["LayerSemantics", "ModelSemantics", "attention_reference", "read_semantics"]
 
-HANDLED = frozenset({"scaling", "softcap", "sliding_window", "s_aux", "dropout", "is_causal"})
+HANDLED = frozenset({"scaling", "softcap", "sliding_window", "s_aux", "sinks", "dropout",
+                     "is_causal"})
 """Attention-function kwargs whose meaning twilight reproduces (or checks)."""
 
 INERT = frozenset({"position_ids", "use_cache", "output_attentions", "output_router_logits",
@@ -201,12 +202,15 @@ def _record(model, dense_fn, mask_fn, tokens: int, seed: int):
     AttentionInterface.register(_PROBE, recorder)
     ALL_MASK_ATTENTION_FUNCTIONS.register(_PROBE, mask_fn)
     impl = model.config._attn_implementation
+    refusal = (f"{type(model).__name__} does not compute attention through transformers' "
+               "AttentionInterface (models with ALiBi or their own attention code, like Bloom, "
+               "MPT or Falcon): twilight has no attention call to replace")
     try:
         model.set_attn_implementation(_PROBE)
     except Exception as e:  # a model that takes no attention function of ours
-        raise UnsupportedModel(f"{type(model).__name__} cannot switch its attention "
-                               f"implementation ({e}): it does not dispatch attention through "
-                               "transformers' attention interface") from None
+        raise UnsupportedModel(f"{refusal} ({e})") from None
+    if model.config._attn_implementation != _PROBE:  # transformers only warned
+        raise UnsupportedModel(refusal)
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(seed)
@@ -219,6 +223,8 @@ def _record(model, dense_fn, mask_fn, tokens: int, seed: int):
             model(input_ids=ids[:, tokens:], cache=cache, use_cache=True)
     finally:
         model.set_attn_implementation(impl)
+    if not calls["decode"]:
+        raise UnsupportedModel(refusal)
     return calls, cache
 
 
@@ -248,12 +254,20 @@ def _kind(i: int, cache, calls: dict, cfg) -> str:
     return "full" if type(layer) is DynamicLayer else "custom"
 
 
-def _sinks(call: _Call) -> Tensor | None:
-    s = getattr(call.module, "sinks", None)
-    if isinstance(s, Tensor):
-        return s.detach()
-    s = call.kwargs.get("s_aux")
-    return s.detach() if isinstance(s, Tensor) else None
+def sinks_of(module, kwargs: dict) -> Tensor | None:
+    """The learned sink logits ``[Hq]`` a layer's attention adds to its softmax, or None:
+    the module's ``sinks`` parameter (gpt-oss' eager attention reads it there), else the
+    ``s_aux``/``sinks`` argument."""
+    for s in (getattr(module, "sinks", None), kwargs.get("s_aux"), kwargs.get("sinks")):
+        if isinstance(s, Tensor):
+            return s.detach()
+    return None
+
+
+def unknown_kwargs(kwargs: dict) -> tuple[str, ...]:
+    """The arguments (with a value) an attention call carries that twilight does not know."""
+    return tuple(sorted(k for k, v in kwargs.items()
+                        if k not in HANDLED and k not in INERT and v is not None))
 
 
 def _layer(i: int, kind: str, prefill: list[_Call], decode: list[_Call], cache,
@@ -265,9 +279,8 @@ def _layer(i: int, kind: str, prefill: list[_Call], decode: list[_Call], cache,
     scale = c.kwargs.get("scaling")
     scale = float(scale) if scale is not None else float(getattr(c.module, "scaling", d ** -0.5))
     softcap = c.kwargs.get("softcap")
-    sinks = _sinks(c)
-    unknown = tuple(sorted(k for k, v in c.kwargs.items()
-                           if k not in HANDLED and k not in INERT and v is not None))
+    sinks = sinks_of(c.module, c.kwargs)
+    unknown = unknown_kwargs(c.kwargs)
     sem = LayerSemantics(i, kind, type(c.module).__name__, c.kwargs.get("sliding_window"),
                          scale, float(softcap) if softcap else None, sinks is not None,
                          hq, hkv, d, dv, unknown)
