@@ -163,14 +163,47 @@ class TwilightAttention:
                          f"{self.decisions[s.index]}")
         return "\n".join(lines)
 
-    def new_cache(self, initial_pages: int | None = None):
+    def new_cache(self, initial_pages: int | None = None, *, from_cache=None,
+                  attention_mask: Tensor | None = None):
         """The cache (``cache=``) for one batch of requests: the model's own cache layers,
-        a ``TwilightLayer`` where twilight runs the layer."""
+        a ``TwilightLayer`` where twilight runs the layer.
+
+        ``from_cache``: a cache the model filled with its own attention (a dense prefill is
+        what twilight runs too), copied in — twilight layers get its keys and values, other
+        layers a copy; ``attention_mask [B, T]`` marks its padding (left out of the pages)."""
         layer_cls = make_layer_class()
         pages = initial_pages or self.initial_pages
+        if from_cache is not None:
+            longest = max((int(c.get_seq_length()) for c in from_cache.layers
+                           if hasattr(c, "get_seq_length")), default=0)
+            ps = min((sl.decode.ir.page_size for sl in self.sparse.values()), default=16)
+            pages = max(pages, -(-longest // ps) + 1)
         layers = {i: layer_cls(sl.decode.make_cache(initial_pages=pages, device=self.device),
                                i, self) for i, sl in self.sparse.items()}
-        return make_cache_class()(self.model.config, layers)
+        cache = make_cache_class()(self.model.config, layers)
+        if from_cache is not None:
+            self._adopt(cache, from_cache, attention_mask)
+        return cache
+
+    def _adopt(self, cache, source, attention_mask: Tensor | None) -> None:
+        import copy  # noqa: PLC0415
+
+        if len(source.layers) != len(cache.layers):
+            raise InputError(f"from_cache has {len(source.layers)} layers, the model "
+                             f"{len(cache.layers)}")
+        for i, src in enumerate(source.layers):
+            if i not in self.sparse:
+                cache.layers[i] = copy.deepcopy(src)
+                continue
+            if type(src).__name__ != "DynamicLayer" or src.keys is None or not src.keys.numel():
+                raise InputError(f"from_cache layer {i}: expected a filled DynamicLayer (the "
+                                 f"model's own full-attention cache), got {type(src).__name__}")
+            layer = cache.layers[i]
+            layer.update(src.keys, src.values)
+            self.current.pop(i, None)
+            mask = None if attention_mask is None else \
+                attention_mask[:, -src.keys.shape[-2]:].bool()
+            layer.commit(mask)
 
     def uninstall(self) -> None:
         """Switch the model back to its own attention implementation."""
