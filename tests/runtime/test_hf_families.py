@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import twilight as tw
-from twilight.frontend.errors import InputError, UnsupportedModel
-from twilight.runtime import knobs
+from twilight import knobs
+from twilight.errors import InputError, UnsupportedModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -96,7 +96,7 @@ def build(family: str, overrides: dict, seed: int = 0):
 
 
 def install(model, pipeline, **kw):
-    from twilight.runtime.hf_attention import install as _install
+    from twilight.runtime.serving.hf_attention import install as _install
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
