@@ -1,13 +1,71 @@
-"""``install(model)`` / ``install(model, "auto")``: a good default pipeline for a model."""
+"""``install(model)`` / ``install(model, "auto")``: a good default pipeline for a model.
+
+The choice, in order of what is known about the model:
+
+* **pipeline**: Quest with Twilight's top-p (``quest_twilight``, p = 0.9) and a budget of 1/8
+  of the context, never below :data:`MIN_BUDGET` tokens (ALGORITHMS.md: "a conservative budget,
+  e.g. 1/8 of the context");
+* **key estimator**: the one ``twilightc calibrate`` (or ``benchmarks/e2e.py --calibrate``)
+  chose for the model, where its calibration file exists (``load(..., model=)`` applies it);
+  else the built-in default (INT4 per page channel);
+* **sink/window tokens**: those the model's calibration measured best
+  (:func:`~twilight.runtime.store.estimator_choice.keep_choice`); else :data:`DEFAULT_KEEP`,
+  measured on SmolLM2 (README, "The transformers backend");
+* **dense layers**: the first two (published setups), plus every layer that is not plain
+  full attention (sliding windows are already short: see ``hf_attention``); at a context where
+  sparse attention costs more than it saves, the loaded pipeline's own ``dense_below`` (measured
+  by ``twilight.load`` where the installed twilight has it) runs the layer dense.
+
+The calibration file is found under ``model_name`` (``install(..., model_name=)``), else under
+the model's ``config.name_or_path`` and its last path component.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ...compiler import ir
 from ...frontend import builtins
+from ...frontend.dsl import Pipeline, fraction, quantized_keys, sink, tokens, top_k, top_p, window
+from ..store.estimator_choice import calibration_path, keep_choice
+
+MIN_BUDGET = 256
+"""Tokens: below this a 1/8 budget keeps too little for Quest's page bound to find the mass."""
+
+DEFAULT_KEEP = (16, 64)
+"""Sink and window tokens kept when the model has no calibrated choice: on SmolLM2 at 8k,
+Quest's bound ranks the attention-sink page out of the budget in many heads (README)."""
+
+AUTO_P = 0.9
+
+
+def calibration_name(model, model_name: str | None) -> str | None:
+    """The name the model's calibration is filed under: ``model_name``, else the first of
+    ``name_or_path`` and its last component that has a calibration file."""
+    if model_name:
+        return model_name
+    path = str(getattr(model.config, "name_or_path", "") or "")
+    for name in (path, Path(path).name):
+        if name and calibration_path(name).exists():
+            return name
+    return None
+
+
+def auto_pipeline(context: int, keep: tuple[int, int]) -> ir.PipelineIR:
+    """``quest_twilight`` with a budget of max(1/8 of the context, MIN_BUDGET) and ``keep``."""
+    budget = fraction(1 / 8) if context // 8 >= MIN_BUDGET else tokens(MIN_BUDGET)
+    return Pipeline(select=top_k(builtins.quest, budget), prune=top_p(AUTO_P, estimate=quantized_keys(4, "page")),
+                    keep=sink(keep[0]) | window(keep[1]), name="quest_twilight").ir
 
 
 def choose(model, sem, context: int, dense_layers: int | None, model_name: str | None) \
         -> tuple[ir.PipelineIR, int, str | None, str]:
-    """``(pipeline, dense_layers, calibration name, note)``."""
-    p = builtins.quest_twilight(budget=1024).ir
-    return p, 2 if dense_layers is None else dense_layers, model_name, "auto"
+    """``(pipeline, dense_layers, calibration name, note)`` for ``install(model, "auto")``."""
+    name = calibration_name(model, model_name)
+    measured = keep_choice(name) if name else None
+    keep = measured or DEFAULT_KEEP
+    p = auto_pipeline(context, keep)
+    src = f"calibration of {name}" if measured else "defaults (no calibration of this model)"
+    note = (f"auto: quest_twilight p={AUTO_P}, budget max(1/8 context, {MIN_BUDGET}), sink "
+            f"{keep[0]} + window {keep[1]} ({src})")
+    return p, 2 if dense_layers is None else dense_layers, name, note

@@ -75,3 +75,29 @@ def calibrated(p: ir.PipelineIR, model: str) -> tuple[ir.PipelineIR, str | None]
         return p, None
     est = estimator_named(rec["estimator"])
     return with_estimator(p, est), est.name
+
+
+# ---- keep rules (always-attended sink and window tokens), chosen beside the estimator -------------
+def write_keep(model: str, sink: int, window: int, measured: list[dict]) -> Path:
+    """Record the sink/window tokens that measured best for ``model`` (``measured``: what each
+    candidate scored), beside its estimator choices; ``keep_choice`` reads it back."""
+    path = calibration_path(model)
+    data = json.loads(path.read_text()) if path.exists() else {"model": model, "pipelines": {}}
+    data["keep"] = {"sink": sink, "window": window, "measured": measured,
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                        timespec="seconds")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def keep_choice(model: str) -> tuple[int, int] | None:
+    """``(sink, window)`` tokens recorded for ``model`` by ``write_keep``, or None."""
+    path = calibration_path(model)
+    if not path.exists():
+        return None
+    keep = json.loads(path.read_text()).get("keep")
+    return None if keep is None else (int(keep["sink"]), int(keep["window"]))
