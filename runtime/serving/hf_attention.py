@@ -287,6 +287,10 @@ def _resolve(pipeline, model, sem: ModelSemantics, context: int, dense_layers: i
 def _decide(sem: ModelSemantics, dense_layers: int) -> tuple[list[LayerSemantics], dict]:
     run, decisions = [], {}
     for s in sem.layers:
+        if s.unknown:  # even on a layer left to the model: its code may prepare the argument
+            raise UnsupportedModel(  # (a mask, an index) for 'sdpa'/'eager' only
+                f"layer {s.index} ({s.module}) passes {', '.join(s.unknown)} to its attention "
+                "function: an attention feature twilight does not know")
         if s.kind != "full":
             decisions[s.index] = f"model ({s.kind} layer: its own attention and cache)"
         elif s.index < dense_layers:

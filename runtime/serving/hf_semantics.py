@@ -184,9 +184,23 @@ class _Call:
     out: Tensor
 
 
+def _two_steps(model, ids: torch.Tensor, tokens: int, phase: list | None = None):
+    """A prefill of ``tokens`` and one decode step with the model's own cache: (logits, cache)."""
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        a = model(input_ids=ids[:, :tokens], cache=cache, use_cache=True).logits[:, -1]
+        if phase:
+            phase[0] = "decode"
+        b = model(input_ids=ids[:, tokens:], cache=cache, use_cache=True).logits[:, -1]
+    return torch.stack([a, b]).float(), cache
+
+
 def _record(model, dense_fn, mask_fn, tokens: int, seed: int):
-    """Per phase ("prefill", "decode"): layer -> list of calls; and the cache."""
-    from transformers import AttentionInterface, DynamicCache  # noqa: PLC0415
+    """Per phase ("prefill", "decode"): layer -> list of calls; and the cache. Refuses a model
+    that computes attention without the interface, or whose code changes with its name."""
+    from transformers import AttentionInterface  # noqa: PLC0415
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: PLC0415
 
     calls: dict[str, dict[int, list[_Call]]] = {"prefill": {}, "decode": {}}
@@ -205,26 +219,29 @@ def _record(model, dense_fn, mask_fn, tokens: int, seed: int):
     refusal = (f"{type(model).__name__} does not compute attention through transformers' "
                "AttentionInterface (models with ALiBi or their own attention code, like Bloom, "
                "MPT or Falcon): twilight has no attention call to replace")
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(4, vocab - 1), vocab, (1, tokens + 1), generator=gen).to(device)
+    want, _ = _two_steps(model, ids, tokens)
     try:
         model.set_attn_implementation(_PROBE)
     except Exception as e:  # a model that takes no attention function of ours
         raise UnsupportedModel(f"{refusal} ({e})") from None
     if model.config._attn_implementation != _PROBE:  # transformers only warned
         raise UnsupportedModel(refusal)
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(min(4, vocab - 1), vocab, (1, tokens + 1), generator=gen).to(device)
-    cache = DynamicCache(config=model.config)
     try:
-        with torch.no_grad():
-            model(input_ids=ids[:, :tokens], cache=cache, use_cache=True)
-            phase[0] = "decode"
-            model(input_ids=ids[:, tokens:], cache=cache, use_cache=True)
+        got, cache = _two_steps(model, ids, tokens, phase)
     finally:
         model.set_attn_implementation(impl)
     if not calls["decode"]:
         raise UnsupportedModel(refusal)
+    diff = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-6)
+    if not diff <= 1e-5:
+        raise UnsupportedModel(
+            f"{type(model).__name__} computes something else when its attention implementation "
+            f"is not named {impl!r} (relative logit difference {diff:.1e}): its code branches "
+            "on the name (a mask or an indexer built only for 'sdpa'/'eager')")
     return calls, cache
 
 

@@ -65,7 +65,9 @@ REFUSED = {
                      "first_k_dense_replace": 4}, "MLA"),
     "gemma3_text": ({"head_dim": 16, "use_bidirectional_attention": True,
                      "sliding_window_pattern": 2}, "bidirectional"),
-    "bloom": ({"n_head": 4, "n_layer": 2}, "AttentionInterface"),
+    "bloom": ({"n_head": 4, "n_layer": 2}, "AttentionInterface"),  # ALiBi, its own attention
+    "minimax_m3_vl_text": ({"head_dim": 16, "sparse_attention_config":
+                            {"sparse_attention_freq": [0, 1, 0, 1]}}, "block_indices"),
 }
 
 
