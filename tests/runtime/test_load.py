@@ -185,6 +185,8 @@ def test_plan_run_batches_subsets_and_growth(env):
     torch.testing.assert_close(dec.run(q, cache), ref.run(q, cache), atol=2e-5, rtol=0)
     with pytest.raises(tw.InputError, match="expected"):
         dec.run(q.half(), cache)
+    with pytest.raises(tw.InputError, match=r"q: expected device cpu \(the cache's\), got meta"):
+        dec.run(q.to("meta"), cache)
 
 
 def test_load_needs_a_shape_that_fits():
