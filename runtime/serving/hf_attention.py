@@ -108,6 +108,7 @@ class SparseLayer:
 
     sem: LayerSemantics
     decode: DecodePipeline
+    sparse_from: int = 0  # positions below which the layer attends as the model does
 
     def check(self, kw: dict) -> None:
         """A call must carry what ``install`` read; anything else is refused, not ignored."""
@@ -155,8 +156,10 @@ class TwilightAttention:
 
     def report(self) -> str:
         """One line per layer: its attention features and what runs it."""
+        start = {sl.sparse_from for sl in self.sparse.values()}
         lines = [f"{type(self.model).__name__} ({self.semantics.implementation}): "
                  f"{len(self.sparse)} of {self.num_layers} layers through twilight"
+                 + (f" from {max(start)} positions on" if start and max(start) else "")
                  + (f"; {self.note}" if self.note else "")]
         for s in self.semantics.layers:
             lines.append(f"  {s.index:3d} {s.module or '-':24s} {s.features():48s} "
@@ -179,7 +182,7 @@ class TwilightAttention:
             ps = min((sl.decode.ir.page_size for sl in self.sparse.values()), default=16)
             pages = max(pages, -(-longest // ps) + 1)
         layers = {i: layer_cls(sl.decode.make_cache(initial_pages=pages, device=self.device),
-                               i, self) for i, sl in self.sparse.items()}
+                               i, self, sl.sparse_from) for i, sl in self.sparse.items()}
         cache = make_cache_class()(self.model.config, layers)
         if from_cache is not None:
             self._adopt(cache, from_cache, attention_mask)
@@ -201,9 +204,11 @@ class TwilightAttention:
             layer = cache.layers[i]
             layer.update(src.keys, src.values)
             self.current.pop(i, None)
-            mask = None if attention_mask is None else \
-                attention_mask[:, -src.keys.shape[-2]:].bool()
-            layer.commit(mask)
+            n = src.keys.shape[-2]
+            layer.note_visible(None if attention_mask is None else
+                               attention_mask[:, -n:].bool(), n)
+            if layer.length >= layer.sparse_from:
+                layer.to_paged()
 
     def uninstall(self) -> None:
         """Switch the model back to its own attention implementation."""
@@ -223,14 +228,16 @@ class TwilightAttention:
                                    "ones its twilight cache layer returned")
         sl = self.sparse[i]
         sl.check(kw)
+        if not layer.paged_mode:  # below sparse_from: the model's own attention
+            out = self.dense_fn(module, query, key, value, attention_mask, **kw)
+            n = query.shape[2]
+            vis = visible_from_mask(attention_mask, n, key.shape[-2], key.shape[0])
+            layer.note_visible(None if vis is None else vis[:, -1, -n:], n)
+            if layer.length >= layer.sparse_from:
+                layer.to_paged()
+            return out
         if layer.pending is None:
             return self._decode(sl, layer, module, query, attention_mask, kw)
-        n = layer.pending[0].shape[-2]
-        if layer.length == n:  # the first chunk: the model's own attention over itself
-            out = self.dense_fn(module, query, key, value, attention_mask, **kw)
-            vis = visible_from_mask(attention_mask, n, key.shape[-2], key.shape[0])
-            layer.commit(None if vis is None else vis[:, -1, -n:])
-            return out
         return self._later_chunk(module, query, layer, attention_mask, kw)
 
     def _decode(self, sl: SparseLayer, layer, module, query: Tensor, mask, kw):
@@ -272,8 +279,8 @@ class TwilightAttention:
 
 def _resolve(pipeline, model, sem: ModelSemantics, context: int, dense_layers: int | None,
              model_name: str | None):
-    """``(pipeline IR, dense_layers, calibration name, note)`` for ``pipeline`` ("auto" or one
-    given)."""
+    """``(pipeline IR, dense_layers, sparse_from, calibration name, note)`` for ``pipeline``
+    ("auto" or one given)."""
     if isinstance(pipeline, str):
         if pipeline != "auto":
             raise InputError(f"pipeline={pipeline!r}: pass a tw.Pipeline, its IR, or 'auto'")
@@ -281,7 +288,7 @@ def _resolve(pipeline, model, sem: ModelSemantics, context: int, dense_layers: i
 
         return choose(model, sem, context, dense_layers, model_name)
     p = pipeline if isinstance(pipeline, ir.PipelineIR) else pipeline.ir
-    return p, 2 if dense_layers is None else dense_layers, model_name, ""
+    return p, 2 if dense_layers is None else dense_layers, 0, model_name, ""
 
 
 def _decide(sem: ModelSemantics, dense_layers: int) -> tuple[list[LayerSemantics], dict]:
@@ -305,8 +312,8 @@ def _decide(sem: ModelSemantics, dense_layers: int) -> tuple[list[LayerSemantics
 
 def install(model, pipeline="auto", *, dense_layers: int | None = None, name: str = "twilight",
             device: str = "auto", backend: str = "auto", schedule: dict | None = None,
-            context: int = 8192, initial_pages: int = 64,
-            model_name: str | None = None) -> TwilightAttention:
+            context: int = 8192, initial_pages: int = 64, model_name: str | None = None,
+            sparse_from: int | None = None) -> TwilightAttention:
     """Make twilight ``model``'s attention backend for decode; returns the
     :class:`TwilightAttention` (run the model with ``cache=att.new_cache()``).
 
@@ -314,7 +321,10 @@ def install(model, pipeline="auto", *, dense_layers: int | None = None, name: st
     (:mod:`twilight.runtime.hf_auto`). ``dense_layers``: leading layers left to the model's
     own attention (default 2, the published setting); ``context``: the context the tuned
     schedules are picked for; ``model_name``: the name ``twilightc calibrate`` filed the
-    model's estimator choice under (default: read from the model's config).
+    model's estimator choice under (default: read from the model's config); ``sparse_from``:
+    below this many positions a twilight layer attends as the model does, on the model's own
+    keys (default: "auto"'s choice, 0 for a pipeline given; at least the loaded pipeline's
+    ``dense_below`` where twilight.load measures one).
     Raises :class:`UnsupportedModel` naming the feature where the model's attention cannot be
     reproduced exactly."""
     from transformers import AttentionInterface  # noqa: PLC0415
@@ -324,8 +334,8 @@ def install(model, pipeline="auto", *, dense_layers: int | None = None, name: st
         raise UnsupportedModel(f"twilight is already installed on this model (as {name!r}): "
                                "call uninstall() on the first install's result first")
     sem = read_semantics(model)
-    p, dense_layers, calib, note = _resolve(pipeline, model, sem, context, dense_layers,
-                                            model_name)
+    p, dense_layers, auto_from, calib, note = _resolve(pipeline, model, sem, context,
+                                                       dense_layers, model_name)
     run, decisions = _decide(sem, dense_layers)
     dtype = next(model.parameters()).dtype
     if dtype not in _DTYPE_NAMES:
@@ -340,7 +350,9 @@ def install(model, pipeline="auto", *, dense_layers: int | None = None, name: st
         if key not in loaded:
             loaded[key] = load(pl, device, shape, backend, schedule=schedule, context=context,
                                model=calib)
-        sparse[s.index] = SparseLayer(s, loaded[key])
+        dec = loaded[key]
+        start = auto_from if sparse_from is None else sparse_from
+        sparse[s.index] = SparseLayer(s, dec, max(start, getattr(dec, "dense_below", 0) or 0))
     if not sparse:
         warnings.warn(f"twilight runs no layer of {type(model).__name__}: "
                       + "; ".join(sorted(set(decisions.values()))), stacklevel=2)

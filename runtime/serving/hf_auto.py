@@ -12,9 +12,11 @@ The choice, in order of what is known about the model:
   (:func:`~twilight.runtime.store.estimator_choice.keep_choice`); else :data:`DEFAULT_KEEP`,
   measured on SmolLM2 (README, "The transformers backend");
 * **dense layers**: the first two (published setups), plus every layer that is not plain
-  full attention (sliding windows are already short: see ``hf_attention``); at a context where
-  sparse attention costs more than it saves, the loaded pipeline's own ``dense_below`` (measured
-  by ``twilight.load`` where the installed twilight has it) runs the layer dense.
+  full attention (sliding windows are already short: see ``hf_attention``);
+* **dense at short contexts**: below :data:`SPARSE_FROM` positions (or the loaded pipeline's
+  own ``dense_below``, measured by ``twilight.load`` where the installed twilight has one, if
+  that is longer) a twilight layer keeps the model's own keys and attention — exactly the
+  model, at the model's speed — and moves to its paged cache when the context gets there.
 
 The calibration file is found under ``model_name`` (``install(..., model_name=)``), else under
 the model's ``config.name_or_path`` and its last path component.
@@ -38,6 +40,11 @@ Quest's bound ranks the attention-sink page out of the budget in many heads (REA
 
 AUTO_P = 0.9
 
+SPARSE_FROM = 4096
+"""Positions below which a twilight layer attends as the model does (its own keys, its own
+attention): on SmolLM2 at 2k, attention is a small share of a decode step, so sparse attention
+saves little and costs perplexity (README, "The transformers backend")."""
+
 
 def calibration_name(model, model_name: str | None) -> str | None:
     """The name the model's calibration is filed under: ``model_name``, else the first of
@@ -59,13 +66,14 @@ def auto_pipeline(context: int, keep: tuple[int, int]) -> ir.PipelineIR:
 
 
 def choose(model, sem, context: int, dense_layers: int | None, model_name: str | None) \
-        -> tuple[ir.PipelineIR, int, str | None, str]:
-    """``(pipeline, dense_layers, calibration name, note)`` for ``install(model, "auto")``."""
+        -> tuple[ir.PipelineIR, int, int, str | None, str]:
+    """``(pipeline, dense_layers, sparse_from, calibration name, note)`` for
+    ``install(model, "auto")``."""
     name = calibration_name(model, model_name)
     measured = keep_choice(name) if name else None
     keep = measured or DEFAULT_KEEP
     p = auto_pipeline(context, keep)
     src = f"calibration of {name}" if measured else "defaults (no calibration of this model)"
     note = (f"auto: quest_twilight p={AUTO_P}, budget max(1/8 context, {MIN_BUDGET}), sink "
-            f"{keep[0]} + window {keep[1]} ({src})")
-    return p, 2 if dense_layers is None else dense_layers, name, note
+            f"{keep[0]} + window {keep[1]} ({src}), sparse from {SPARSE_FROM} positions")
+    return p, 2 if dense_layers is None else dense_layers, SPARSE_FROM, name, note

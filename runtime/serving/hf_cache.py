@@ -1,18 +1,20 @@
 """The cache a transformers model runs with under twilight: the model's own cache layers, with
 a :class:`TwilightLayer` in place of each layer twilight runs.
 
-A ``TwilightLayer`` keeps its keys and values in a
-:class:`~twilight.runtime.paged_cache.PagedKVCache` (page summaries and quantized keys are kept
-as it grows), one request per batch row. Only the tokens a row may see go in: the padding of a
-batch of different prompt lengths is left out, so each row's pages hold exactly its own tokens
-and decode attends over ragged lengths with no mask. That is why a prefill is appended in two
-steps: :meth:`update` holds the chunk, and the attention function (which sees the mask)
-appends the visible tokens with :meth:`commit`.
+A ``TwilightLayer`` starts as the model's own cache (keys and values concatenated, the model's
+attention over them) and, once the context reaches its ``sparse_from`` positions, moves them
+into a :class:`~twilight.runtime.serving.paged_cache.PagedKVCache` (page summaries and quantized
+keys are kept from then on as it grows), one request per batch row. Only the tokens a row may
+see go in: the padding of a batch of different prompt lengths is left out, so each row's pages
+hold exactly its own tokens and decode attends over ragged lengths with no mask. That is why
+the layer records, from the mask the attention function sees, which positions each row may see
+(:meth:`note_visible`), and a later multi-token chunk is appended by the attention function
+(:meth:`commit`).
 
 The layer's ``get_seq_length`` counts positions, padding included (what the model's masks and
 the other layers count). Beam search (``reorder_cache``, ``batch_select_indices``,
-``batch_repeat_interleave``) copies a row's pages where a row is repeated — correct, and O(context)
-per repeated row; ``crop`` (assisted decoding) is refused.
+``batch_repeat_interleave``) copies a row's pages where a row is repeated — correct, and
+O(context) per repeated row; ``crop`` (assisted decoding) is refused.
 """
 
 from __future__ import annotations
@@ -35,25 +37,32 @@ def make_layer_class() -> type:
     from transformers.cache_utils import CacheLayerMixin  # noqa: PLC0415
 
     class TwilightLayer(CacheLayerMixin):
-        """One twilight layer's cache: a ``PagedKVCache`` with one request per batch row."""
+        """One twilight layer's cache: the model's own keys and values while the context is
+        below ``sparse_from`` positions (the layer then attends as the model does), then a
+        ``PagedKVCache`` with one request per batch row."""
 
         is_sliding = False
         is_croppable = False
         is_compileable = False
 
-        def __init__(self, paged: PagedKVCache, index: int, owner):
+        def __init__(self, paged: PagedKVCache, index: int, owner, sparse_from: int = 0):
             super().__init__()
             self.paged, self.index, self.owner = paged, index, owner
+            self.sparse_from = sparse_from
             self.ids: list[int] = []
             self.length = 0  # positions seen, padding included
-            self.pending: tuple[Tensor, Tensor] | None = None
+            self.paged_mode = False
+            self.visible: Tensor | None = None  # bool [B, T] of the dense-mode keys
+            self.pending: tuple[Tensor, Tensor] | None = None  # a paged-mode chunk
             self.returned: Tensor | None = None  # the keys update() handed the model last
 
         def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
             self.device, self.dtype = key_states.device, key_states.dtype
-            self.keys = torch.empty(0, dtype=self.paged.dtype, device=self.paged.device)
-            self.values = self.keys
-            self.ids = self.paged.add_requests(key_states.shape[0])
+            b, h, _, d = key_states.shape
+            self.keys = key_states.new_zeros(b, h, 0, d)
+            self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+            self.visible = torch.zeros(b, 0, dtype=torch.bool, device=key_states.device)
+            self.ids = self.paged.add_requests(b)
             self.is_initialized = True
 
         def _check(self, name: str, t: Tensor) -> None:
@@ -79,14 +88,32 @@ def make_layer_class() -> type:
                     "twilight attention running in between (was the model's attention "
                     "implementation switched away from twilight?)")
             n = key_states.shape[-2]
-            if n == 1 and self.length:  # decode: every row gets its token
-                self.paged.append(key_states, value_states, self.ids)
-            else:  # prefill: the attention function appends what the mask lets it see
-                self.pending = (key_states, value_states)
             self.length += n
-            self.returned = key_states
             self.owner.current[self.index] = self  # the attention function takes it from there
+            if not self.paged_mode:  # the model's own cache, until sparse_from
+                self.keys = torch.cat([self.keys, key_states], dim=-2)
+                self.values = torch.cat([self.values, value_states], dim=-2)
+                self.returned = self.keys
+                return self.keys, self.values
+            if n == 1:  # decode: every row gets its token
+                self.paged.append(key_states, value_states, self.ids)
+            else:  # a chunk: the attention function appends what the mask lets it see
+                self.pending = (key_states, value_states)
+            self.returned = key_states
             return key_states, value_states
+
+        def note_visible(self, visible: Tensor | None, n: int) -> None:
+            """Dense mode: which of the last ``n`` positions each row may see (None: all)."""
+            if visible is None:
+                visible = torch.ones(len(self.ids), n, dtype=torch.bool, device=self.device)
+            self.visible = torch.cat([self.visible, visible.to(self.visible.device)], dim=1)
+
+        def to_paged(self) -> None:
+            """Move the dense-mode keys and values, padding left out, into the pages."""
+            self.pending, self.paged_mode = (self.keys, self.values), True
+            self.commit(self.visible)
+            self.keys = self.values = self.keys.new_zeros(0)
+            self.visible = None
 
         def commit(self, visible: Tensor | None) -> None:
             """Append the pending chunk's tokens that ``visible bool [B, n]`` marks (all when
@@ -113,6 +140,7 @@ def make_layer_class() -> type:
             for rid in self.ids:
                 self.paged.free_request(rid)
             self.ids, self.length, self.pending, self.returned = [], 0, None, None
+            self.paged_mode, self.visible, self.keys, self.values = False, None, None, None
             self.is_initialized = False
 
         def crop(self, tokens_to_remove: int) -> None:
@@ -123,6 +151,15 @@ def make_layer_class() -> type:
 
         def select_rows(self, rows: list[int]) -> None:
             """Batch row ``b`` becomes old row ``rows[b]``; a repeated row gets a copy."""
+            if not self.paged_mode:
+                idx = torch.tensor(rows, device=self.keys.device)
+                self.keys, self.values = self.keys[idx], self.values[idx]
+                self.visible = self.visible[idx]
+                for rid in self.ids[len(rows):]:
+                    self.paged.free_request(rid)
+                self.ids = self.ids[:len(rows)] + self.paged.add_requests(
+                    max(0, len(rows) - len(self.ids)))
+                return
             used: set[int] = set()
             new = []
             for r in rows:

@@ -192,17 +192,18 @@ def generate(model, ids, mask, **kw):
                               eos_token_id=None, pad_token_id=0, **kw)
 
 
-@pytest.mark.parametrize(("family", "beams"), [("llama", 1), ("llama", 3), ("gemma2", 3),
-                                               ("gpt_oss", 1)])
-def test_generate_padded_batch_and_beams(family, beams):
+@pytest.mark.parametrize(("family", "beams", "sparse_from"),
+                         [("llama", 1, 0), ("llama", 3, 0), ("gemma2", 3, 0), ("gpt_oss", 1, 0),
+                          ("llama", 3, PROMPT + 6)])
+def test_generate_padded_batch_and_beams(family, beams, sparse_from):
     """``generate`` over a left-padded batch of different prompt lengths (padding left out of
-    the paged cache), greedy and beam search (beams reorder and copy pages): the same tokens and
-    logits as the model's own generation."""
+    the paged cache), greedy and beam search (beams reorder and copy pages), and a layer that
+    moves to its pages mid-generation: the same tokens and logits as the model's own."""
     overrides, layers = FAMILIES[family]
     model = build(family, overrides)
     ids, mask = padded([3 * WINDOW + 5, PROMPT], PROMPT)
     want = generate(model, ids, mask, num_beams=beams)
-    att = install(model, tw.builtins.dense(), dense_layers=0)
+    att = install(model, tw.builtins.dense(), dense_layers=0, sparse_from=sparse_from)
     cache = att.new_cache()
     got = generate(model, ids, mask, num_beams=beams, cache=cache)
     assert torch.equal(got.sequences, want.sequences)
@@ -212,6 +213,8 @@ def test_generate_padded_batch_and_beams(family, beams):
     lengths = sorted(int(paged.lengths[r]) for r in cache.layers[layers[0]].ids)
     n = STEPS - 1  # tokens fed back after the prefill
     assert lengths == sorted([3 * WINDOW + 5 + n] * beams + [PROMPT + n] * beams)
+    sparse_steps = n - max(0, sparse_from - PROMPT)  # decode steps after the move to pages
+    assert att.decode_calls == len(layers) * sparse_steps
     att.uninstall()
 
 
