@@ -318,3 +318,25 @@ def test_smoothed_codes_fit_on_first_append_and_can_be_set() -> None:
             cache.set_smoothing(spec, torch.full((2, 8), bad))
     with pytest.raises(InputError, match="no smoothed format"):
         cache.set_smoothing(KeyCodeSpec(4), new)
+
+
+def test_copy_request_is_independent_and_exact() -> None:
+    """A copied request holds what its source holds (every summary and code format); appending
+    to the copy and the source keeps both equal to caches built by appending those tokens."""
+    cache = _cache(2, 16, 4, initial_pages=2)
+    src = cache.add_request()
+    first = _seq(2, 13, 16)
+    cache.append(first, first, src)
+    dup = cache.copy_request(src)  # forces growth: 2 initial pages, 4 + 4 needed
+    _assert_same(_snapshot(cache, [src]), _snapshot(cache, [dup]))
+    a, b = _seq(2, 6, 16), _seq(2, 3, 16)
+    cache.append(a, a, src)
+    cache.append(b, b, dup)
+    for rid, extra in ((src, a), (dup, b)):
+        fresh = _cache(2, 16, 4)
+        r = fresh.add_request()
+        whole = torch.cat([first, extra], dim=1)
+        fresh.append(whole, whole, r)
+        _assert_same(_snapshot(cache, [rid]), _snapshot(fresh, [r]))
+    cache.free_request(src)
+    assert cache.gather(dup)[2].sum() == 16
