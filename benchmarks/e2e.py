@@ -141,6 +141,7 @@ class Run:
     tokens_per_s: float = float("nan")
     step_ms: list[float] = field(default_factory=list)
     twilight_layers: int = 0
+    twilight_steps: int = 0  # layer decode steps twilight ran (past sparse_from)
     schedule: str = ""
     note: str = ""
 
@@ -208,7 +209,7 @@ def run_prompt(model, ids: torch.Tensor, prompt: int, args, pipelines, tick, nam
         src = {sl.decode.schedule_source for sl in att.sparse.values()}
         runs.append(Run(label, sum(g == c for g, c in zip(got, cont, strict=True)) / args.gen,
                         ppl, rate(times), [t * 1e3 for t in times], len(att.sparse),
-                        ", ".join(sorted(src)), att.note))
+                        att.decode_calls, ", ".join(sorted(src)), att.note))
         att.uninstall()
     return runs
 

@@ -47,6 +47,8 @@ def test_smollm2_decode_through_twilight(bench):
     r = bench.run(args)
     dense, quest, auto = r["results"][512]
     assert (quest["twilight_layers"], auto["twilight_layers"]) == (2, 28)
+    assert quest["twilight_steps"] == 2 * (8 + 8)  # agreement and held-out steps, 2 layers
+    assert auto["twilight_steps"] == 0  # 512 positions: below auto's sparse_from
     for run in (quest, auto):
         assert run["agreement"] >= 6 / 8, r
         assert run["ppl"] < 1.25 * dense["ppl"], r
