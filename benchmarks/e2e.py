@@ -221,10 +221,10 @@ def table(results: dict[int, list[Run]], title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("prompt", "pipeline", "layers", "agreement", "ppl", "ppl / dense", "tok/s",
-                "speed / dense"):
-        t.add_column(col, justify="left" if col == "pipeline" else "right",
-                     no_wrap=col != "pipeline", overflow="fold")
+    t.add_column("prompt", justify="right")
+    t.add_column("pipeline", min_width=34, overflow="fold")
+    for col in ("layers", "agree", "ppl", "ppl/dense", "tok/s", "speed/dense"):
+        t.add_column(col, justify="right", no_wrap=True)
     for prompt, runs in results.items():
         d = runs[0]
         for r in runs:
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace, console=None) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = console or Console()
+    console = console or Console(width=max(120, Console().width))
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
