@@ -109,25 +109,26 @@ def split_specs(spec: str) -> list[str]:
 
 
 def make_pipeline(spec: str, args):
-    """``"auto"``, or a built-in by name with keyword arguments (``quest_twilight(p=0.95)``);
+    """``(pipeline, install keywords)`` of ``"auto"`` (``auto(sparse_from=0)``: with install's
+    keywords) or a built-in by name with keyword arguments (``quest_twilight(p=0.95)``);
     ``--budget``/``--p`` fill in the ones a built-in takes and the spec leaves out."""
     import ast
 
     import twilight as tw
 
-    if spec == "auto":
-        return "auto"
     name, _, rest = spec.partition("(")
     kw = {}
     if rest:
         call = ast.parse(f"f({rest}", mode="eval").body
         kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    if name.strip() == "auto":  # auto(sparse_from=0): install's own arguments
+        return "auto", kw
     fn = tw.builtins.PIPELINES[name.strip()]
     takes = fn.__code__.co_varnames[:fn.__code__.co_argcount]
     for k, v in (("budget", args.budget), ("p", args.p)):
         if k in takes:
             kw.setdefault(k, v)
-    return fn(**kw)
+    return fn(**kw), {"dense_layers": args.dense_layers}
 
 
 # ---- one model, one prompt ---------------------------------------------------------------------
@@ -197,11 +198,10 @@ def run_prompt(model, ids: torch.Tensor, prompt: int, args, pipelines, tick, nam
                     rate(times), [t * 1e3 for t in times])
     cont = fed[1:] + [preds[-1]]  # the dense next token after each fed one
     runs = [dense]
-    for label, pipe in pipelines:
+    for label, (pipe, kw) in pipelines:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the default-schedule notice: in the report
-            att = install(model, pipe, context=prompt + args.gen, model_name=name,
-                          **({} if pipe == "auto" else {"dense_layers": args.dense_layers}))
+            att = install(model, pipe, context=prompt + args.gen, model_name=name, **kw)
         with torch.inference_mode():
             _, got, times = decode(model, att.new_cache(from_cache=cache), first, fed,
                                    args.gen, tick)

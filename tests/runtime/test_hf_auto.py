@@ -48,12 +48,13 @@ def test_default_without_calibration():
     att = install(tiny_llama(), context=4096)
     p = att.decode.ir
     assert (p.name, p.keep.sink, p.keep.window) == ("quest_twilight", 16, 64)
-    assert (p.select.budget.kind, p.select.budget.value) == ("fraction", 1 / 8)
-    assert p.prune[0].p == 0.9 and sorted(att.sparse) == [2, 3]  # the first two stay dense
+    assert (p.select.budget.kind, p.select.budget.value) == ("fraction", 1 / 4)
+    assert p.prune[0].p == 0.95 and sorted(att.sparse) == [2, 3]  # the first two stay dense
+    assert {sl.sparse_from for sl in att.sparse.values()} == {4096}
     assert "no calibration" in att.note
     att.uninstall()
     att = install(tiny_llama(), "auto", context=1024, dense_layers=0)
-    assert (att.decode.ir.select.budget.kind, att.decode.ir.select.budget.value) == ("tokens", 256)
+    assert (att.decode.ir.select.budget.kind, att.decode.ir.select.budget.value) == ("tokens", 512)
     assert sorted(att.sparse) == [0, 1, 2, 3]
     att.uninstall()
 
