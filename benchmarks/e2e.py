@@ -33,6 +33,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -145,6 +146,7 @@ class Run:
     twilight_steps: int = 0  # layer decode steps twilight ran (past sparse_from)
     schedule: str = ""
     note: str = ""
+    speedup: float = 1.0  # tokens/s over the dense steps interleaved with this run's
 
 
 def step(model, tok: int, cache) -> torch.Tensor:
@@ -152,18 +154,32 @@ def step(model, tok: int, cache) -> torch.Tensor:
     return out.logits[0, -1].float()
 
 
-def decode(model, cache, first: torch.Tensor, feed: list[int] | None, n: int, tick):
-    """``n`` steps, greedy (``feed`` None) or teacher-forced: (fed, argmaxes, seconds/step)."""
-    logits, fed, preds, times = first, [], [], []
-    for i in range(n):
-        tok = int(logits.argmax()) if feed is None else feed[i]
-        t = time.perf_counter()
-        logits = step(model, tok, cache)
-        times.append(time.perf_counter() - t)
-        fed.append(tok)
+def greedy(model, cache, first: torch.Tensor, n: int, tick) -> tuple[list[int], list[int]]:
+    """``n`` greedy steps: (tokens fed, argmax after each)."""
+    logits, fed, preds = first, [], []
+    for _ in range(n):
+        fed.append(int(logits.argmax()))
+        logits = step(model, fed[-1], cache)
         preds.append(int(logits.argmax()))
         tick()
-    return fed, preds, times
+    return fed, preds
+
+
+def paired(model, dense_cache, tw_cache, feed: list[int], tick):
+    """Teacher-forced steps on ``feed``, a dense step and a twilight step in turn (which goes
+    first alternates), so both are timed under the same load: (twilight argmaxes, dense and
+    twilight seconds per step)."""
+    preds, times = [], {"dense": [], "twilight": []}
+    for i, tok in enumerate(feed):
+        order = (("dense", dense_cache), ("twilight", tw_cache))
+        for name, cache in order if i % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            logits = step(model, tok, cache)
+            times[name].append(time.perf_counter() - t)
+            if name == "twilight":
+                preds.append(int(logits.argmax()))
+        tick()
+    return preds, times["dense"], times["twilight"]
 
 
 def perplexity(model, cache, held: list[int], tick) -> float:
@@ -177,11 +193,14 @@ def perplexity(model, cache, held: list[int], tick) -> float:
 
 
 def rate(times: list[float]) -> float:
-    return (len(times) - 1) / sum(times[1:])
+    """Steps per second: the median step (the first, a warm-up, left out)."""
+    return 1.0 / statistics.median(times[1:])
 
 
 def run_prompt(model, ids: torch.Tensor, prompt: int, args, pipelines, tick, name: str) \
         -> list[Run]:
+    """Dense, then each pipeline, from one prefill. A pipeline's speed ratio is taken against
+    dense steps interleaved with its own (``paired``): load on the machine hits both alike."""
     from transformers import DynamicCache
 
     from twilight.runtime.serving.hf_attention import install
@@ -193,24 +212,28 @@ def run_prompt(model, ids: torch.Tensor, prompt: int, args, pipelines, tick, nam
     tick(args.gen + args.heldout)  # the prefill, in step units for the bar
     held = ids[0, prompt:prompt + args.heldout].tolist()
     with torch.inference_mode():
-        fed, preds, times = decode(model, copy.deepcopy(cache), first, None, args.gen, tick)
-        dense = Run("dense", 1.0, perplexity(model, copy.deepcopy(cache), held, tick),
-                    rate(times), [t * 1e3 for t in times])
+        fed, preds = greedy(model, copy.deepcopy(cache), first, args.gen, tick)
+        dense = Run("dense", 1.0, perplexity(model, copy.deepcopy(cache), held, tick))
     cont = fed[1:] + [preds[-1]]  # the dense next token after each fed one
-    runs = [dense]
+    runs, dense_times = [dense], []
     for label, (pipe, kw) in pipelines:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the default-schedule notice: in the report
             att = install(model, pipe, context=prompt + args.gen, model_name=name, **kw)
-        with torch.inference_mode():
-            _, got, times = decode(model, att.new_cache(from_cache=cache), first, fed,
-                                   args.gen, tick)
+        with torch.inference_mode():  # a plain DynamicCache runs the model's own attention
+            got, d_times, t_times = paired(model, copy.deepcopy(cache),
+                                           att.new_cache(from_cache=cache), fed, tick)
             ppl = perplexity(model, att.new_cache(from_cache=cache), held, tick)
         src = {sl.decode.schedule_source for sl in att.sparse.values()}
+        dense_times += d_times[1:]
         runs.append(Run(label, sum(g == c for g, c in zip(got, cont, strict=True)) / args.gen,
-                        ppl, rate(times), [t * 1e3 for t in times], len(att.sparse),
-                        att.decode_calls, ", ".join(sorted(src)), att.note))
+                        ppl, rate(t_times), [t * 1e3 for t in t_times], len(att.sparse),
+                        att.decode_calls, ", ".join(sorted(src)), att.note,
+                        rate(t_times) / rate(d_times)))
         att.uninstall()
+    if dense_times:
+        dense.tokens_per_s = 1.0 / statistics.median(dense_times)
+        dense.step_ms = [t * 1e3 for t in dense_times]
     return runs
 
 
@@ -230,7 +253,7 @@ def table(results: dict[int, list[Run]], title: str):
         for r in runs:
             t.add_row(f"{prompt}", r.name, f"{r.twilight_layers}", f"{r.agreement:.3f}",
                       f"{r.ppl:.3f}", f"{r.ppl / d.ppl:.3f}", f"{r.tokens_per_s:.2f}",
-                      f"{r.tokens_per_s / d.tokens_per_s:.2f}x")
+                      f"{r.speedup:.2f}x")
     return t
 
 
@@ -288,7 +311,8 @@ def run(args: argparse.Namespace, console=None) -> dict:
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         for prompt in prompts:
-            task = bar.add_task(f"{prompt} tokens", total=(2 + len(pipes)) * per + per + 1)
+            task = bar.add_task(f"{prompt} tokens",
+                                total=(1 + len(pipes)) * per + args.gen + args.heldout)
             results[prompt] = run_prompt(model, ids, prompt, args, pipes,
                                          lambda n=1, t=task: bar.advance(t, n), name)
     title = (f"{name} ({args.dtype}), {source}, {torch.get_num_threads()} threads, "
