@@ -310,17 +310,22 @@ class PagedKVCache:
         self._live[rid] = False
 
     def _page_tensors(self) -> list[Tensor]:
-        """Every tensor indexed by physical page first (K/V, fill, summaries, key codes)."""
-        ts = [self.k_pages, self.v_pages, self.page_fill, *self.summaries.values()]
+        """Every tensor indexed by physical page first (K/V, fill, page and token summaries,
+        key codes)."""
+        ts = [self.k_pages, self.v_pages, self.page_fill, *self.summaries.values(),
+              *self.token_summaries.values()]
         for c in self.key_codes.values():
             ts += [t for t in (c.packed, c.scale, c.zero, c.lo, c.hi) if t is not None]
         return list({id(t): t for t in ts}.values())
 
     def copy_request(self, src: int) -> int:
-        """A new request holding a copy of request ``src``: its own pages, with the summaries
-        and key codes copied, so appending to one never changes the other (beam search)."""
+        """A new request holding a copy of request ``src``: its own pages, with the summaries,
+        key codes and running V sum copied, so appending to one never changes the other (beam
+        search)."""
         self._check_ids([src])
         rid, n = self.add_request(), int(self.lengths[src])
+        if self.v_sum is not None:
+            self.v_sum[rid] = self.v_sum[src]
         if n:
             self._reserve([rid], [n])
             cols = self._num_pages[src]

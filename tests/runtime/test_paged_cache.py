@@ -40,7 +40,12 @@ SPECS = [KeyCodeSpec(b, g) for b in (2, 4, 8) for g in ("token", "page")] + [
     KeyCodeSpec(4, "group", 2), KeyCodeSpec(2, "group", 4)]
 
 
-def _cache(hkv: int, d: int, ps: int, dtype=torch.float32, initial_pages: int = 4):
+def _cache(hkv: int, d: int, ps: int, dtype=torch.float32, initial_pages: int = 4,
+           per_token: bool = False):
+    """A cache keeping every summary and code format; ``per_token`` adds token summaries (a
+    projection, a channel subset) and the running V sum."""
+    toks = {"proj": lambda k: k @ torch.linspace(-1, 1, d * 2).view(d, 2),
+            "first2": lambda k: k[..., :2]} if per_token else None
     return PagedKVCache(
         hkv,
         d,
@@ -49,6 +54,8 @@ def _cache(hkv: int, d: int, ps: int, dtype=torch.float32, initial_pages: int = 
         summaries=SUMMARIES,
         key_codes=SPECS,
         initial_pages=initial_pages,
+        token_summaries=toks,
+        track_v_sum=per_token,
     )
 
 
@@ -61,6 +68,9 @@ def _snapshot(cache: PagedKVCache, ids: list[int]) -> dict[str, torch.Tensor]:
     k, v, valid = cache.gather(ids)
     out = {"k": k, "v": v, "valid": valid}
     out |= {f"s:{n}": cache.gather_paged(t, ids) for n, t in cache.summaries.items()}
+    out |= {f"t:{n}": cache.gather_tokens(t, ids)[0] for n, t in cache.token_summaries.items()}
+    if cache.v_sum is not None:
+        out["v_sum"] = cache.v_sum[ids]
     for spec, codes in cache.key_codes.items():
         out[f"{spec.name}:packed"] = cache.gather_tokens(codes.packed, ids)[0]
         if spec.granularity == "token":
@@ -321,9 +331,10 @@ def test_smoothed_codes_fit_on_first_append_and_can_be_set() -> None:
 
 
 def test_copy_request_is_independent_and_exact() -> None:
-    """A copied request holds what its source holds (every summary and code format); appending
-    to the copy and the source keeps both equal to caches built by appending those tokens."""
-    cache = _cache(2, 16, 4, initial_pages=2)
+    """A copied request holds what its source holds (every page and token summary, code format
+    and the running V sum); appending to the copy and the source keeps both equal to caches
+    built by appending those tokens."""
+    cache = _cache(2, 16, 4, initial_pages=2, per_token=True)
     src = cache.add_request()
     first = _seq(2, 13, 16)
     cache.append(first, first, src)
@@ -333,10 +344,10 @@ def test_copy_request_is_independent_and_exact() -> None:
     cache.append(a, a, src)
     cache.append(b, b, dup)
     for rid, extra in ((src, a), (dup, b)):
-        fresh = _cache(2, 16, 4)
+        fresh = _cache(2, 16, 4, per_token=True)
         r = fresh.add_request()
-        whole = torch.cat([first, extra], dim=1)
-        fresh.append(whole, whole, r)
+        fresh.append(first, first, r)  # the same chunks: V's running sum is exact
+        fresh.append(extra, extra, r)
         _assert_same(_snapshot(cache, [rid]), _snapshot(fresh, [r]))
     cache.free_request(src)
     assert cache.gather(dup)[2].sum() == 16
