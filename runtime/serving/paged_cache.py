@@ -54,56 +54,22 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ...compiler.ir import MAX_HEAD_DIM, MAX_HEADS, MAX_TOKENS, page_size_problem
-from ...compiler.keycodes import (
-    KeyCodeSpec,
-    channel_extreme,
-    codes_from_minmax,
-    fit_smoothing,
-    packed_bytes,
-    quantize_page,
-    quantize_token,
-)
+from ...compiler.keycodes import KeyCodeSpec, channel_extreme, fit_smoothing
 from ...errors import InputError
 from .checks import as_request_id, cache_pages, refuse_non_finite_kv, whole
+from .paged_side_data import KeyCodes, SideDataMixin, SummaryFn, TokenSummaryFn
 
 __all__ = ["KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
-
-SummaryFn = Callable[[Tensor, Tensor], Tensor]
-"""``(keys float32 [P, Hkv, ps, D], valid bool [P, ps]) -> [P, Hkv, C]``."""
-
-TokenSummaryFn = Callable[[Tensor], Tensor]
-"""``(keys float32 [N, Hkv, D]) -> [N, Hkv, C]``: a map of each key."""
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 """The cache (and query) dtypes, by the names ``Shape.dtype`` uses."""
 _DTYPES = tuple(DTYPES.values())
-
-
-@dataclass
-class KeyCodes:
-    """Quantized keys of one :class:`KeyCodeSpec`, indexed by physical page first: ``packed``
-    codes with ``scale``/``zero`` (+ ``smooth``) for "token", ``lo``/``hi`` otherwise."""
-
-    packed: Tensor
-    scale: Tensor | None = None
-    zero: Tensor | None = None
-    lo: Tensor | None = None
-    hi: Tensor | None = None
-    smooth: Tensor | None = None
-
-    def tensors(self) -> tuple[Tensor, ...]:
-        """What an estimate kernel reads, in its argument order: ``packed, scale, zero[,
-        smooth]`` (token) or ``packed, lo, hi`` (page, group)."""
-        side = (self.scale, self.zero, self.smooth) if self.lo is None else (self.lo, self.hi)
-        return (self.packed, *(t for t in side if t is not None))
-
 
 MINMAX = ("key.min", "key.max")
 """Summaries the cache adds for page-granularity codes when no ``minmax_summaries`` are given."""
@@ -126,10 +92,11 @@ def _grow(t: Tensor, rows: int, fill: float | int = 0) -> Tensor:
     return torch.cat([t, extra])
 
 
-class PagedKVCache:
+class PagedKVCache(SideDataMixin):
     """Paged K/V storage of one layer, with page summaries and quantized keys kept beside it.
 
-    See the module docstring for the layout and an example.
+    See the module docstring for the layout and an example; the side data's allocation and
+    refresh live in :class:`~twilight.runtime.serving.paged_side_data.SideDataMixin`.
     """
 
     def __init__(
@@ -197,52 +164,7 @@ class PagedKVCache:
         self._num_pages: list[int] = []  # pages held by each request slot
         self._live: list[bool] = []
 
-    # ---- side-data allocation -------------------------------------------------------------
-
-    def _new_summary(self, name: str, fn: SummaryFn, pages: int) -> Tensor:
-        probe = torch.zeros(1, self.num_kv_heads, self.page_size, self.head_dim, device=self.device)
-        out = fn(probe, torch.ones(1, self.page_size, dtype=torch.bool, device=self.device))
-        if out.dim() != 3 or tuple(out.shape[:2]) != (1, self.num_kv_heads):
-            raise InputError(
-                f"summary {name!r}: expected [P, num_kv_heads={self.num_kv_heads}, C] from pages "
-                f"[P, {self.num_kv_heads}, {self.page_size}, {self.head_dim}], got {tuple(out.shape)}"
-            )
-        return torch.zeros(
-            pages, self.num_kv_heads, out.shape[2], dtype=self.dtype, device=self.device
-        )
-
-    def _new_token_summary(self, name: str, fn: TokenSummaryFn, pages: int) -> Tensor:
-        probe = torch.zeros(1, self.num_kv_heads, self.head_dim, device=self.device)
-        out = fn(probe)
-        if out.dim() != 3 or tuple(out.shape[:2]) != (1, self.num_kv_heads):
-            raise ValueError(f"token summary {name!r}: expected [N, num_kv_heads="
-                             f"{self.num_kv_heads}, C] from keys [N, {self.num_kv_heads}, "
-                             f"{self.head_dim}], got {tuple(out.shape)}")
-        return torch.zeros(pages, self.num_kv_heads, self.page_size, out.shape[2],
-                           dtype=self.dtype, device=self.device)
-
-    def _new_codes(self, spec: KeyCodeSpec, pages: int) -> KeyCodes:
-        h, ps, d = self.num_kv_heads, self.page_size, self.head_dim
-        packed = torch.zeros(
-            pages, h, ps, packed_bytes(d, spec.bits), dtype=torch.uint8, device=self.device
-        )
-        if spec.granularity == "token":
-            side = dict(dtype=torch.float32, device=self.device)
-            smooth = torch.ones(h, d, **side) if spec.smooth else None
-            return KeyCodes(packed, torch.zeros(pages, h, ps, **side),
-                            torch.zeros(pages, h, ps, **side), smooth=smooth)
-        if spec.granularity == "page":  # lo/hi are linked to the min/max summaries
-            return KeyCodes(packed)
-        side = dict(dtype=self.dtype, device=self.device)
-        return KeyCodes(packed, lo=torch.zeros(pages, h, d, **side),
-                        hi=torch.zeros(pages, h, d, **side))
-
-    def _link_minmax(self) -> None:
-        """Point every page-granularity format's ``lo``/``hi`` at the min/max summaries."""
-        for spec, codes in self.key_codes.items():
-            if spec.granularity == "page":
-                lo, hi = self.minmax_summaries
-                codes.lo, codes.hi = self.summaries[lo], self.summaries[hi]
+    # ---- pages -----------------------------------------------------------------------------
 
     @property
     def capacity_pages(self) -> int:
@@ -442,88 +364,6 @@ class PagedKVCache:
         self._update_pages(torch.unique(phys))
         if any(sp.granularity == "group" for sp in self.key_code_specs):
             self._update_groups(ids, old.tolist(), n)
-
-    def _update_token_codes(self, k_tok: Tensor, phys: Tensor, slot: Tensor) -> None:
-        for spec, codes in self.key_codes.items():
-            if spec.granularity == "token":
-                x = k_tok.float() / codes.smooth if spec.smooth else k_tok
-                packed, scale, zero = quantize_token(x, spec.bits)
-                codes.packed[phys, :, slot] = packed
-                codes.scale[phys, :, slot] = scale
-                codes.zero[phys, :, slot] = zero
-
-    def _update_pages(self, pages: Tensor) -> None:
-        """Recompute summaries and page-granularity codes of ``pages`` over their valid tokens."""
-        keys = self.k_pages[pages].float()  # [P, Hkv, ps, D]
-        valid = torch.arange(self.page_size, device=self.device) < self.page_fill[pages, None]
-        for name, fn in self.summary_fns.items():
-            self.summaries[name][pages] = fn(keys, valid).to(self.dtype)
-        for spec, codes in self.key_codes.items():
-            if spec.granularity == "page":  # zero point and scale: the stored min/max summary
-                codes.packed[pages] = codes_from_minmax(
-                    keys, valid[:, None, :], codes.lo[pages], codes.hi[pages], spec.bits)
-
-    def group_pages(self, ids: Sequence[int], first: Sequence[int], last: Sequence[int],
-                    g: int) -> Tensor:
-        """Physical pages ``int64 [N, g]`` (-1 where not allocated) of every group of ``g``
-        logical pages holding token positions ``first[i]..last[i]`` of request ``ids[i]``."""
-        rows = []
-        ps = self.page_size
-        for r, a, b in zip(ids, first, last, strict=True):
-            for grp in range(a // ps // g, b // ps // g + 1):
-                rows.append((r, grp * g))
-        if not rows:
-            return torch.zeros(0, g, dtype=torch.int64, device=self.device)
-        r = torch.tensor([x[0] for x in rows], device=self.device)
-        start = torch.tensor([x[1] for x in rows], device=self.device)
-        cols = start[:, None] + torch.arange(g, device=self.device)
-        ok = cols < self.page_table.shape[1]
-        pages = self.page_table[r[:, None], cols.clamp(max=self.page_table.shape[1] - 1)]
-        return torch.where(ok, pages.to(torch.int64), -1)
-
-    def _update_groups(self, ids: list[int], old: list[int], n: int) -> None:
-        """Re-encode every group-granularity group the append touched, over its valid tokens."""
-        for spec in self.key_code_specs:
-            if spec.granularity != "group":
-                continue
-            gp = self.group_pages(ids, old, [o + n - 1 for o in old], spec.group_pages)
-            self.encode_groups(spec, gp)
-
-    def encode_groups(self, spec: KeyCodeSpec, gp: Tensor) -> None:
-        """Min/max (at each group's first page) and codes of the groups ``gp int64 [N, G]``."""
-        codes, ps = self.key_codes[spec], self.page_size
-        n, g = gp.shape
-        if n == 0:
-            return
-        pg = gp.clamp(min=0)
-        keys = self.k_pages[pg].float()  # [N, G, Hkv, ps, D]
-        keys = keys.transpose(1, 2).reshape(n, self.num_kv_heads, g * ps, self.head_dim)
-        fill = torch.where(gp >= 0, self.page_fill[pg], 0)  # [N, G]
-        valid = (torch.arange(ps, device=self.device) < fill[..., None]).reshape(n, g * ps)
-        packed, lo, hi = quantize_page(keys, valid[:, None, :], spec.bits)
-        codes.lo[gp[:, 0]] = lo.to(self.dtype)
-        codes.hi[gp[:, 0]] = hi.to(self.dtype)
-        packed = packed.reshape(n, self.num_kv_heads, g, ps, -1).transpose(1, 2)
-        live = gp >= 0
-        codes.packed[gp[live]] = packed[live]
-
-    def set_smoothing(self, spec: KeyCodeSpec, factors: Tensor) -> None:
-        """Use ``factors float32 [Hkv, D]`` (positive) for the smoothed format ``spec`` instead
-        of fitting them on the first append; tokens already stored are re-encoded."""
-        if spec not in self.smoothing_fitted:
-            raise InputError(f"set_smoothing: the cache keeps no smoothed format {spec.name}")
-        want = (self.num_kv_heads, self.head_dim)
-        if not isinstance(factors, Tensor) or tuple(factors.shape) != want \
-                or not bool(((factors > 0) & torch.isfinite(factors)).all()):
-            raise InputError(f"factors: expected positive finite values of shape {list(want)}, "
-                             f"got {tuple(getattr(factors, 'shape', ()))}")
-        codes = self.key_codes[spec]
-        codes.smooth.copy_(factors.to(codes.smooth))
-        self.smoothing_fitted[spec] = True
-        used = torch.nonzero(self.page_fill > 0).flatten()
-        if used.numel():
-            k = self.k_pages[used].float() / codes.smooth[:, None, :]  # [P, Hkv, ps, D]
-            codes.packed[used], codes.scale[used], codes.zero[used] = quantize_token(k, spec.bits)
 
     # ---- read ------------------------------------------------------------------------------
 
