@@ -314,10 +314,10 @@ class DecodePipeline:
         ``return_lists`` also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's).
         A query holding NaN or inf raises ``NonFiniteInputError`` (``TWILIGHT_CHECK_FINITE=0``
         skips that check; see ``twilight.runtime.serving.checks``)."""
+        x = self._inputs(q, cache, req)  # shape, dtype and device checks first
         if knobs.check_finite():
             check_query_finite(q, cache, req)
-        return run_stages(self.compiled, self._inputs(q, cache, req), len(self.ir.prune),
-                          return_lists)
+        return run_stages(self.compiled, x, len(self.ir.prune), return_lists)
 
     __call__ = run
 
