@@ -9,7 +9,9 @@ does) prefills a prompt of ``--prompt`` tokens of ``pydoc_data.topics`` densely,
 * **perplexity**: both models are teacher-forced on the ``--heldout`` tokens of real text that
   follow the prompt; perplexity over the predictions made by decode steps (the prediction made
   by the dense prefill is the same in both and left out);
-* **tokens/s**: decode steps per second of the greedy run (batch 1, after the prefill).
+* **tokens/s**: decode steps per second of the greedy run (batch 1, after the prefill). The
+  dense model decodes with the one dense baseline (``measure.fastest_sdpa``: the faster torch
+  SDPA layout for its heads, in the model's dtype, which its cache holds).
 
 The first ``--dense-layers`` layers stay dense in the twilight model (published setups: 2).
 
@@ -117,6 +119,37 @@ def measure(model, prompt, held, new_cache, feed=None, gen=0) -> dict:
     return {"prefill_s": prefill_s, "fed": fed, "preds": preds, "step_s": times, "nll": nll}
 
 
+def fastest_dense_attention(model, context: int, name: str = "dense_fastest") -> str:
+    """Register the one dense baseline as ``name`` and return what it is: decode steps run
+    the fastest torch SDPA layout (``measure.fastest_sdpa`` on this model's heads at
+    ``context`` tokens, in the model's dtype — its cache holds K/V in that dtype, so another
+    dtype would cost a conversion every step), prefill transformers' own SDPA."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    from twilight.runtime.evaluation.measure import fastest_sdpa
+    cfg = model.config
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    dt = next(model.parameters()).dtype
+    base = fastest_sdpa(torch.randn(1, hq, d, dtype=dt), torch.randn(1, hkv, context, d, dtype=dt),
+                        torch.randn(1, hkv, context, d, dtype=dt), dtypes=(dt,))
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        if query.shape[2] != 1 or not base.folded:
+            return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                          scaling=scaling, dropout=dropout, **kw)
+        b, h, _, dd = query.shape
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.view(b, hkv, h // hkv, dd), key, value, attn_mask=attention_mask,
+            scale=scaling)
+        return out.reshape(b, h, 1, dd).transpose(1, 2), None
+    AttentionInterface.register(name, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    return str(base)
+
+
 @torch.inference_mode()
 def run(args: argparse.Namespace) -> dict:
     """Both models on the same prompt; the figures as a dict (see the module docstring)."""
@@ -134,7 +167,8 @@ def run(args: argparse.Namespace) -> dict:
     ids = cap.tokenize(tok, text, args.text_offset, args.prompt + args.heldout)
     prompt, held = ids[:, :args.prompt], ids[0, args.prompt:].tolist()
 
-    model.set_attn_implementation("sdpa")
+    dense_what = fastest_dense_attention(model, args.prompt + args.gen)
+    model.set_attn_implementation("dense_fastest")
     dense = measure(model, prompt, held, DynamicCache, gen=args.gen)
     cont = dense["fed"] + [dense["preds"][-1]]  # t0 .. t_gen: the dense greedy continuation
 
@@ -156,6 +190,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompt_tokens": args.prompt, "decode_steps": args.gen, "heldout_tokens": len(held),
         "pipeline": f"{args.pipeline}(budget={args.budget}, p={args.p})",
         "dense_layers": args.dense_layers, "sparse_layers": att.num_layers - att.dense_layers,
+        "dense_attention": dense_what,
         "schedule_source": att.decode.schedule_source, "kernels": att.decode.origin,
         "agreement": agree / args.gen, "agree_steps": agree,
         "ppl_dense": ppl["dense"], "ppl_twilight": ppl["twilight"],
@@ -177,6 +212,7 @@ def main(argv=None) -> None:
           f"{r['agree_steps']}/{r['decode_steps']} = {r['agreement']:.3f}")
     print(f"  held-out perplexity ({r['heldout_tokens'] - 1} decode predictions): dense "
           f"{r['ppl_dense']:.3f}, twilight {r['ppl_twilight']:.3f}")
+    print(f"  dense decode attention: {r['dense_attention']} (the fastest in the model's dtype)")
     print(f"  decode tokens/s: dense {r['tokens_per_s_dense']:.2f}, twilight "
           f"{r['tokens_per_s_twilight']:.2f} → {r['tokens_per_s_twilight'] / r['tokens_per_s_dense']:.2f}x"
           f"  (prefill {r['prefill_s_dense']:.1f} s / {r['prefill_s_twilight']:.1f} s)")
