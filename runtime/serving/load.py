@@ -67,10 +67,12 @@ from ..store.estimator_choice import calibrated
 from ..store.kernel_cache import CorruptEntryWarning, KernelCache, cache_key, default_cache
 from ..store.tuning_log import ShapeBucket
 from .checks import allocating, batch_ids, check_cache, check_query_finite, whole
+from .dense import KernelDense, dense_ir, parse_kind, sdpa_dense, supports
 from .paged_cache import DTYPES, PagedKVCache
 from .pipeline_cache import make_cache
 
-__all__ = ["DecodePipeline", "DefaultScheduleWarning", "kernel_key", "load", "pick_schedule"]
+__all__ = ["DecodePipeline", "DefaultScheduleWarning", "dense_fallback", "kernel_key", "load",
+           "pick_schedule"]
 
 log = logging.getLogger("twilight.load")
 
@@ -86,6 +88,12 @@ def pick_schedule(p: ir.PipelineIR, device: DeviceProfile, shape: ir.Shape, buck
                   backend: str) -> tuple[dict, str]:
     """``(schedule, where it came from)``: the nearest bucket of a tuning log (user logs first,
     then shipped ones), else ``{}`` — the backend's defaults — with a one-time warning."""
+    schedule, source, _ = _pick(p, device, shape, bucket, backend)
+    return schedule, source
+
+
+def _pick(p, device, shape, bucket, backend) -> tuple[dict, str, dict | None]:
+    """:func:`pick_schedule` and the tuning-log bucket record it came from (None: default)."""
     found = tuning_log.find_schedule(p, device.name, shape, bucket, backend)
     if found is not None:
         rec, _ = found
@@ -95,8 +103,8 @@ def pick_schedule(p: ir.PipelineIR, device: DeviceProfile, shape: ir.Shape, buck
         except ValueError as e:  # hand-edited, or from an older space: not worth a crash
             warnings.warn(f"twilight.load: {where}: {e}; using the default schedule",
                           tuning_log.TuningLogWarning, stacklevel=3)
-            return {}, "default"
-        return dict(rec["schedule"]), where
+            return {}, "default", None
+        return dict(rec["schedule"]), where, rec
     told = (p.key(), device.name, shape, backend)
     if told not in _TOLD:
         _TOLD.add(told)
@@ -104,7 +112,7 @@ def pick_schedule(p: ir.PipelineIR, device: DeviceProfile, shape: ir.Shape, buck
                f"({backend}, {shape}); using the default schedule. 'twilightc tune' writes one.")
         log.info(msg)
         warnings.warn(msg, DefaultScheduleWarning, stacklevel=3)
-    return {}, "default"
+    return {}, "default", None
 
 
 def kernel_key(p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target,
@@ -211,27 +219,53 @@ class DecodePipeline:
     Attributes: ``ir``, ``shape``, ``backend``, ``target``, ``schedule`` (complete),
     ``schedule_source`` (a tuning log's bucket, or ``"default"``), ``key`` (the kernel-cache
     key, None where the backend is not disk-cached yet) and ``origin`` (``"memory"``,
-    ``"disk"``, ``"built"`` or ``"lowered"``). Create with :func:`load`."""
+    ``"disk"``, ``"built"`` or ``"lowered"``). Create with :func:`load`.
+
+    ``dense_below`` (tokens; 0 = never): a step whose longest request is shorter runs
+    ``dense`` (:mod:`.dense`: the backend's dense kernels or torch SDPA, whichever the tuner
+    measured faster) instead of the sparse stages, because there dense attention is faster.
+    The tuner measures it per device, pipeline, head layout and shape bucket (and per layer on
+    a snapshot: ``dense_below_layers``, model layer → tokens) and ``load`` reads it from the
+    tuning log; ``load(..., layer=i)`` takes layer ``i``'s figure where one was measured."""
 
     def __init__(self, p: ir.PipelineIR, shape: ir.Shape, backend: str, target: Target,
-                 schedule: dict, schedule_source: str, compiled: StageKernels, origin: str, key):
+                 schedule: dict, schedule_source: str, compiled: StageKernels, origin: str, key,
+                 *, dense_below: int = 0, dense=None,
+                 dense_below_layers: dict[int, int] | None = None):
         self.ir, self.shape, self.backend, self.target = p, shape, backend, target
         self.schedule, self.schedule_source = schedule, schedule_source
         self.compiled, self.origin, self.key = compiled, origin, key
         self.dtype = DTYPES[shape.dtype]
+        if dense_below < 0 or (dense_below and dense is None):
+            raise InputError(f"dense_below={dense_below}: expected 0, or a positive token count "
+                             "with a dense implementation to run below it")
+        self.dense_below, self.dense = int(dense_below), dense
+        self.dense_below_layers = dict(dense_below_layers or {})
         self._plan: _Plan | None = None
         self._fits: weakref.ref | None = None  # the last cache check_cache passed
 
     def __repr__(self) -> str:
+        dense = f", dense below {self.dense_below} tokens ({self.dense!r})" \
+            if self.dense_below else ""
         return (f"DecodePipeline({self.ir.name!r}, {self.shape}, backend={self.backend!r}, "
-                f"target='{self.target}', schedule from {self.schedule_source}, {self.origin})")
+                f"target='{self.target}', schedule from {self.schedule_source}, "
+                f"{self.origin}{dense})")
 
-    def make_cache(self, *, initial_pages: int = 64, device: str | torch.device = "cpu") \
-            -> PagedKVCache:
+    def make_cache(self, *, initial_pages: int = 64, device: str | torch.device = "cpu",
+                   generated_append: bool | None = None) -> PagedKVCache:
         """An empty paged cache that keeps what this pipeline reads (its page summaries and
-        quantized keys), in the pipeline's dtype and KV layout."""
+        quantized keys), in the pipeline's dtype and KV layout. ``generated_append``: keep them
+        with this pipeline's generated append kernels (``refresh_*``, bit-exact with torch)
+        instead of torch; default: wherever those kernels run on ``device``."""
+        dev = torch.device(device)
+        runs_here = (self.target.kind == "cuda") == (dev.type == "cuda")
+        if generated_append and not runs_here:
+            raise InputError(f"make_cache: the {self.backend} kernels ({self.target}) cannot "
+                             f"append to a cache on {dev}")
+        use = runs_here if generated_append is None else generated_append
         return make_cache(self.ir, self.shape.kv_heads, self.shape.head_dim, dtype=self.dtype,
-                          device=device, initial_pages=initial_pages)
+                          device=dev, initial_pages=initial_pages,
+                          appender=self.compiled if use else None)
 
     def plan(self, batch: int, max_context: int, device: str | torch.device = "cpu") \
             -> DecodePipeline:
@@ -264,7 +298,9 @@ class DecodePipeline:
         check_cache(self.ir, cache, self.shape)
         self._fits = weakref.ref(cache)
 
-    def _inputs(self, q: torch.Tensor, cache: PagedKVCache, req) -> StageInputs:
+    def _inputs(self, q: torch.Tensor, cache: PagedKVCache, req) -> tuple[StageInputs, int]:
+        """The planned stage inputs and the longest request's length, which the cache's own
+        bookkeeping knows on the host: no device read (a CUDA graph can capture a step)."""
         ids = batch_ids(cache, req)
         self._fit_cache(cache)
         if not isinstance(q, torch.Tensor) or q.dim() != 3 \
@@ -281,19 +317,19 @@ class DecodePipeline:
         if pl.ids != ids:
             pl.rows.copy_(torch.tensor(ids, dtype=torch.int64))
             pl.ids, pl.table_width = list(ids), -1
-        torch.index_select(cache.lengths, 0, pl.rows, out=pl.lengths64)
-        longest = int(pl.lengths64.max())
+        longest = cache.longest(ids)
         if longest > pl.context:  # grow by doubling: a growing context re-plans rarely
             pl = self.plan(pl.batch, max(longest, 2 * pl.context), q.device)._plan
             return self._inputs(q, cache, req)
+        torch.index_select(cache.lengths, 0, pl.rows, out=pl.lengths64)
         pl.lengths.copy_(pl.lengths64)
         self._copy_table(pl, cache)
         pl.q.copy_(q)
-        return StageInputs(pl.q, pl.page_table, pl.lengths, cache, ids)
+        return StageInputs(pl.q, pl.page_table, pl.lengths, cache, ids), longest
 
     def stage_inputs(self, q: torch.Tensor, cache: PagedKVCache, req=None) -> StageInputs:
         """The planned, aligned stage inputs ``run`` would use (to time one stage alone)."""
-        return self._inputs(q, cache, req)
+        return self._inputs(q, cache, req)[0]
 
     @staticmethod
     def _copy_table(pl: _Plan, cache: PagedKVCache) -> None:
@@ -311,15 +347,22 @@ class DecodePipeline:
         """Attention output ``[B, Hq, D]`` for queries ``q [B, Hq, D]`` of requests ``req``
         (default: every live request, by id) over ``cache``. Every stage is one kernel call
         over all requests and heads; only the output is allocated once planned. With
-        ``return_lists`` also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's).
+        ``return_lists`` also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's; every
+        token when the step ran dense: see ``dense_below``).
         A query holding NaN or inf raises ``NonFiniteInputError`` (``TWILIGHT_CHECK_FINITE=0``
-        skips that check; see ``twilight.runtime.serving.checks``)."""
+        skips that check, the one host read of a step; see ``twilight.runtime.serving.checks``)."""
         if knobs.check_finite():
             check_query_finite(q, cache, req)
-        return run_stages(self.compiled, self._inputs(q, cache, req), len(self.ir.prune),
-                          return_lists)
+        x, longest = self._inputs(q, cache, req)
+        if longest < self.dense_below:
+            return self.dense(x, longest, return_lists)
+        return run_stages(self.compiled, x, len(self.ir.prune), return_lists)
 
     __call__ = run
+
+    def runs_dense(self, context: int) -> bool:
+        """Whether a step whose longest request holds ``context`` tokens runs dense."""
+        return context < self.dense_below
 
 
 def _bucket(batch: int, context: int) -> ShapeBucket:
@@ -332,7 +375,8 @@ def _bucket(batch: int, context: int) -> ShapeBucket:
 def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend: str = "auto",
          *, batch: int = 1, context: int = 4096, schedule: dict | None = None,
          target: str | Target | None = None, cache: KernelCache | None = None,
-         model: str | None = None) -> DecodePipeline:
+         model: str | None = None, layer: int | None = None, dense_below: int | None = None,
+         dense: str | None = None) -> DecodePipeline:
     """A tuned, compiled ``pipeline`` (a ``tw.Pipeline`` or its IR) for ``shape`` on ``device``.
 
     * ``device``: ``"auto"`` (the GPU present, else the CPU) or a profile name (``"cpu"``,
@@ -342,6 +386,10 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
       ``schedule`` overrides the logs; ``target`` overrides the device's target;
       ``cache``: a ``KernelCache`` (default: the one of ``TWILIGHT_CACHE_DIR``);
       ``model``: apply the key estimator ``twilightc calibrate`` chose for this model.
+    * ``dense_below`` (tokens, 0 = never) and ``dense`` (``"kernels"``, ``"sdpa:float32"``, …):
+      where the pipeline runs dense attention, and how (:class:`DecodePipeline`); default: what
+      the tuning log measured for the picked bucket — for model layer ``layer`` where it
+      measured one — and 0 where it measured nothing (a given ``schedule``, no log).
 
     Example::
 
@@ -369,12 +417,44 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
     verify(p, shape, stage="load")
     dev = resolve_device(device)
     b, tgt = _backend_and_target(backend, dev, target)
+    bucket, rec = _bucket(batch, context), None
     if schedule is None:
-        schedule, source = pick_schedule(p, dev, shape, _bucket(batch, context), b.name)
+        schedule, source, rec = _pick(p, dev, shape, bucket, b.name)
     else:
         source = "given"
     full = b.complete(schedule)
-    compiled, origin, key = _compiled(p, shape, full, tgt, b, cache or default_cache())
+    kcache = cache or default_cache()
+    compiled, origin, key = _compiled(p, shape, full, tgt, b, kcache)
     log.debug("loaded %s (%s, %s): %s", p.name, b.name, tgt, origin)
-    return DecodePipeline(p, shape, b.name, tgt, full, source, compiled, origin, key)
+    layers = {int(k): int(v) for k, v in ((rec or {}).get("dense_below_layers") or {}).items()}
+    below = dense_below if dense_below is not None else \
+        layers.get(layer, int((rec or {}).get("dense_below") or 0))
+    kind = dense or (rec or {}).get("dense_impl") or "kernels"
+    fallback = dense_fallback(p, shape, b, tgt, kind, device=dev, bucket=bucket,
+                              cache=kcache) if below else None
+    return DecodePipeline(p, shape, b.name, tgt, full, source, compiled, origin, key,
+                          dense_below=below, dense=fallback, dense_below_layers=layers)
+
+
+def dense_fallback(p: ir.PipelineIR, shape: ir.Shape, backend: Backend | str, target: Target,
+                   kind: str, *, device: DeviceProfile | None = None,
+                   bucket: ShapeBucket | None = None, cache: KernelCache | None = None,
+                   schedule: dict | None = None):
+    """The dense attention ``p`` falls back to (:mod:`.dense`): ``"sdpa:<dtype>"``, or
+    ``"kernels"`` — the backend's dense pipeline with ``p``'s attention, its schedule from the
+    tuning logs (or ``schedule``; the backend's default where none), its kernels through the
+    kernel cache (so ``TWILIGHT_DISABLE_COMPILE=1`` holds for it too). SDPA cannot softcap:
+    such a pipeline falls back to the kernels."""
+    name, _ = parse_kind(kind)
+    if name == "sdpa" and supports(p, kind):
+        return sdpa_dense(p, kind)
+    b = get_backend(backend) if isinstance(backend, str) else backend
+    d = dense_ir(p)
+    if schedule is None:
+        found = tuning_log.find_schedule(d, device.name, shape, bucket, b.name) \
+            if device is not None and bucket is not None else None
+        schedule = dict(found[0]["schedule"]) if found else {}
+    compiled, _, _ = _compiled(d, shape, b.complete(schedule), target, b,
+                               cache or default_cache())
+    return KernelDense(compiled)
 

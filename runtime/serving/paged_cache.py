@@ -28,7 +28,10 @@ Layout (``cap`` = capacity in pages, ``ps`` = page size):
     side data than a page, but allocates as much.
 
 Appending to a page re-encodes that page's per-channel codes (its min/max may have moved), and
-appending to a group re-encodes the whole group (``G · ps`` tokens).
+appending to a group re-encodes the whole group (``G · ps`` tokens). With an ``appender`` (a
+backend's generated append kernels, :class:`Appender`) that work runs in those kernels instead
+of torch: ``DecodePipeline.make_cache`` passes its own kernels where they run on the cache's
+device.
 
 Request ids are page-table rows; a freed id is reused by the next :meth:`PagedKVCache.add_request`.
 Keys or values holding NaN or inf are refused by :meth:`PagedKVCache.append`
@@ -53,9 +56,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -73,13 +78,27 @@ from ...compiler.keycodes import (
 from ...errors import InputError
 from .checks import as_request_id, cache_pages, refuse_non_finite_kv, whole
 
-__all__ = ["KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
+__all__ = ["Appender", "KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
 
 SummaryFn = Callable[[Tensor, Tensor], Tensor]
 """``(keys float32 [P, Hkv, ps, D], valid bool [P, ps]) -> [P, Hkv, C]``."""
 
 TokenSummaryFn = Callable[[Tensor], Tensor]
 """``(keys float32 [N, Hkv, D]) -> [N, Hkv, C]``: a map of each key."""
+
+
+class Appender(Protocol):
+    """Generated kernels that keep a cache's side data on append, in place of the torch code
+    here (a backend's ``StageKernels`` is one: ``compiler.backend``). They must write exactly
+    what the torch code writes, and cover every summary and key-code format of the cache (a
+    cache from ``make_cache`` for the same pipeline)."""
+
+    def refresh_pages(self, cache, pages: Tensor) -> None: ...
+
+    def refresh_tokens(self, cache, phys: Tensor, slot: Tensor) -> None: ...
+
+    def refresh_groups(self, cache, gp: Tensor) -> None: ...
+
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 """The cache (and query) dtypes, by the names ``Shape.dtype`` uses."""
@@ -147,6 +166,7 @@ class PagedKVCache:
         token_summaries: Mapping[str, TokenSummaryFn] | None = None,
         track_v_sum: bool = False,
         summary_keys: Mapping[str, str] | None = None,
+        appender: Appender | None = None,
     ) -> None:
         problem = page_size_problem(page_size)
         if problem:
@@ -174,6 +194,7 @@ class PagedKVCache:
         self.summary_keys: dict[str, str] = dict(summary_keys or {})
         """IR key of the expression behind each summary (``make_cache`` records them), so a
         pipeline can tell a same-named summary of another pipeline from its own."""
+        self.appender = appender
         self.smoothing_fitted: dict[KeyCodeSpec, bool] = {
             sp: False for sp in self.key_code_specs if sp.smooth}
         with cache_pages(initial_pages, num_kv_heads, page_size, head_dim, dtype):
@@ -195,7 +216,17 @@ class PagedKVCache:
                                  device=self.device) if track_v_sum else None
         self._free_pages: list[int] = list(range(initial_pages - 1, -1, -1))
         self._num_pages: list[int] = []  # pages held by each request slot
+        self._host_lengths: list[int] = []  # ``lengths`` mirrored on the host: no device reads
         self._live: list[bool] = []
+
+    def __deepcopy__(self, memo: dict) -> PagedKVCache:
+        """A copy of every tensor and list (aliases kept: a page format's ``lo``/``hi`` stay
+        its min/max summaries); the ``appender`` — compiled kernels, no state — is shared."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, value if name == "appender" else copy.deepcopy(value, memo))
+        return new
 
     # ---- side-data allocation -------------------------------------------------------------
 
@@ -287,6 +318,7 @@ class PagedKVCache:
                 return rid
         self._live.append(True)
         self._num_pages.append(0)
+        self._host_lengths.append(0)
         self.page_table = _grow(self.page_table, len(self._live), -1)
         self.lengths = _grow(self.lengths, len(self._live))
         if self.v_sum is not None:
@@ -306,6 +338,7 @@ class PagedKVCache:
         self.lengths[rid] = 0
         if self.v_sum is not None:
             self.v_sum[rid] = 0
+        self._host_lengths[rid] = 0
         self._num_pages[rid] = 0
         self._live[rid] = False
 
@@ -314,6 +347,11 @@ class PagedKVCache:
             if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(self._live) \
                     or not self._live[r]:
                 raise InputError(f"unknown request id {r!r}; live ids are {self.request_ids}")
+
+    def longest(self, ids: Sequence[int]) -> int:
+        """The longest length among requests ``ids``, from host bookkeeping (never a device
+        read, so a decode step can be captured in a CUDA graph)."""
+        return max((self._host_lengths[r] for r in ids), default=0)
 
     def resolve_ids(self, req: int | Sequence[int] | None) -> list[int]:
         """Request ids as a list of ints: ``None`` means every live request, in id order; an
@@ -390,11 +428,12 @@ class PagedKVCache:
             return
         idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
         old = self.lengths[idx]
-        if int(old.max()) + n > MAX_TOKENS:
+        old_host = [self._host_lengths[r] for r in ids]
+        if max(old_host) + n > MAX_TOKENS:
             raise InputError(f"append: a request would exceed {MAX_TOKENS} tokens (int32 "
                              "positions)")
         refuse_non_finite_kv(kb, vb, ids, old)
-        self._reserve(ids, (old + n).tolist())
+        self._reserve(ids, [o + n for o in old_host])
         pos = old[:, None] + torch.arange(n, device=self.device)  # [B, n]
         phys = self.page_table[idx].to(torch.int64).gather(1, pos // self.page_size).flatten()
         slot = (pos % self.page_size).flatten()
@@ -403,18 +442,34 @@ class PagedKVCache:
         self.v_pages[phys, :, slot] = vb.transpose(1, 2).reshape_as(k_tok)
         self.page_fill.index_add_(0, phys, torch.ones_like(phys))
         self.lengths[idx] = old + n
+        for r in ids:
+            self._host_lengths[r] += n
         for spec, fitted in self.smoothing_fitted.items():
             if not fitted:  # the first append sets the factors (a prefill, in practice)
                 self.key_codes[spec].smooth.copy_(fit_smoothing(k_tok.transpose(0, 1), spec.smooth))
                 self.smoothing_fitted[spec] = True
         if self.v_sum is not None:
             self.v_sum[idx] += vb.float().sum(2)
+        if self.appender is not None:  # the backend's generated append kernels
+            self._refresh_generated(ids, old_host, n, phys, slot)
+            return
         for name, fn in self.token_summary_fns.items():
             self.token_summaries[name][phys, :, slot] = fn(k_tok.float()).to(self.dtype)
         self._update_token_codes(k_tok, phys, slot)
         self._update_pages(torch.unique(phys))
         if any(sp.granularity == "group" for sp in self.key_code_specs):
-            self._update_groups(ids, old.tolist(), n)
+            self._update_groups(ids, old_host, n)
+
+    def _refresh_generated(self, ids: list[int], old: list[int], n: int, phys: Tensor,
+                           slot: Tensor) -> None:
+        """What the torch ``_update_*`` methods below do, through ``self.appender``."""
+        app = self.appender
+        if self.token_summaries or any(sp.granularity == "token" for sp in self.key_code_specs):
+            app.refresh_tokens(self, phys, slot)
+        app.refresh_pages(self, torch.unique(phys))
+        for g in sorted({sp.group_pages for sp in self.key_code_specs
+                         if sp.granularity == "group"}):
+            app.refresh_groups(self, self.group_pages(ids, old, [o + n - 1 for o in old], g))
 
     def _update_token_codes(self, k_tok: Tensor, phys: Tensor, slot: Tensor) -> None:
         for spec, codes in self.key_codes.items():
