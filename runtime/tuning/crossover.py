@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from ..evaluation.measure import Problem, interleaved_ms
 from ..serving.load import DecodePipeline, dense_fallback, load
+from ..store.tuning_log import ShapeBucket
 from .tuner import TuneConfig
 
 __all__ = ["Crossover", "crossover_point", "ladder", "measure_crossover"]
@@ -99,9 +100,10 @@ def measure_crossover(cfg: TuneConfig, schedule: dict, contexts: list[int],
                       problems_at: Callable[[int], list[Problem]], baseline_dtype: str,
                       repeats: int = 10,
                       on_point: Callable[[int], None] | None = None,
-                      dense_schedule: dict | None = None) -> Crossover:
+                      dense_schedule: dict | None = None,
+                      bucket: ShapeBucket | None = None) -> Crossover:
     """Time ``schedule``'s pipeline (served path) against each dense fallback (the backend's
-    dense kernels with ``dense_schedule``, default its logged one; torch SDPA in
+    dense kernels with ``dense_schedule``, default its logged one for ``bucket``; torch SDPA in
     ``baseline_dtype`` over the gathered pages) at every context of ``contexts`` on
     ``problems_at(c)`` (summed over them; per layer as well)."""
     sparse = load(cfg.pipeline, cfg.device.name, cfg.shape, cfg.backend, schedule=schedule,
@@ -109,7 +111,8 @@ def measure_crossover(cfg: TuneConfig, schedule: dict, contexts: list[int],
     kinds = ["kernels"] + ([f"sdpa:{baseline_dtype}"] if cfg.pipeline.attend.softcap is None
                            else [])
     fallbacks = {k: dense_fallback(cfg.pipeline, cfg.shape, cfg.backend, cfg.target, k,
-                                   device=cfg.device, schedule=dense_schedule) for k in kinds}
+                                   device=cfg.device, bucket=bucket, schedule=dense_schedule)
+                 for k in kinds}
     dense = {k: DecodePipeline(cfg.pipeline, cfg.shape, cfg.backend, cfg.target,
                                sparse.schedule, "crossover", sparse.compiled, "lowered", None,
                                dense_below=1 << 62, dense=f) for k, f in fallbacks.items()}

@@ -98,7 +98,8 @@ def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, workers: int = 1,
                  f"{cfg.backend} on {cfg.device.name}: {len(cfg.buckets)} shape buckets × "
                  f"{cfg.trials} trials, space of {space.size():,} schedules, storage "
                  f"{redact(cfg.storage)}"
-                 + (f"; then its dense fallback × {cfg.dense_trials} trials" if dense_cfg else ""))
+                 + (f"; then its dense fallback × {cfg.dense_trials} trials"
+                    if dense_cfg and cfg.dense_trials else ""))
     records, dense_records, failures, start = [], [], {}, time.monotonic()
     for i, bucket in enumerate(cfg.buckets):
         left = None if cfg.timeout is None else max(
@@ -110,13 +111,16 @@ def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, workers: int = 1,
         if rec["schedule"] is None:
             failures[bucket.name] = why_none_passed(study, cfg)
         elif dense_cfg is not None:
-            dspace = backend.space(dense_cfg.pipeline, cfg.shape, cfg.target)
-            dstudy = _study(dense_cfg, bucket, dspace, storage, None, workers, problems,
-                            on_progress, "dense fallback")
-            drec = _record(dense_cfg, bucket, dstudy, dspace, problems, bases)
-            if drec["schedule"] is not None:
-                dense_records.append(drec)
-            rec |= _crossover(cfg, bucket, rec["schedule"], drec["schedule"], problems,
+            dense_schedule = None  # without trials: its logged schedule, else the default
+            if cfg.dense_trials:
+                dspace = backend.space(dense_cfg.pipeline, cfg.shape, cfg.target)
+                dstudy = _study(dense_cfg, bucket, dspace, storage, None, workers, problems,
+                                on_progress, "dense fallback")
+                drec = _record(dense_cfg, bucket, dstudy, dspace, problems, bases)
+                if drec["schedule"] is not None:
+                    dense_records.append(drec)
+                dense_schedule = drec["schedule"]
+            rec |= _crossover(cfg, bucket, rec["schedule"], dense_schedule, problems,
                               bases[0].dtype, on_progress)
         records.append(rec | ({} if "dense_below" in rec else {"dense_below": 0}))
     passed = [r for r in records if r["schedule"] is not None]
@@ -128,10 +132,9 @@ def run_tune(cfg: TuneConfig, log_root: Path, meta: dict, workers: int = 1,
 
 def _dense_config(cfg: TuneConfig, log_root: Path) -> TuneConfig | None:
     """The tune of ``cfg``'s dense fallback (the dense pipeline with its attention), or None
-    when there is none to tune (``dense_trials`` 0, or ``cfg`` tunes a dense pipeline)."""
+    when ``cfg`` tunes a dense pipeline itself (nothing to fall back to)."""
     p = cfg.pipeline
-    if not cfg.dense_trials or (p.select is None and not p.prune
-                                and not p.keep.sink + p.keep.window):
+    if p.select is None and not p.prune and not p.keep.sink + p.keep.window:
         return None
     dcfg = dataclasses.replace(cfg, pipeline=dense_ir(p), trials=cfg.dense_trials,
                                warm_start=[], dense_trials=0)
@@ -240,5 +243,6 @@ def _crossover(cfg: TuneConfig, bucket, schedule: dict, dense_schedule: dict | N
             on_progress(TuneProgress(bucket.name, contexts.index(c) + 1, len(contexts), None,
                                      "crossover"))
     cross = measure_crossover(cfg, schedule, contexts, problems_at, baseline_dtype,
-                              cfg.repeats, on_point, dense_schedule=dense_schedule)
+                              cfg.repeats, on_point, dense_schedule=dense_schedule,
+                              bucket=bucket)
     return cross.record()
