@@ -60,7 +60,6 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -69,13 +68,12 @@ from ...compiler.ir import MAX_HEAD_DIM, MAX_HEADS, MAX_TOKENS, page_size_proble
 from ...compiler.keycodes import (
     KeyCodeSpec,
     channel_extreme,
-    codes_from_minmax,
     fit_smoothing,
     packed_bytes,
-    quantize_page,
-    quantize_token,
 )
 from ...errors import InputError
+from .cache_read import CacheReads
+from .cache_side import Appender, SideData
 from .checks import as_request_id, cache_pages, refuse_non_finite_kv, whole
 
 __all__ = ["Appender", "KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
@@ -85,19 +83,6 @@ SummaryFn = Callable[[Tensor, Tensor], Tensor]
 
 TokenSummaryFn = Callable[[Tensor], Tensor]
 """``(keys float32 [N, Hkv, D]) -> [N, Hkv, C]``: a map of each key."""
-
-
-class Appender(Protocol):
-    """Generated kernels that keep a cache's side data on append, in place of the torch code
-    here (a backend's ``StageKernels`` is one: ``compiler.backend``). They must write exactly
-    what the torch code writes, and cover every summary and key-code format of the cache (a
-    cache from ``make_cache`` for the same pipeline)."""
-
-    def refresh_pages(self, cache, pages: Tensor) -> None: ...
-
-    def refresh_tokens(self, cache, phys: Tensor, slot: Tensor) -> None: ...
-
-    def refresh_groups(self, cache, gp: Tensor) -> None: ...
 
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -145,7 +130,7 @@ def _grow(t: Tensor, rows: int, fill: float | int = 0) -> Tensor:
     return torch.cat([t, extra])
 
 
-class PagedKVCache:
+class PagedKVCache(SideData, CacheReads):
     """Paged K/V storage of one layer, with page summaries and quantized keys kept beside it.
 
     See the module docstring for the layout and an example.
@@ -450,172 +435,4 @@ class PagedKVCache:
                 self.smoothing_fitted[spec] = True
         if self.v_sum is not None:
             self.v_sum[idx] += vb.float().sum(2)
-        if self.appender is not None:  # the backend's generated append kernels
-            self._refresh_generated(ids, old_host, n, phys, slot)
-            return
-        for name, fn in self.token_summary_fns.items():
-            self.token_summaries[name][phys, :, slot] = fn(k_tok.float()).to(self.dtype)
-        self._update_token_codes(k_tok, phys, slot)
-        self._update_pages(torch.unique(phys))
-        if any(sp.granularity == "group" for sp in self.key_code_specs):
-            self._update_groups(ids, old_host, n)
-
-    def _refresh_generated(self, ids: list[int], old: list[int], n: int, phys: Tensor,
-                           slot: Tensor) -> None:
-        """What the torch ``_update_*`` methods below do, through ``self.appender``."""
-        app = self.appender
-        if self.token_summaries or any(sp.granularity == "token" for sp in self.key_code_specs):
-            app.refresh_tokens(self, phys, slot)
-        app.refresh_pages(self, torch.unique(phys))
-        for g in sorted({sp.group_pages for sp in self.key_code_specs
-                         if sp.granularity == "group"}):
-            app.refresh_groups(self, self.group_pages(ids, old, [o + n - 1 for o in old], g))
-
-    def _update_token_codes(self, k_tok: Tensor, phys: Tensor, slot: Tensor) -> None:
-        for spec, codes in self.key_codes.items():
-            if spec.granularity == "token":
-                x = k_tok.float() / codes.smooth if spec.smooth else k_tok
-                packed, scale, zero = quantize_token(x, spec.bits)
-                codes.packed[phys, :, slot] = packed
-                codes.scale[phys, :, slot] = scale
-                codes.zero[phys, :, slot] = zero
-
-    def _update_pages(self, pages: Tensor) -> None:
-        """Recompute summaries and page-granularity codes of ``pages`` over their valid tokens."""
-        keys = self.k_pages[pages].float()  # [P, Hkv, ps, D]
-        valid = torch.arange(self.page_size, device=self.device) < self.page_fill[pages, None]
-        for name, fn in self.summary_fns.items():
-            self.summaries[name][pages] = fn(keys, valid).to(self.dtype)
-        for spec, codes in self.key_codes.items():
-            if spec.granularity == "page":  # zero point and scale: the stored min/max summary
-                codes.packed[pages] = codes_from_minmax(
-                    keys, valid[:, None, :], codes.lo[pages], codes.hi[pages], spec.bits)
-
-    def group_pages(self, ids: Sequence[int], first: Sequence[int], last: Sequence[int],
-                    g: int) -> Tensor:
-        """Physical pages ``int64 [N, g]`` (-1 where not allocated) of every group of ``g``
-        logical pages holding token positions ``first[i]..last[i]`` of request ``ids[i]``."""
-        rows = []
-        ps = self.page_size
-        for r, a, b in zip(ids, first, last, strict=True):
-            for grp in range(a // ps // g, b // ps // g + 1):
-                rows.append((r, grp * g))
-        if not rows:
-            return torch.zeros(0, g, dtype=torch.int64, device=self.device)
-        r = torch.tensor([x[0] for x in rows], device=self.device)
-        start = torch.tensor([x[1] for x in rows], device=self.device)
-        cols = start[:, None] + torch.arange(g, device=self.device)
-        ok = cols < self.page_table.shape[1]
-        pages = self.page_table[r[:, None], cols.clamp(max=self.page_table.shape[1] - 1)]
-        return torch.where(ok, pages.to(torch.int64), -1)
-
-    def _update_groups(self, ids: list[int], old: list[int], n: int) -> None:
-        """Re-encode every group-granularity group the append touched, over its valid tokens."""
-        for spec in self.key_code_specs:
-            if spec.granularity != "group":
-                continue
-            gp = self.group_pages(ids, old, [o + n - 1 for o in old], spec.group_pages)
-            self.encode_groups(spec, gp)
-
-    def encode_groups(self, spec: KeyCodeSpec, gp: Tensor) -> None:
-        """Min/max (at each group's first page) and codes of the groups ``gp int64 [N, G]``."""
-        codes, ps = self.key_codes[spec], self.page_size
-        n, g = gp.shape
-        if n == 0:
-            return
-        pg = gp.clamp(min=0)
-        keys = self.k_pages[pg].float()  # [N, G, Hkv, ps, D]
-        keys = keys.transpose(1, 2).reshape(n, self.num_kv_heads, g * ps, self.head_dim)
-        fill = torch.where(gp >= 0, self.page_fill[pg], 0)  # [N, G]
-        valid = (torch.arange(ps, device=self.device) < fill[..., None]).reshape(n, g * ps)
-        packed, lo, hi = quantize_page(keys, valid[:, None, :], spec.bits)
-        codes.lo[gp[:, 0]] = lo.to(self.dtype)
-        codes.hi[gp[:, 0]] = hi.to(self.dtype)
-        packed = packed.reshape(n, self.num_kv_heads, g, ps, -1).transpose(1, 2)
-        live = gp >= 0
-        codes.packed[gp[live]] = packed[live]
-
-    def set_smoothing(self, spec: KeyCodeSpec, factors: Tensor) -> None:
-        """Use ``factors float32 [Hkv, D]`` (positive) for the smoothed format ``spec`` instead
-        of fitting them on the first append; tokens already stored are re-encoded."""
-        if spec not in self.smoothing_fitted:
-            raise InputError(f"set_smoothing: the cache keeps no smoothed format {spec.name}")
-        want = (self.num_kv_heads, self.head_dim)
-        if not isinstance(factors, Tensor) or tuple(factors.shape) != want \
-                or not bool(((factors > 0) & torch.isfinite(factors)).all()):
-            raise InputError(f"factors: expected positive finite values of shape {list(want)}, "
-                             f"got {tuple(getattr(factors, 'shape', ()))}")
-        codes = self.key_codes[spec]
-        codes.smooth.copy_(factors.to(codes.smooth))
-        self.smoothing_fitted[spec] = True
-        used = torch.nonzero(self.page_fill > 0).flatten()
-        if used.numel():
-            k = self.k_pages[used].float() / codes.smooth[:, None, :]  # [P, Hkv, ps, D]
-            codes.packed[used], codes.scale[used], codes.zero[used] = quantize_token(k, spec.bits)
-
-    # ---- read ------------------------------------------------------------------------------
-
-    def gather_pages(self, req: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-        """Physical page ids ``int64 [B, NP]`` (-1 padded) of the requests (all live ones by
-        default) and the valid-token count of each page ``int64 [B, NP]`` (0 on padding).
-        Index any ``[cap, ...]`` tensor (summaries, codes) with ``pages.clamp(min=0)``."""
-        ids = self.resolve_ids(req)
-        idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        lengths = self.lengths[idx]
-        num_pages = math.ceil(int(lengths.max()) / self.page_size) if ids else 0
-        pages = self.page_table[idx, :num_pages].to(torch.int64)
-        start = torch.arange(num_pages, device=self.device) * self.page_size
-        page_valid = (lengths[:, None] - start).clamp(0, self.page_size)
-        return pages, page_valid
-
-    def gather_paged(self, t: Tensor, req: int | Sequence[int] | None = None) -> Tensor:
-        """``t [cap, Hkv, ...]`` (e.g. a summary, or codes' scale) gathered per request as
-        ``[B, Hkv, NP, ...]``, zero on padding pages."""
-        pages, page_valid = self.gather_pages(req)
-        out = t[pages.clamp(min=0)]  # [B, NP, Hkv, ...]
-        mask = (page_valid > 0).view(*pages.shape, *([1] * (t.dim() - 1)))
-        return out.masked_fill(~mask, 0).transpose(1, 2)
-
-    def gather_tokens(
-        self, t: Tensor, req: int | Sequence[int] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """``t [cap, Hkv, ps, ...]`` (K, V, token codes) gathered densely as ``[B, Hkv, Tmax, ...]``,
-        zero past each request's length, with ``valid bool [B, Tmax]``."""
-        pages, page_valid = self.gather_pages(req)
-        lengths = page_valid.sum(1)
-        t_max = int(lengths.max()) if lengths.numel() else 0
-        out = t[pages.clamp(min=0)].transpose(1, 2)  # [B, Hkv, NP, ps, ...]
-        out = out.reshape(*out.shape[:2], pages.shape[1] * self.page_size, *t.shape[3:])
-        out = out[:, :, :t_max]
-        valid = torch.arange(t_max, device=self.device) < lengths[:, None]
-        mask = valid.view(valid.shape[0], 1, t_max, *([1] * (t.dim() - 3)))
-        return out.masked_fill(~mask, 0), valid
-
-    def gather(self, req: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Dense ``K, V [B, Hkv, Tmax, D]`` (cache dtype, zero past each length) and
-        ``valid bool [B, Tmax]`` of the requests (all live ones, by id, by default)."""
-        k, valid = self.gather_tokens(self.k_pages, req)
-        v, _ = self.gather_tokens(self.v_pages, req)
-        return k, v, valid
-
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes allocated by component (capacity, not use), with their ``"total"``."""
-        parts = {
-            "k_pages": self.k_pages,
-            "v_pages": self.v_pages,
-            "page_table": self.page_table,
-            "lengths": self.lengths,
-            "page_fill": self.page_fill,
-        }
-        parts |= {f"summary:{n}": t for n, t in self.summaries.items()}
-        parts |= {f"token_summary:{n}": t for n, t in self.token_summaries.items()}
-        if self.v_sum is not None:
-            parts["v_sum"] = self.v_sum
-        out = {name: t.numel() * t.element_size() for name, t in parts.items()}
-        shared = {id(t) for t in self.summaries.values()}
-        for spec, codes in self.key_codes.items():  # a page format's lo/hi are summaries
-            out[f"key_codes:{spec.name}"] = sum(
-                t.numel() * t.element_size() for t in codes.tensors() if id(t) not in shared
-            )
-        out["total"] = sum(out.values())
-        return out
+        self._refresh_side(k_tok, ids, old_host, n, phys, slot)

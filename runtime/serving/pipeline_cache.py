@@ -8,7 +8,8 @@ from ...compiler import ir
 from ...compiler.keycodes import KeyCodeSpec
 from ...compiler.torch_expr import summary_fn, token_summary_fn
 from ...compiler.verify import verify
-from .paged_cache import Appender, PagedKVCache
+from .cache_side import Appender
+from .paged_cache import PagedKVCache
 
 __all__ = ["make_cache", "minmax_summaries"]
 
