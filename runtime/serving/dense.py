@@ -15,6 +15,7 @@ to the tuning log; :func:`twilight.load` builds the one recorded (``DecodePipeli
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -31,8 +32,11 @@ SDPA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 def dense_ir(p: ir.PipelineIR) -> ir.PipelineIR:
     """The dense pipeline with ``p``'s page size and attention (scale, softcap): the exact
-    answer ``p`` approximates."""
-    return ir.PipelineIR("dense", p.page_size, None, (), ir.Keep(), p.attend)
+    answer ``p`` approximates. A mean-value attention (SparQ) drops its reallocation: with
+    every token kept the selector's mass is 1, so the mean of V gets weight 0 — and a dense
+    pipeline has no selector scores to read it from."""
+    return ir.PipelineIR("dense", p.page_size, None, (), ir.Keep(),
+                         dataclasses.replace(p.attend, mean_value=False))
 
 
 def parse_kind(kind: str) -> tuple[str, torch.dtype | None]:

@@ -417,6 +417,8 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
     verify(p, shape, stage="load")
     dev = resolve_device(device)
     b, tgt = _backend_and_target(backend, dev, target)
+    if dense_below is not None:
+        dense_below = whole("dense_below", dense_below, 0)
     bucket, rec = _bucket(batch, context), None
     if schedule is None:
         schedule, source, rec = _pick(p, dev, shape, bucket, b.name)

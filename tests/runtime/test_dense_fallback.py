@@ -56,6 +56,25 @@ def test_every_fallback_is_exact_dense_attention(env, filled, dense_attention, k
         assert idx[b, :, :n].tolist() == [list(range(n))] * 8
 
 
+@pytest.mark.parametrize("kind", ["kernels", "sdpa:float32"])
+@pytest.mark.parametrize("pipe", [tw.builtins.sparq(r=8, budget=32),
+                                  tw.builtins.loki(torch.linalg.qr(torch.randn(
+                                      32, 8, generator=torch.Generator().manual_seed(7)))[0],
+                                      budget=32)], ids=["sparq", "loki"])
+def test_fallback_of_mean_value_and_token_summary_pipelines_is_exact(env, fill_cache,
+                                                                     dense_attention, pipe, kind):
+    """Below the crossover SparQ's mean-value reallocation has nothing to reallocate (every
+    token kept) and Loki's token summaries are not read: exact attention either way."""
+    f = fill_cache(pipe, 2, 32, LENGTHS, seed=5)
+    q = f.query(8, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", load_mod.DefaultScheduleWarning)
+        dp = tw.load(pipe, shape=SHAPE, backend="tvm", dense_below=10_000, dense=kind)
+    out = dp.plan(len(LENGTHS), 512).run(q, f.cache, f.ids)
+    torch.testing.assert_close(out.double(), dense_attention(q, f.keys, f.values),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_threshold_switches_between_dense_and_the_pipeline(env, filled, dense_attention):
     f, q = filled
     sparse = load().plan(3, 512).run(q, f.cache, f.ids)
@@ -127,8 +146,9 @@ def test_dense_ir_keeps_the_pipelines_attention():
 def test_bad_dense_settings_are_refused(env):
     with pytest.raises(ValueError, match="dense implementation 'sdpa:int8'"):
         parse_kind("sdpa:int8")
-    with pytest.raises(InputError, match="dense_below=-1"):
-        load(dense_below=-1)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(InputError, match=f"dense_below: expected a whole number.*{bad}"):
+            load(dense_below=bad)
 
 
 def test_crossover_rule():
