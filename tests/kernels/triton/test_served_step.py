@@ -16,6 +16,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import twilight as tw
+from twilight import knobs
 from twilight.compiler.triton.pipeline import TritonCompiled
 from twilight.runtime.serving.load import DefaultScheduleWarning
 
@@ -77,10 +78,20 @@ def test_a_step_reads_nothing_back_from_the_device(kernels_unobserved, dense):
     dp = _load(dense_below=10_000 if dense else 0, dense=dense)
     cache, ids, _ = _decode(dp, generated=True)
     q = torch.randn(2, 4, 32).half()
-    with HostReads() as spy:
+    with knobs.scope(check_finite=False), HostReads() as spy:  # what a captured step runs
         dp.run(q, cache, ids)
         cache_len = cache.longest(ids)
     assert spy.seen == [] and cache_len == 63
+
+
+def test_the_query_finite_check_is_a_steps_one_host_read(kernels_unobserved):
+    """``TWILIGHT_CHECK_FINITE`` (on by default) reads one scalar back per step, as its
+    documentation says; nothing else in the step does."""
+    dp = _load()
+    cache, ids, _ = _decode(dp, generated=True)
+    with HostReads() as spy:
+        dp.run(torch.randn(2, 4, 32).half(), cache, ids)
+    assert spy.seen == ["item"]
 
 
 def test_append_runs_the_generated_kernels_bit_exactly(monkeypatch):
@@ -101,6 +112,27 @@ def test_append_runs_the_generated_kernels_bit_exactly(monkeypatch):
             assert torch.equal(mine, want), spec
     for a, b in zip(out_ours, out_torch, strict=True):
         assert torch.equal(a, b)
+
+
+def test_generated_append_keeps_token_summaries_and_the_v_sum():
+    """Loki's per-token projections through ``refresh_tokens``, SparQ's running V sum in torch
+    beside it: the same cache, and the same step outputs, as the torch append."""
+    proj = torch.linalg.qr(torch.randn(32, 8, generator=torch.Generator().manual_seed(1)))[0]
+    both = tw.Pipeline(select=tw.top_k(tw.builtins.loki_score(proj), 48, group="none"),
+                       attend=tw.attention(mean_value=True), name="loki_mean_value")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DefaultScheduleWarning)
+        dp = tw.load(both, shape=tw.Shape(4, 2, 32, 16, "float16"), backend="triton",
+                     target="interpret")
+    ours, _, out_ours = _decode(dp, generated=True)
+    torch_cache, _, out_torch = _decode(dp, generated=False)
+    assert ours.appender is not None and torch_cache.appender is None
+    assert ours.token_summaries and ours.v_sum is not None
+    for name, t in torch_cache.token_summaries.items():
+        torch.testing.assert_close(ours.token_summaries[name], t, atol=0, rtol=1e-3)
+    assert torch.equal(ours.v_sum, torch_cache.v_sum)
+    for a, b in zip(out_ours, out_torch, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
 def test_a_copied_cache_shares_its_kernels_not_its_data():
