@@ -77,7 +77,8 @@ def test_a_decode_step_replays_from_a_cuda_graph(env, dense):
         dp.run(q, cache, ids)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    from twilight import knobs
+    with knobs.scope(check_finite=False), torch.cuda.graph(graph):  # the check reads q back
         out = dp.run(q, cache, ids)
     graph.replay()
     torch.cuda.synchronize()
