@@ -58,6 +58,8 @@ class KernelSource:
     stage: str
     name: str
     text: str
+    params: tuple = field(default=(), compare=False, repr=False)  # (name, shape, dtype) each
+    sym: tuple = field(default=(), compare=False, repr=False)  # symbolic dims, in call order
 
     def key(self, target: Target) -> str:
         return hashlib.sha256(f"{target}\n{self.text}".encode()).hexdigest()

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..source import SourceWriter
+from .build import KernelSource
 
 NEG_INF = 'T.float32("-inf")'
 POS_INF = 'T.float32("inf")'
@@ -45,6 +46,7 @@ class Src(SourceWriter):
     def __init__(self, dialect: Dialect):
         super().__init__()
         self.d = dialect
+        self.signature: tuple[tuple, tuple] = ((), ())  # (params, symbolic dims) of ``func``
 
     def local(self, name: str, shape, dtype: str = "float32") -> str:
         shape = shape if isinstance(shape, tuple) else (shape,)
@@ -64,6 +66,7 @@ class Src(SourceWriter):
     def func(self, name: str, params: list[tuple[str, tuple, str]], sym: tuple[str, ...]):
         """``def name(...)`` with one handle per buffer, ``T.match_buffer`` of each, and the
         symbolic dims in ``sym`` declared as ``T.int32()`` vars."""
+        self.signature = (tuple(params), tuple(sym))
         args = ", ".join(f"{p}_h: T.handle" for p, _, _ in params)
         with self.block(f"@T.prim_func\ndef {name}({args}):"):
             self('T.func_attr({"tirx.noalias": True})')
@@ -73,6 +76,11 @@ class Src(SourceWriter):
                 dims = ", ".join(str(x) for x in shape) + ("," if len(shape) == 1 else "")
                 self(f'{p} = T.match_buffer({p}_h, ({dims}), "{dtype}")')
             yield
+
+    def source(self, stage: str, name: str) -> KernelSource:
+        """The written kernel as a ``KernelSource``, with its signature (buffers, dims)."""
+        params, sym = self.signature
+        return KernelSource(stage, name, self.text(), params, sym)
 
     @contextmanager
     def rows(self, var: str, extent: str, prologue=None):

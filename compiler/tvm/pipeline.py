@@ -8,6 +8,7 @@ up to a multiple of ``_ROUND`` tokens, so a growing context re-plans rarely.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ from .select import gen_score, kernel_suffix, score_rows
 from .top_p import decision_rows, gen_decide, gen_kept
 
 _ROUND = 1024
+MAX_SPLITS = 8
+_ALIGN_W = 64  # list widths are multiples of this
 
 
 @dataclass
@@ -68,8 +71,9 @@ class TVMCompiled(AppendMixin):
 
     # ---- plan ---------------------------------------------------------------------------------
     def widths(self, tokens: int) -> list[int]:
-        """List widths: candidates, then after each pruner (``passes.list_widths``)."""
-        return list_widths(self.p, self.ctx.G, tokens)
+        """List widths: candidates, then after each pruner (``passes.list_widths``), rounded up
+        to ``_ALIGN_W`` so that list rows start 64-byte aligned (kept lists read words)."""
+        return [-(-c // _ALIGN_W) * _ALIGN_W for c in list_widths(self.p, self.ctx.G, tokens)]
 
     def plan(self, batch: int, tokens: int) -> Plan:
         """Scratch for ``batch`` requests of up to ``tokens`` tokens (rounded up)."""
@@ -84,6 +88,8 @@ class TVMCompiled(AppendMixin):
             b[f"scores{i}"] = torch.empty(batch, hs, n)
             b[f"sel{i}"] = torch.empty(batch, hs, n, dtype=torch.uint8)
             b[f"kunits{i}"] = torch.zeros(batch, **e32)
+        if not ctx.dialect.cuda:  # its length is the split count (estimate; see splits_for)
+            b["nsplit"] = torch.zeros(splits_for(ctx, batch), **e32)
         b["idx0"] = torch.empty(batch, ctx.HQ, widths[0], **e32)
         b["cnt0"] = torch.empty(batch, ctx.HQ, **e32)
         for i, pr in enumerate(self.p.prune):
@@ -97,9 +103,10 @@ class TVMCompiled(AppendMixin):
                     b[f"{nm}{i}"] = torch.empty(batch, rows, c, dtype=dt)
             b[f"idx{i + 1}"] = torch.empty(batch, ctx.HQ, widths[i + 1], **e32)
             b[f"cnt{i + 1}"] = torch.empty(batch, ctx.HQ, **e32)
-        if splits(ctx) > 1:
-            b["pacc"] = torch.empty(batch, ctx.HQ, splits(ctx), ctx.D)
-            b["pml"] = torch.empty(batch, ctx.HQ, splits(ctx), 2)
+        if splits(ctx) != 1:
+            ns = splits(ctx) or splits_for(ctx, batch)
+            b["pacc"] = torch.empty(batch, ctx.HQ, ns, ctx.D)
+            b["pml"] = torch.empty(batch, ctx.HQ, ns, 2)
         self.plan_ = Plan(batch, tokens, b)
         return self.plan_
 
@@ -149,7 +156,7 @@ class TVMCompiled(AppendMixin):
         out = bufs[f"scores{part}"]
         self.kernels["score" + kernel_suffix(part)](
             x.q, x.page_table, x.lengths, *self._score_leaves(x.cache, part),
-            *self.tables[part], out)
+            *self.tables[part], out, *([] if self.ctx.dialect.cuda else [bufs["nsplit"]]))
         return out
 
     def _score_leaves(self, cache: PagedCache, part: int) -> list[torch.Tensor]:
@@ -170,7 +177,9 @@ class TVMCompiled(AppendMixin):
             keys = [x.cache.k_pages]
         else:
             keys = list(x.cache.key_codes[KeyCodeSpec.of(e)].tensors())
-        self.kernels[f"estimate{stage}"](x.q, x.page_table, aligned(idx), aligned(cnt), *keys, w)
+        extra = [] if self.ctx.dialect.cuda else [bufs["nsplit"]]
+        self.kernels[f"estimate{stage}"](x.q, x.page_table, aligned(idx), aligned(cnt), *keys, w,
+                                         *extra)
         return w
 
     def prune(self, stage: int, x: stages.StageInputs, w, idx, cnt):
@@ -215,7 +224,7 @@ def pipeline_sources(ctx: StageCtx):
         yield gen_decide(ctx, i)
         yield gen_kept(ctx, i)
     yield gen_attend(ctx)
-    if splits(ctx) > 1:
+    if splits(ctx) != 1:
         yield gen_combine(ctx)
     if p.attend.mean_value:
         yield gen_reallocate(ctx)
@@ -224,6 +233,18 @@ def pipeline_sources(ctx: StageCtx):
     for summ in p.token_summaries():
         yield gen_token_summaries(ctx, summ)
     yield from append_sources(ctx)
+
+
+def splits_for(ctx: StageCtx, batch: int) -> int:
+    """Splits of each row's candidates over the threads: ``split_kv`` when the schedule fixes
+    it, else enough rows (two a thread) to fill the cores when ``batch × kv_heads`` cannot."""
+    fixed = int(ctx.sched.get("split_kv", 0))
+    if fixed:
+        return fixed
+    cores = int(ctx.sched.get("threads", 0)) or int(os.environ.get("TVM_NUM_THREADS", 0)) \
+        or os.cpu_count() or 1
+    rows = batch * ctx.HKV
+    return max(1, min(MAX_SPLITS, -(-2 * cores // rows)))
 
 
 def _fit(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -245,4 +266,4 @@ def _constants(exprs, kv_heads: int) -> list[torch.Tensor]:
 
 def attend_info(ctx: StageCtx) -> dict:
     rows, gh = attend_rows(ctx)
-    return {"rows_per_request": rows * splits(ctx), "heads_per_row": gh}
+    return {"rows_per_request": rows * (splits(ctx) or splits_for(ctx, 1)), "heads_per_row": gh}
