@@ -12,8 +12,10 @@ of its own (page summaries and quantized keys are kept as it grows).
 
 * prefill (more than one query token) is dense: SDPA over the prompt's own keys, or, for a later
   chunk, over the keys gathered back from the pages;
-* a decode step (one query token) of a sparse layer is one ``DecodePipeline.run`` over the
-  layer's paged cache; the dense layers attend with SDPA as usual.
+* a decode step (one query token) of a sparse layer is one ``DecodePipeline.step`` over the
+  layer's paged cache: the layer's ``update`` leaves the new key and value to the attention
+  call, which appends them and attends (one compiled call on the CPU); the dense layers attend
+  with SDPA as usual.
 
 Batches of equal-length sequences only (no padding); beam search, cropping and reordering of a
 twilight layer are not supported.
@@ -61,6 +63,7 @@ def make_layer_class():
         def __init__(self, paged: PagedKVCache):
             super().__init__()
             self.paged, self.ids, self.length = paged, None, 0
+            self.pending = None  # a decode step's (k, v), appended by the attention call
 
         def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
             self.device, self.dtype = key_states.device, key_states.dtype
@@ -73,13 +76,25 @@ def make_layer_class():
                 self.lazy_initialization(key_states, value_states)
             past, n = self.length, key_states.shape[-2]
             dt = self.paged.dtype
-            self.paged.append(key_states.to(dt).contiguous(), value_states.to(dt).contiguous(),
-                              self.ids)
+            self.flush()
+            if past and n == 1:  # decode: the attention call appends it (one fused step)
+                self.pending = (key_states[:, :, 0].to(dt), value_states[:, :, 0].to(dt))
+            else:
+                self.paged.append(key_states.to(dt).contiguous(),
+                                  value_states.to(dt).contiguous(), self.ids)
             self.length += n
             if past == 0 or n == 1:  # prefill attends to itself; decode reads the pages
                 return key_states, value_states
             k, v, _ = self.paged.gather(self.ids)  # a later prefill chunk: the whole context
             return k.to(key_states.dtype), v.to(value_states.dtype)
+
+        def flush(self) -> None:
+            """Append a decode step's K/V that no attention call took (a dense fallback)."""
+            if self.pending is not None:
+                k, v = self.pending
+                self.pending = None
+                self.paged.append(k[:, :, None].contiguous(), v[:, :, None].contiguous(),
+                                  self.ids)
 
         def get_seq_length(self) -> int:
             return self.length
@@ -145,11 +160,18 @@ class TwilightAttention:
         layer = self.current.get(getattr(module, "layer_idx", -1))
         if query.shape[2] != 1 or layer is None or not isinstance(layer, TwilightLayer) \
                 or layer.length == 1:
+            if isinstance(layer, TwilightLayer):
+                layer.flush()
             return self.dense_fn(module, query, key, value, attention_mask, scaling=scaling,
                                  dropout=dropout, **kwargs)
         self.decode_calls += 1
         q = query[:, :, 0].to(self.decode.dtype)
-        out = self.decode.run(q, layer.paged, layer.ids)
+        if layer.pending is not None:  # append + attend: one compiled call (TVM on the CPU)
+            k, v = layer.pending
+            layer.pending = None
+            out = self.decode.step(q, k, v, layer.paged, layer.ids)
+        else:
+            out = self.decode.run(q, layer.paged, layer.ids)
         return out.to(query.dtype)[:, None], None
 
 

@@ -4,14 +4,16 @@
 over the shipped ones, nearest shape bucket; the backend's default where none matches, said
 once), gets the kernels through the :class:`~twilight.runtime.store.kernel_cache.KernelCache` (built
 on a miss, under a per-key file lock, so many processes asking at once build once) and returns a
-:class:`DecodePipeline` with ``plan()`` (once per batch shape) and ``run()`` (every step).
+:class:`DecodePipeline` with ``plan()`` (once per batch shape), ``run()`` (every step) and
+``step()`` (append the step's token, then run).
 
 How each backend's kernels live in the cache:
 
-* **tvm** (llvm target): one entry per (pipeline, shape, schedule, target): a shared library per
-  kernel (``export_library``) and an index of the TVMScript each was built from
-  (``twilight.compiler.tvm.artifacts``). A warm load opens the libraries with ``tvm_ffi``: no
-  TVMScript parse, no ``tvm.compile``, not even ``import tvm``.
+* **tvm** (llvm target): one entry per (pipeline, shape, schedule, target): one shared library
+  (``export_library``) holding every kernel — each stage, the append kernels and the fused
+  ``run``/``step`` entry points (``twilight.compiler.tvm.fused``) — and an index of the TVMScript
+  each was built from (``twilight.compiler.tvm.artifacts``). A warm load opens the library with
+  ``tvm_ffi``: no TVMScript parse, no ``tvm.compile``, not even ``import tvm``.
 * a backend that does not export for its target (Triton today) is lowered in process (Triton
   keeps its own compiled-kernel cache).
 
@@ -32,6 +34,9 @@ Example::
     >>> cache.append(torch.randn(2, 300, 64), torch.randn(2, 300, 64), rid)  # doctest: +SKIP
     >>> pipe.plan(batch=1, max_context=4096)                           # doctest: +SKIP
     >>> pipe.run(torch.randn(1, 8, 64), cache).shape                   # doctest: +SKIP
+    torch.Size([1, 8, 64])
+    >>> pipe.step(torch.randn(1, 8, 64), torch.randn(1, 2, 64), torch.randn(1, 2, 64),
+    ...           cache).shape                                         # doctest: +SKIP
     torch.Size([1, 8, 64])
 """
 
@@ -66,7 +71,14 @@ from ..store import tuning_log
 from ..store.estimator_choice import calibrated
 from ..store.kernel_cache import CorruptEntryWarning, KernelCache, cache_key, default_cache
 from ..store.tuning_log import ShapeBucket
-from .checks import allocating, batch_ids, check_cache, check_query_finite, whole
+from .checks import (
+    allocating,
+    batch_ids,
+    check_cache,
+    check_query_finite,
+    refuse_non_finite_kv,
+    whole,
+)
 from .dense import KernelDense, dense_ir, parse_kind, sdpa_dense, supports
 from .paged_cache import DTYPES, PagedKVCache
 from .pipeline_cache import make_cache
@@ -303,14 +315,7 @@ class DecodePipeline:
         bookkeeping knows on the host: no device read (a CUDA graph can capture a step)."""
         ids = batch_ids(cache, req)
         self._fit_cache(cache)
-        if not isinstance(q, torch.Tensor) or q.dim() != 3 \
-                or tuple(q.shape[1:]) != (self.shape.q_heads, self.shape.head_dim) \
-                or q.shape[0] != len(ids) or q.dtype != self.dtype:
-            raise InputError(f"q: expected [{len(ids)}, {self.shape.q_heads}, "
-                             f"{self.shape.head_dim}] {self.dtype} (one row per request), got "
-                             f"{tuple(getattr(q, 'shape', ()))} {getattr(q, 'dtype', type(q))}")
-        if q.device != cache.device:
-            raise InputError(f"q: expected device {cache.device} (the cache's), got {q.device}")
+        self._check_query(q, ids, cache)
         pl = self._plan
         if pl is None or pl.batch != len(ids):
             pl = self.plan(len(ids), pl.context if pl else 4096, q.device)._plan
@@ -343,14 +348,62 @@ class DecodePipeline:
         pl.table_width = width
 
     def run(self, q: torch.Tensor, cache: PagedKVCache,
-            req: int | Sequence[int] | None = None, return_lists: bool = False):
+            req: int | Sequence[int] | None = None, return_lists: bool = False, *,
+            out: torch.Tensor | None = None):
         """Attention output ``[B, Hq, D]`` for queries ``q [B, Hq, D]`` of requests ``req``
-        (default: every live request, by id) over ``cache``. Every stage is one kernel call
-        over all requests and heads; only the output is allocated once planned. With
-        ``return_lists`` also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's; every
-        token when the step ran dense: see ``dense_below``).
+        (default: every live request, by id) over ``cache``. Where the backend fuses the
+        pipeline (TVM on the CPU, ``compiler.tvm.fused.fusable``) this is one compiled call;
+        elsewhere every stage is one kernel call over all requests and heads (``run_stages``).
+        Once planned only the output is allocated (none with ``out=``). With ``return_lists``
+        also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's; every token when the
+        step ran dense: see ``dense_below``).
         A query holding NaN or inf raises ``NonFiniteInputError`` (``TWILIGHT_CHECK_FINITE=0``
         skips that check, the one host read of a step; see ``twilight.runtime.serving.checks``)."""
+        if knobs.check_finite():
+            check_query_finite(q, cache, req)
+        return self._run(q, cache, batch_ids(cache, req), return_lists, out)
+
+    __call__ = run
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: PagedKVCache,
+             req: int | Sequence[int] | None = None, *, out: torch.Tensor | None = None):
+        """One decode step: append each request's new key and value ``k``, ``v``
+        (``[B, Hkv, D]`` or ``[B, Hkv, 1, D]``, the cache dtype) to ``cache``, then ``run``.
+        Where the backend fuses the pipeline the append (K/V row, page summaries and key codes
+        of the touched page, bit-exact with ``PagedKVCache.append``) and the pipeline are one
+        compiled call; elsewhere (and where the step runs dense) ``cache.append`` then ``run``.
+        The checks are ``append``'s and ``run``'s, made before anything is appended."""
+        ids = batch_ids(cache, req)
+        self._fit_cache(cache)
+        if knobs.check_finite():
+            check_query_finite(q, cache, ids)
+        want = (len(ids), self.shape.kv_heads, self.shape.head_dim)
+        kv = []
+        for name, t in (("k", k), ("v", v)):
+            t3 = t.squeeze(2) if isinstance(t, torch.Tensor) and t.dim() == 4 \
+                and t.shape[2] == 1 else t
+            if not isinstance(t3, torch.Tensor) or tuple(t3.shape) != want \
+                    or t3.dtype != cache.dtype or t3.device != cache.device:
+                raise InputError(f"{name}: expected {list(want)} (or with a token axis of 1) "
+                                 f"{cache.dtype} on {cache.device}, got "
+                                 f"{tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', type(t))}")
+            kv.append(t3)
+        if not self._fuses(cache, ids, 1) or cache.appends_on_host():
+            cache.append(kv[0][:, :, None], kv[1][:, :, None], ids)
+            return self._run(q, cache, ids, False, out)
+        old = [cache.length(r) for r in ids]
+        if max(old) + 1 > ir.MAX_TOKENS:
+            raise InputError(f"append: a request would exceed {ir.MAX_TOKENS} tokens (int32 "
+                             "positions)")
+        refuse_non_finite_kv(kv[0][:, :, None], kv[1][:, :, None], ids, old)
+        k3, v3 = (_aligned(t) for t in kv)
+        return self.compiled.call_fused(self._query(q, ids, cache), cache, ids, k3, v3, out=out)
+
+    def run_stages(self, q: torch.Tensor, cache: PagedKVCache,
+                   req: int | Sequence[int] | None = None, return_lists: bool = False):
+        """``run`` stage by stage (select, estimate, prune, attend: one kernel call each; dense
+        below ``dense_below``), the path every backend has: to time or check one stage, or to
+        compare with the reference."""
         if knobs.check_finite():
             check_query_finite(q, cache, req)
         x, longest = self._inputs(q, cache, req)
@@ -358,11 +411,57 @@ class DecodePipeline:
             return self.dense(x, longest, return_lists)
         return run_stages(self.compiled, x, len(self.ir.prune), return_lists)
 
-    __call__ = run
+    def _run(self, q: torch.Tensor, cache: PagedKVCache, ids: list[int], return_lists: bool,
+             out: torch.Tensor | None):
+        """``run`` after the query's finite check: fused where it can, else stage by stage
+        (or dense); the result lands in ``out`` when given."""
+        if self._fuses(cache, ids, 0):
+            self._fit_cache(cache)
+            return self.compiled.call_fused(self._query(q, ids, cache), cache, ids, out=out,
+                                            return_lists=return_lists)
+        x, longest = self._inputs(q, cache, ids)
+        if longest < self.dense_below:
+            res = self.dense(x, longest, return_lists)
+        else:
+            res = run_stages(self.compiled, x, len(self.ir.prune), return_lists)
+        if out is None:
+            return res
+        out.copy_(res[0] if return_lists else res)
+        return (out, res[1]) if return_lists else out
+
+    def _fuses(self, cache: PagedKVCache, ids: list[int], grow: int) -> bool:
+        """Does this step run as one compiled call (``compiler.backend.FusedStep``: the kernels
+        fuse this pipeline, the cache is on the CPU, and the step, ``grow`` tokens longer, is
+        not below ``dense_below``)?"""
+        return bool(getattr(self.compiled, "fused", False)) and cache.device.type == "cpu" \
+            and cache.longest(ids) + grow >= self.dense_below
+
+    def _check_query(self, q: torch.Tensor, ids: list[int], cache: PagedKVCache) -> None:
+        if not isinstance(q, torch.Tensor) or q.dim() != 3 \
+                or tuple(q.shape[1:]) != (self.shape.q_heads, self.shape.head_dim) \
+                or q.shape[0] != len(ids) or q.dtype != self.dtype:
+            raise InputError(f"q: expected [{len(ids)}, {self.shape.q_heads}, "
+                             f"{self.shape.head_dim}] {self.dtype} (one row per request), got "
+                             f"{tuple(getattr(q, 'shape', ()))} {getattr(q, 'dtype', type(q))}")
+        if q.device != cache.device:
+            raise InputError(f"q: expected device {cache.device} (the cache's), got {q.device}")
+
+    def _query(self, q: torch.Tensor, ids: list[int], cache: PagedKVCache) -> torch.Tensor:
+        """``q`` checked, and aligned for the fused call (a copy only when it is not)."""
+        self._check_query(q, ids, cache)
+        return _aligned(q)
 
     def runs_dense(self, context: int) -> bool:
         """Whether a step whose longest request holds ``context`` tokens runs dense."""
         return context < self.dense_below
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` when a compiled kernel may read it in place (compact, 64-byte aligned), else an
+    aligned copy."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)  # torch's CPU allocations: 64 B
 
 
 def _bucket(batch: int, context: int) -> ShapeBucket:

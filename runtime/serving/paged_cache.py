@@ -203,6 +203,7 @@ class PagedKVCache(SideData, CacheReads):
         self._num_pages: list[int] = []  # pages held by each request slot
         self._host_lengths: list[int] = []  # ``lengths`` mirrored on the host: no device reads
         self._live: list[bool] = []
+        self.generation = 0  # bumped whenever a tensor of the cache is reallocated
 
     def __deepcopy__(self, memo: dict) -> PagedKVCache:
         """A copy of every tensor and list (aliases kept: a page format's ``lo``/``hi`` stay
@@ -282,6 +283,7 @@ class PagedKVCache(SideData, CacheReads):
                 setattr(c, name, _grow(getattr(c, name), new))
         self._link_minmax()
         self._free_pages = list(range(new - 1, old - 1, -1)) + self._free_pages
+        self.generation += 1
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -308,6 +310,7 @@ class PagedKVCache(SideData, CacheReads):
         self.lengths = _grow(self.lengths, len(self._live))
         if self.v_sum is not None:
             self.v_sum = _grow(self.v_sum, len(self._live))
+        self.generation += 1
         return len(self._live) - 1
 
     def add_requests(self, n: int) -> list[int]:
@@ -337,6 +340,29 @@ class PagedKVCache(SideData, CacheReads):
         """The longest length among requests ``ids``, from host bookkeeping (never a device
         read, so a decode step can be captured in a CUDA graph)."""
         return max((self._host_lengths[r] for r in ids), default=0)
+
+    def length(self, rid: int) -> int:
+        """Tokens of request ``rid``, from the host bookkeeping (no read of ``lengths``)."""
+        return self._host_lengths[rid]
+
+    def reserve(self, ids: Sequence[int], n: int = 1) -> None:
+        """Make room for ``n`` more tokens of each request in ``ids`` (pages, page-table
+        columns), from the host bookkeeping alone: what a generated append kernel needs before it
+        writes them. Pair it with :meth:`advance` once they are written."""
+        ps = self.page_size
+        if any(-(-(self._host_lengths[r] + n) // ps) > self._num_pages[r] for r in ids):
+            self._reserve(list(ids), [self._host_lengths[r] + n for r in ids])
+
+    def advance(self, ids: Sequence[int], n: int = 1) -> None:
+        """Record that ``n`` tokens of each request in ``ids`` were written (by ``append``, or
+        by a generated append, which also updated ``lengths``, ``page_fill``, summaries and
+        codes)."""
+        for r in ids:
+            self._host_lengths[r] += n
+
+    def appends_on_host(self) -> bool:
+        """Does the next append need the torch path (smoothing factors not fitted yet)?"""
+        return not all(self.smoothing_fitted.values())
 
     def resolve_ids(self, req: int | Sequence[int] | None) -> list[int]:
         """Request ids as a list of ints: ``None`` means every live request, in id order; an
@@ -389,6 +415,7 @@ class PagedKVCache(SideData, CacheReads):
                 (self.page_table.shape[0], cols - self.page_table.shape[1]), -1
             )
             self.page_table = torch.cat([self.page_table, pad], dim=1)
+            self.generation += 1
         for r, w in zip(ids, want, strict=True):
             have = self._num_pages[r]
             if w > have:
@@ -427,8 +454,7 @@ class PagedKVCache(SideData, CacheReads):
         self.v_pages[phys, :, slot] = vb.transpose(1, 2).reshape_as(k_tok)
         self.page_fill.index_add_(0, phys, torch.ones_like(phys))
         self.lengths[idx] = old + n
-        for r in ids:
-            self._host_lengths[r] += n
+        self.advance(ids, n)
         for spec, fitted in self.smoothing_fitted.items():
             if not fitted:  # the first append sets the factors (a prefill, in practice)
                 self.key_codes[spec].smooth.copy_(fit_smoothing(k_tok.transpose(0, 1), spec.smooth))

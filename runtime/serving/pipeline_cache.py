@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...compiler import ir
-from ...compiler.keycodes import KeyCodeSpec
+from ...compiler.keycodes import KeyCodeSpec, minmax_summaries
 from ...compiler.torch_expr import summary_fn, token_summary_fn
 from ...compiler.verify import verify
 from .cache_side import Appender
@@ -32,18 +32,3 @@ def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float1
                         track_v_sum=p.attend.mean_value,
                         summary_keys={n: e.key() for n, e in (fields | tok_fields).items()},
                         appender=appender)
-
-
-def minmax_summaries(p: ir.PipelineIR) -> tuple[str, str] | None:
-    """Names of the pipeline's summary fields that are exactly the per-channel key min and max
-    of a page (Quest's ``kmin``/``kmax``), which page-granularity codes then share; None if it
-    has none (the cache keeps its own)."""
-    found: dict[str, str] = {}
-    for s in p.summaries():
-        for f in s.fields:
-            e = f.expr
-            page_k = ir.Expr("page_k", (), ())
-            if e.op in ("reduce_min", "reduce_max") and e.inputs == (page_k,) \
-                    and e.attrs == (("axis", "token"),):
-                found.setdefault(e.op[7:], f"{s.name}.{f.name}")
-    return (found["min"], found["max"]) if len(found) == 2 else None
