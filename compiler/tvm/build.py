@@ -206,8 +206,9 @@ def _lowered_module(mod, target: Target):
         pipe = tvm.tirx.get_default_tir_pipeline(tvm_target(target))
         if isinstance(pipe, tuple):  # TVM 0.27: (pipeline, host finalizer, device finalizer)
             pipe = pipe[0]
-        with tvm_target(target):
-            low = pipe(tvm.tirx.transform.BindTarget(tvm_target(target))(mod))
+        tgt = tvm_target(target)
+        with tgt:  # bound as tvm.tirx.build binds it (with its host), or the pipeline refuses
+            low = pipe(tvm.tirx.transform.BindTarget(tgt.with_host(tgt))(mod))
         _LOWERED[key] = (mod, low)
     return _LOWERED[key][1]
 
