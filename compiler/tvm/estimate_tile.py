@@ -25,6 +25,7 @@ from .context import StageCtx, f32, fast_exp, softcap_text
 from .dialect import NEG_INF, Src
 
 MAX_LANES = 16
+ACC = 2  # independent accumulators per head in a tile
 
 
 def tile_lanes(ctx: StageCtx, e: Estimator) -> int:
@@ -122,23 +123,29 @@ def write_tile(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int, planes: st
     s("tt0 = cidx[b, h0, i]", f"tph = pt[b, tt0 // {ctx.PS}]", f"ts = tt0 % {ctx.PS}")
     _prefetch(ctx, s, e, tl, nw)
     words = _load_words(ctx, s, nw, tl)
-    with s.block(f"for g, t in T.grid({gq}, {tl}):"):
-        s("tacc[g, t] = T.float32(0)")
+    with s.block(f"for g, j, t in T.grid({gq}, {ACC}, {tl}):"):
+        s("tacc[g, j, t] = T.float32(0)")
     with s.block(f"for wd in range({nw}):"):
-        with s.block(f"for k in T.unroll({cpw}):"):
+        # ACC accumulators a head (channels alternate): chains of dependent FMAs ACC times
+        # shorter, so their latency hides behind the unpacking
+        with s.block(f"for kk in T.unroll({cpw // ACC}):"):
             with s.block(f"for t in T.vectorized({tl}):"):
-                code = (f'T.Cast("float32", T.bitwise_and(T.shift_right({words}[wd, t], '
-                        f'T.Cast("uint32", k * {e.bits})), T.uint32({mask})))')
-                for g in range(gq):
-                    s(f"tacc[{g}, t] = tacc[{g}, t] + {planes}[{g}, wd * {cpw} + k] * {code}")
+                for j in range(ACC):
+                    k = f"(kk * {ACC} + {j})"
+                    code = (f'T.Cast("float32", T.bitwise_and(T.shift_right({words}[wd, t], '
+                            f'T.Cast("uint32", {k} * {e.bits})), T.uint32({mask})))')
+                    for g in range(gq):
+                        s(f"tacc[{g}, {j}, t] = tacc[{g}, {j}, t] + "
+                          f"{planes}[{g}, wd * {cpw} + {k}] * {code}")
     scale = f32(ctx.softmax_scale())
     with s.block(f"for t in T.vectorized({tl}):"):
         for g in range(gq):
+            acc = " + ".join(f"tacc[{g}, {j}, t]" for j in range(ACC))
             if e.granularity == "token":
-                logit = (f"(ksc[tph, hkv, ts + t] * tacc[{g}, t] + kzr[tph, hkv, ts + t] * "
+                logit = (f"(ksc[tph, hkv, ts + t] * ({acc}) + kzr[tph, hkv, ts + t] * "
                          f"qs[{g}])")
             else:
-                logit = f"(tacc[{g}, t] + qs[{g}])"
+                logit = f"({acc} + qs[{g}])"
             s(f"w[b, h0 + {g}, i + t] = {softcap_text(ctx, f'{logit} * {scale}')}")
 
 
@@ -169,7 +176,7 @@ def _prefetch(ctx: StageCtx, s: Src, e: Estimator, tl: int, nw: int) -> None:
 def tile_buffers(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int) -> None:
     """The tile path's locals (per row): accumulators and the transposed words."""
     nw = ctx.D * e.bits // 32
-    s.local("tacc", (gq, tl))
+    s.local("tacc", (gq, ACC, tl))
     s.local("tw0", (nw, tl), "uint32")
     s.local("tw1", (nw, tl), "uint32")
 
@@ -199,7 +206,7 @@ def write_softmax(ctx: StageCtx, s: Src, rows: int, gh: int, gq: int) -> None:
             s(f"{mx}[0] = T.max({mx}[0], w[b, h, i])")
         s.local("mxs", 1)
         s(f"mxs[0] = {lanes_sum(f'{mx}[T.Ramp(0, 1, {vw})]', vw, 'max')}")
-        e = fast_exp("(w[b, h, io * 16 + v] - mxs[0])")
+        e = fast_exp(f"(w[b, h, io * {vw} + v] - mxs[0])")
         with s.block(f"for io in range(n // {vw}):"):
             with s.block(f"for v in T.vectorized({vw}):"):
                 s(f"w[b, h, io * {vw} + v] = {e}")

@@ -2,10 +2,11 @@
 
 The search is ``_bisect``'s — the same brackets, so the same kept set up to float64 rounding at
 the cut — with each "mass at or above ``t``" a pass of ``VW`` lanes. A pass first sums in float32
-(one compare and one masked add a vector); a float32 sum of ``n`` positive terms in ``VW`` lanes
-and a shuffle tree is within ``(n / VW + 5) · 2⁻²⁴ · total`` of the exact mass, so when it clears
-the goal by more than that the decision is certain; otherwise the pass is redone in float64
-(the original's arithmetic). Far from the cut — most of a search — the float32 pass decides.
+(one compare and one masked add a vector). A float32 sum of ``n`` positive terms in ``VW`` lanes
+(the tail's in lane 0) and a shuffle tree is within ``(n / VW + VW + log2 VW) · 2⁻²⁴ · total``
+of the exact mass: when it clears the goal by more than that, the decision is certain; otherwise
+the pass is redone in float64 (the original's arithmetic). Far from the cut — most of a
+search — the float32 pass decides.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from .context import StageCtx, f32
 from .dialect import Src
 from .estimate_tile import lanes_sum
 
-VW = 16
+VW = 64  # lanes a pass handles at once: 4 vectors of float32 (8 of float64), so that the
+# running sums are 4 independent chains (one chain was bound by the add latency)
 MAX_BISECT = 100  # as top_p.MAX_BISECT
 
 
@@ -62,7 +64,8 @@ def bisect_vec(ctx: StageCtx, s: Src, p: float, wt, gh: int) -> None:
         s.local(name, 1, dt)
     s(f"tt[0] = {lanes_sum(f'{tot}[T.Ramp(0, 1, {VW})]', VW)}")
     s(f"goal = tt[0] * T.float64({p!r})",
-      "band = T.Cast(\"float64\", n // 16 + 8) * T.float64(5.9604644775390625e-08) * tt[0]")
+      f"band = T.Cast(\"float64\", n // {VW} + {VW + 8}) * T.float64(5.9604644775390625e-08) * "
+      "tt[0]")
     s("lo[0] = T.float32(0)", f"hi[0] = {lanes_sum(f'{hv}[T.Ramp(0, 1, {VW})]', VW, 'max')}")
     m32, m64 = s.local("m32v", VW), s.local("m64v", VW, "float64")
 
