@@ -176,8 +176,9 @@ def artifact_files(k: Kernel) -> dict[str, str]:
     files = {"tir": k.source.text}
     if k.member_of:  # a function of a module: its own subroutine, lowered with the module
         try:
-            files["lowered"] = _lowered_module(k.prim_func, k.target)[f"{k.source.name}_impl"] \
-                .script()
+            impl = f"{k.source.name}_impl"
+            files["lowered"] = (f"# {impl}, lowered with module {k.member_of}\n"
+                                + _lowered_module(k.prim_func, k.target)[impl].script())
         except Exception as e:  # a dump must not fail a build
             files["lowered"] = f"# lowering for the dump failed: {e}"
         return files  # the module's own artifact holds the LLVM IR and assembly
