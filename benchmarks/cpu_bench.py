@@ -3,57 +3,52 @@
 For quest_twilight and quest_top_k at contexts 4k–32k, batch 1 and 4, 32 query heads / 8 KV heads,
 head_dim 128, fp16 cache: medians over repeats of
 
-* ``tvm``       — ``get_backend("tvm").lower(...).run(q, cache)`` (whole pipeline);
-* ``sdpa``      — torch dense ``scaled_dot_product_attention`` (``enable_gqa``) on contiguous K/V;
+* ``tvm``       — the whole pipeline in one compiled call (``TVMCompiled.call_fused``, what
+  ``DecodePipeline.run`` does on the CPU); ``stages`` — the same stage by stage;
+* ``sdpa``      — the one dense baseline (``measure.fastest_sdpa``): the fastest torch
+  ``scaled_dot_product_attention`` over the same contiguous K/V among float32, bfloat16 and
+  float16 and both GQA layouts, converted before the timing (column ``sdpa`` says which);
 * ``reference`` — ``twilight.reference(pipe).run`` (the torch sparse executor);
 * ``flex``      — ``flex_attention`` under ``torch.compile`` with a block mask of the pipeline's kept
   pages (page-sized KV blocks, token-exact ``mask_mod``); the mask is built outside the timing;
 
-plus the TVM attention stage alone and its achieved bandwidth (K/V bytes it must read over its
-time) as a fraction of the machine's, measured in the same run by a large torch copy.
+plus each TVM stage alone (select, estimate, prune, attend) with the bytes it must read and the
+flops it must do over its time as fractions of the machine's copy bandwidth and fp32 FMA peak,
+both measured in the same run (``roofline.py``).
 
 Data: random keys with a few "heavy" tokens per KV head aligned with the group's queries, so the
 attention is peaked as in real models (top-p keeps a few percent, not most of the budget).
+With ``--snapshot F`` every layer of a real attention snapshot (e.g. SmolLM2 at 8k, captured with
+``scripts/capture_snapshot.py``) runs beside the synthetic sweep (``real_attention.py``).
 
     python benchmarks/cpu_bench.py --quick
     python benchmarks/cpu_bench.py --contexts 32768 --batch 1 4 --repeats 5 --json out.json
+    python benchmarks/cpu_bench.py --quick --snapshot smollm2_8k.npz
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import time
 
+import roofline  # a sibling script (benchmarks/ is on sys.path when run)
 import torch
+from roofline import machine, stage_costs
 
 import twilight as tw
 from twilight.compiler import ir
 from twilight.compiler.backend import Target, get_backend
 from twilight.compiler.stages import lists_to_mask
+from twilight.runtime.evaluation.measure import fastest_sdpa
 from twilight.runtime.serving.pipeline_cache import make_cache
 
 HQ, HKV, D, PS = 32, 8, 128, 16
 
 
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def machine_bandwidth_gbs() -> float:
-    """Read + write bytes per second of a 512 MiB torch copy (well past the L3 cache)."""
-    a = torch.ones(128 * 1024 * 1024)
-    b = torch.empty_like(a)
-    ms = median_ms(lambda: b.copy_(a), 5)
-    return 2 * a.numel() * 4 / ms / 1e6
+    return roofline.median_ms(fn, repeats, warmup)
 
 
 def make_data(pipe, batch: int, context: int, heavy: int = 32, seed: int = 0):
@@ -90,27 +85,27 @@ def flex_runner(q, k, v, kept_mask):
     return lambda: fn(q4, k, v, block_mask=bm, enable_gqa=True)
 
 
-def bench_one(name: str, pipe, batch: int, context: int, repeats: int, bw: float, flex: bool,
+def bench_one(name: str, pipe, batch: int, context: int, repeats: int, mach, flex: bool,
               data) -> dict:
     cache, q, k, v = data
     shape = ir.Shape(HQ, HKV, D, PS, "float16")
     t0 = time.perf_counter()
     kern = get_backend("tvm").lower(pipe.ir, shape, {}, Target.parse("llvm"))
     compile_s = time.perf_counter() - t0
-    out, (idx, cnt) = kern.run(q, cache, return_lists=True)
+    ids = cache.request_ids
+    kern.plan(batch, context)
+    out, (idx, cnt) = kern.call_fused(q, cache, ids, return_lists=True)
+    cnt = cnt.clone()
     ref_exec = tw.reference(pipe)
     ref_out = ref_exec.run(q, cache)
     err = (out.float() - ref_out.float()).abs().max().item()
     row = {"pipeline": name, "context": context, "batch": batch, "compile_s": round(compile_s, 2),
            "kept_mean": round(cnt.float().mean().item(), 1), "max_err_vs_ref": err}
-    row["tvm_ms"] = median_ms(lambda: kern.run(q, cache), repeats)
-    x = kern.inputs(q, cache)
-    row["tvm_attend_ms"] = median_ms(lambda: kern.attend(x, idx, cnt), repeats)
-    row["attend_gbs"] = attend_bytes(kern, idx, cnt) / row["tvm_attend_ms"] / 1e6
-    row["attend_bw_frac"] = row["attend_gbs"] / bw
-    q4 = q[:, :, None]
-    row["sdpa_ms"] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q4, k, v, enable_gqa=True), repeats)
+    row["tvm_ms"] = median_ms(lambda: kern.call_fused(q, cache, ids), repeats)
+    row["stages_ms"] = median_ms(lambda: kern.run(q, cache), repeats)
+    row.update(stage_rows(kern, pipe, q, cache, batch, context, repeats, mach))
+    base = fastest_sdpa(q, k, v, timer=lambda fn: median_ms(fn, repeats))
+    row["sdpa_ms"], row["sdpa"] = base.ms, str(base)
     row["reference_ms"] = median_ms(lambda: ref_exec.run(q, cache), max(1, min(repeats, 3)), 0)
     if flex:
         mask = lists_to_mask(idx, cnt, context)
@@ -125,13 +120,27 @@ def bench_one(name: str, pipe, batch: int, context: int, repeats: int, bw: float
     return row
 
 
-def attend_bytes(kern, idx, cnt) -> float:
-    """K and V bytes the attention stage must read: each kept token's rows once per KV head
-    when a group shares its list (as the kernel does), once per query head otherwise."""
-    from twilight.compiler.tvm.attend import attend_rows
-    rows, gh = attend_rows(kern.ctx)
-    per_row = cnt[:, ::gh].sum().item()
-    return per_row * 2 * D * 2
+def stage_rows(kern, pipe, q, cache, batch: int, context: int, repeats: int, mach) -> dict:
+    """Each stage's time and its fractions of the machine's bandwidth and FMA peak."""
+    x = kern.inputs(q, cache)
+    lists = [kern.select(x)]
+    fns = {"select": lambda: kern.select(x)}
+    for i in range(len(pipe.ir.prune)):
+        w = kern.estimate(i, x, *lists[-1])
+        fns[f"estimate{i}"] = lambda i=i, li=lists[-1]: kern.estimate(i, x, *li)
+        fns[f"prune{i}"] = lambda i=i, w=w, li=lists[-1]: kern.prune(i, x, w, *li)
+        lists.append(tuple(t.clone() for t in kern.prune(i, x, w, *lists[-1])))
+    fns["attend"] = lambda li=lists[-1]: kern.attend(x, *li)
+    costs = stage_costs(pipe.ir, kern.ctx.shape, batch, context,
+                        float(lists[0][1].float().mean()), float(lists[-1][1].float().mean()))
+    row = {}
+    for name, fn in fns.items():
+        ms = row[f"{name}_ms"] = median_ms(fn, repeats)
+        c = costs.get(name)
+        if c is not None:
+            row[f"{name}_bw_frac"] = c.bytes / ms / 1e6 / mach.bandwidth_gbs
+            row[f"{name}_fma_frac"] = c.flops / ms / 1e6 / mach.fma_gflops
+    return row
 
 
 def pipelines():
@@ -139,12 +148,11 @@ def pipelines():
             "quest_top_k": tw.builtins.quest_top_k(budget=1024)}
 
 
-def print_table(rows: list[dict], bw: float) -> None:
-    cols = ["pipeline", "context", "batch", "kept_mean", "tvm_ms", "tvm_attend_ms", "sdpa_ms",
-            "reference_ms", "flex_ms", "x_vs_sdpa", "x_vs_reference", "x_vs_flex",
-            "attend_bw_frac"]
+def print_table(rows: list[dict], mach) -> None:
+    cols = ["pipeline", "context", "batch", "kept_mean", "tvm_ms", "stages_ms", "sdpa_ms",
+            "sdpa", "reference_ms", "flex_ms", "x_vs_sdpa", "x_vs_reference", "x_vs_flex"]
     fmt = {c: (lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)) for c in cols}
-    title = f"twilight tvm (llvm) vs torch — machine copy bandwidth {bw:.1f} GB/s"
+    title = f"twilight tvm (llvm) vs torch — machine: {mach.describe()}"
     try:
         from rich.console import Console
         from rich.table import Table
@@ -154,11 +162,20 @@ def print_table(rows: list[dict], bw: float) -> None:
         for r in rows:
             t.add_row(*[fmt[c](r.get(c, "-")) for c in cols])
         Console(width=220).print(t)
+        print("sdpa: the fastest torch SDPA per row: " +
+              ", ".join(sorted({r["sdpa"] for r in rows if "sdpa" in r})))
     except ImportError:
         print(title)
         print(" | ".join(cols))
         for r in rows:
             print(" | ".join(fmt[c](r.get(c, "-")) for c in cols))
+    print("stages: ms (fraction of copy bandwidth / of fp32 FMA peak)")
+    for r in rows:
+        parts = [f"{n[:-3]} {r[n]:.3f} ({r.get(n[:-3] + '_bw_frac', 0):.0%} / "
+                 f"{r.get(n[:-3] + '_fma_frac', 0):.0%})" for n in r
+                 if n.endswith("_ms") and n[:-3] in ("select", "attend")
+                 or n.startswith(("estimate", "prune")) and n.endswith("_ms")]
+        print(f"  {r['pipeline']} {r['batch']}x{r['context']}: " + ", ".join(parts))
 
 
 def main(argv=None) -> None:
@@ -170,25 +187,46 @@ def main(argv=None) -> None:
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (slow compile)")
     ap.add_argument("--quick", action="store_true", help="context 8k, batch 1, 3 repeats")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ap.add_argument("--snapshot", metavar="F", help="also every layer of this attention "
+                    "snapshot through twilight.load, against the same baseline")
+    ap.add_argument("--snapshot-layers", metavar="I,J", help="only these layer slots")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch's and TVM's thread count (default: theirs, one per core)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or the calling thread's CPU time (with --threads 1)")
     a = ap.parse_args(argv)
+    if a.threads:  # before TVM's thread pool starts
+        os.environ["TVM_NUM_THREADS"] = str(a.threads)
+        torch.set_num_threads(a.threads)
+    if a.clock == "cpu" and a.threads != 1:
+        ap.error("--clock cpu measures the calling thread only: use it with --threads 1")
+    roofline.use_clock(a.clock)
     if a.quick:
         a.contexts, a.batch, a.repeats = [8192], [1], 3
     torch.manual_seed(0)
-    bw = machine_bandwidth_gbs()
+    mach = machine()
     rows = []
     pipes = pipelines()
     for context in a.contexts:
         for batch in a.batch:
             data = make_data(pipes["quest_twilight"], batch, context)
             for name in a.pipelines:
-                rows.append(bench_one(name, pipes[name], batch, context, a.repeats, bw,
+                rows.append(bench_one(name, pipes[name], batch, context, a.repeats, mach,
                                       not a.no_flex, data))
                 print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
-    print_table(rows, bw)
+    print_table(rows, mach)
+    real = None
+    if a.snapshot:
+        from real_attention import bench_snapshot, print_snapshot
+        layers = [int(x) for x in a.snapshot_layers.split(",")] if a.snapshot_layers else None
+        real = bench_snapshot(a.snapshot, layers=layers, repeats=a.repeats,
+                              on_row=lambda r: print(json.dumps(r), flush=True))
+        print_snapshot(real)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"machine_copy_gbs": bw, "threads": torch.get_num_threads(),
-                       "rows": rows}, f, indent=1)
+            json.dump({"machine_copy_gbs": mach.bandwidth_gbs, "fma_gflops": mach.fma_gflops,
+                       "threads": mach.threads, "load_avg": os.getloadavg()[0], "rows": rows,
+                       "snapshot": real}, f, indent=1)
 
 
 if __name__ == "__main__":

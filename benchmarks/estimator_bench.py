@@ -7,8 +7,8 @@ estimator is compiled for this machine and timed on the same cache and queries:
 * ``estimate_ms`` — the estimate stage alone (the stage the choice changes), median of repeats;
 * ``pipeline_ms`` — the whole step (select → estimate → top-p → attend);
 * ``x_vs_token``  — ``estimate_ms`` of INT4 per token (the published estimator) over this one's;
-* ``x_vs_sdpa``   — torch dense ``scaled_dot_product_attention`` (float32, GQA) on the same
-  K/V over ``pipeline_ms``;
+* ``x_vs_sdpa``   — the one dense baseline (``measure.fastest_sdpa``: the fastest torch SDPA
+  over the same K/V among float32/bfloat16/float16 and both GQA layouts) over ``pipeline_ms``;
 * ``bytes/token`` — bytes the estimate reads per candidate token and KV head;
 * ``max_err``     — the estimate's largest deviation from the torch reference's weights.
 
@@ -31,7 +31,7 @@ from twilight.compiler import ir
 from twilight.compiler.backend import Target, get_backend
 from twilight.compiler.stages import rows_to_dense, run_stages
 from twilight.runtime.evaluation.estimators import est_bytes
-from twilight.runtime.evaluation.measure import median_time
+from twilight.runtime.evaluation.measure import fastest_sdpa, median_time
 from twilight.runtime.evaluation.reference_stages import ref_estimate, ref_select
 from twilight.runtime.serving.pipeline_cache import make_cache
 from twilight.runtime.store.estimator_choice import CHOICES, with_estimator
@@ -71,13 +71,12 @@ def measure(p: ir.PipelineIR, shape: ir.Shape, batch: int, context: int, repeats
     want = ref_estimate(p, 0, x, ref_select(p, x))
     err = (rows_to_dense(w, idx, cnt, x.max_len) - want).abs().max().item()
     k, v, _ = cache.gather(ids)
-    q4, k, v = q.float()[:, :, None], k.float(), v.float()
-    sdpa_ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q4, k, v, enable_gqa=True), repeats)
+    base = fastest_sdpa(q, k, v, timer=lambda fn: median_ms(fn, repeats))
+    sdpa_ms = base.ms
     row = {"estimator": est.name, "bytes/token": est_bytes(est, shape.head_dim, p.page_size),
            "estimate_ms": median_ms(lambda: kern.estimate(0, x, idx, cnt), repeats),
            "pipeline_ms": median_ms(lambda: run_stages(kern, x, len(p.prune)), repeats),
-           "sdpa_ms": sdpa_ms, "max_err": err}
+           "sdpa_ms": sdpa_ms, "sdpa": str(base), "max_err": err}
     return row | {"x_vs_sdpa": sdpa_ms / row["pipeline_ms"]}
 
 

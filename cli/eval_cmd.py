@@ -43,7 +43,9 @@ json output (--json): one object with keys
   layers: [{layer, <the same keys>}, ...]
 est_mass_* and rank_agreement_* are null for pipelines without a pruner. With --backend,
 also: backend, schedule_source, and per layer and overall latency_ms (the compiled step),
-dense_latency_ms (fastest torch SDPA on the same step) and speedup_vs_dense.
+dense_latency_ms (the fastest torch SDPA over the same K/V, among float32, bfloat16 and
+float16, converted before the timing: dense_baseline says which) and speedup_vs_dense, and per
+layer path: "sparse", or the dense fallback the tuning log measured faster there.
 
 examples:
   twilightc eval --pipeline quest_twilight --snapshot tests/fixtures/smollm2_2k.npz
@@ -140,9 +142,13 @@ def _print_tables(data: dict, description: str) -> None:
     out.print(table)
     o = data["overall"]
     if "latency_ms" in o:
+        for r in data["layers"]:
+            out.print(f"  layer {r['layer']}: {r['latency_ms']:.2f} ms vs {r['dense_latency_ms']:.2f}"
+                      f" ms dense → {r['speedup_vs_dense']:.2f}x, ran {r['path']}")
         out.print(f"compiled kernels ({data.get('schedule_source', '?')}): "
                   f"{o['latency_ms']:.2f} ms per step over {len(data['layers'])} layers vs "
-                  f"{o['dense_latency_ms']:.2f} ms dense → {o['speedup_vs_dense']:.2f}x")
+                  f"{o['dense_latency_ms']:.2f} ms dense ({data['dense_baseline']}) → "
+                  f"{o['speedup_vs_dense']:.2f}x")
     out.print("kept: tokens attended · est: estimated mass of the kept set · true: its exact "
               "attention mass · in-cand: true mass relative to the candidates · rank: Spearman "
               "of estimated vs exact weights · err: relative L2 error of the output vs dense")

@@ -18,6 +18,22 @@ knobs) that is fastest on each shape bucket, without breaking correctness: every
 output is checked against the exact torch reference (and, for top-p, its kept estimated mass
 against p) before it is timed; a failing or non-compiling schedule is recorded, never chosen.
 
+Every trial is timed exactly as serving runs it (the DecodePipeline twilight.load returns:
+plan once, run per step). With --snapshot the trials run on the snapshots' real queries, keys
+and values (every layer, or the --layers chosen), as 'twilightc eval --backend' does, so the
+two report the same figures for the same data; without, on a synthetic problem (peaked random
+keys), and the tuning log says which.
+
+After the trials, each bucket measures where dense attention is faster than the winner: at a
+ladder of contexts (powers of two up to the bucket's), the winner against twilight's own dense
+kernels (their schedule tuned first, --dense-trials) and torch SDPA over the same pages. The
+context below which dense wins (per layer too, on snapshots) goes into the tuning log as
+dense_below, and twilight.load()'s pipeline runs dense attention there, so a loaded pipeline is
+never slower than dense where this was measured.
+
+Every ratio is against the one dense baseline: the fastest torch SDPA over the same K/V among
+float32, bfloat16 and float16 (and both GQA layouts), converted before the timing.
+
 One Optuna study per shape bucket lives in real storage (a journal file under the data dir by
 default), so a tune killed half way resumes where it stopped: finished trials are kept and not
 rerun, and a trial cut off by the kill is run again. The default schedule and the previous
@@ -77,12 +93,21 @@ def register(sub) -> None:
                    default=args.head_shape(DEFAULT_HEADS),
                    help=f"head layout: q_heads (a multiple of kv_heads), kv_heads, head_dim, "
                         f"dtype ({', '.join(args.SHAPE_DTYPES)}) (default: {DEFAULT_HEADS})")
-    p.add_argument("--snapshot", default=None, metavar="FILE",
-                   help="take the head layout, dtype and shape bucket (queries × context) from "
-                        "an attention snapshot, to tune for what 'twilightc eval --backend' runs")
+    p.add_argument("--snapshot", nargs="+", default=None, metavar="FILE",
+                   help="tune on the real attention of these snapshots (one head layout): "
+                        "their head layout, dtype, shape buckets (queries × context) and data, "
+                        "as 'twilightc eval --backend' runs them")
+    p.add_argument("--layers", default=None, metavar="all|I,J,...",
+                   help="with --snapshot: the layer slots to measure on (default: all of a "
+                        "snapshot with up to 4, else 4 spread evenly)")
     p.add_argument("--trials", type=args.count(1), default=12, metavar="N",
                    help="trials per shape bucket, in all: processes sharing --storage share "
                         "them (default: %(default)s)")
+    p.add_argument("--dense-trials", type=args.count(0), default=8, metavar="N",
+                   help="trials per bucket for the dense fallback's schedule (the dense "
+                        "pipeline with this one's attention; its own tuning log), before "
+                        "measuring where dense wins; 0: its logged or default schedule "
+                        "(default: %(default)s)")
     p.add_argument("--timeout", type=args.number(0), default=None, metavar="S",
                    help="stop after S seconds in all (default: none)")
     p.add_argument("--storage", default=None, metavar="URL", help="study storage (see below)")
@@ -115,6 +140,7 @@ def run(ns) -> int:
     from ..compiler.backend import backend_for, get_backend
     from ..compiler.verify import verify
     from ..frontend.resolve import resolve_pipeline
+    from ..runtime.evaluation.problems import snapshot_bucket
     from ..runtime.store.tuning_log import user_root
     from ..runtime.tuning.tuner import TuneConfig
     from ..schedules.devices import resolve_device
@@ -126,9 +152,15 @@ def run(ns) -> int:
         raise args.UsageError(f"--pipeline {ns.pipeline}: {pipe.name} needs calibrated "
                               f"channels to tune; pass them, e.g. '{pipe.name}(channels=...)'")
     shape = args.make_shape(ns.head_shape, pipe.ir.page_size)
-    buckets = ns.shapes
+    buckets, snapshots = ns.shapes, []
     if ns.snapshot:
-        pipe, shape, buckets = _from_snapshot(ns.snapshot, pipe, buckets)
+        if buckets:
+            raise args.UsageError("--shapes: with --snapshot the shape buckets are the "
+                                  "snapshots' (queries × context)")
+        pipe, shape, snapshots = _from_snapshots(ns.snapshot, pipe, ns.layers)
+        buckets = list(dict.fromkeys(snapshot_bucket(s) for s, _ in snapshots))
+    elif ns.layers:
+        raise args.UsageError("--layers: only with --snapshot")
     if ns.backend == "any":  # the backend that serves this device (Triton on a GPU, TVM here)
         backend = backend_for(device)[0].name
     else:
@@ -139,7 +171,8 @@ def run(ns) -> int:
     default_store = Path(knobs.data_dir()) / "studies" / device.name / f"{pipe.name}.journal"
     cfg = TuneConfig(pipe.ir, shape, buckets, backend, device, trials=ns.trials,
                      timeout=ns.timeout, storage=ns.storage or str(default_store),
-                     sampler=ns.sampler, seed=ns.seed, repeats=ns.repeats)
+                     sampler=ns.sampler, seed=ns.seed, repeats=ns.repeats,
+                     snapshots=snapshots, dense_trials=ns.dense_trials)
     _check_memory(cfg)
     if ns.sampler == "grid":
         _check_grid(cfg)
@@ -155,20 +188,35 @@ def run(ns) -> int:
     return 0
 
 
-def _from_snapshot(path: str, pipe, buckets):
-    """The head layout, dtype, model scale and (unless given) bucket of a snapshot."""
+def _from_snapshots(paths: list[str], pipe, layers: str | None):
+    """The pipeline (with the model's softmax scale), head layout and (snapshot, layer slots)
+    pairs of ``--snapshot``; the snapshots must share one head layout and dtype."""
     from ..compiler.ir import Shape
     from ..frontend.dsl import Pipeline
     from ..runtime.evaluation.evaluate import with_model_scale
     from ..runtime.evaluation.snapshot import load_snapshot
-    from ..runtime.store.tuning_log import ShapeBucket
-    snap = load_snapshot(path)
-    _, nq, hq, d = snap.q.shape
-    shape = Shape(hq, snap.k.shape[1], d, pipe.ir.page_size,
-                  str(snap.q.dtype).removeprefix("torch."))
-    if len(set(snap.scale.tolist())) == 1:  # as 'twilightc eval' will run it
-        pipe = Pipeline.from_ir(with_model_scale(pipe.ir, float(snap.scale[0]), d))
-    return pipe, shape, buckets or [ShapeBucket(nq, int(snap.q_pos.max()) + 1)]
+    from .eval_cmd import _parse_layers
+
+    snaps = [load_snapshot(p) for p in paths]
+    layouts = {(s.q.shape[2], s.k.shape[1], s.q.shape[3], s.q.dtype) for s in snaps}
+    if len(layouts) > 1:
+        raise args.UsageError(f"--snapshot: the snapshots differ in head layout or dtype "
+                              f"{sorted(map(str, layouts))}; tune each layout on its own")
+    hq, hkv, d, dtype = layouts.pop()
+    shape = Shape(hq, hkv, d, pipe.ir.page_size, str(dtype).removeprefix("torch."))
+    scales = {float(x) for s in snaps for x in s.scale.tolist()}
+    if len(scales) == 1:  # as 'twilightc eval' will run it
+        pipe = Pipeline.from_ir(with_model_scale(pipe.ir, scales.pop(), d))
+    chosen = []
+    for s in snaps:
+        n = s.num_layers
+        if layers in (None, "all"):
+            idx = list(range(n)) if layers == "all" or n <= 4 else \
+                sorted({round(j * (n - 1) / 3) for j in range(4)})
+        else:
+            idx = _parse_layers(layers, n)
+        chosen.append((s, idx))
+    return pipe, shape, chosen
 
 
 def _check_grid(cfg) -> None:

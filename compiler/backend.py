@@ -121,6 +121,18 @@ class StageKernels(Protocol):
         """Min/max and codes of the groups ``gp int64 [N, G]`` of every group format."""
 
 
+class FusedStep(Protocol):
+    """What ``StageKernels`` also offer when their backend runs a whole decode step in one call
+    (TVM on the CPU): ``DecodePipeline.run``/``step`` use it where ``fused`` is true."""
+
+    fused: bool
+
+    def call_fused(self, q, cache, ids: list[int], k=None, v=None, out=None,
+                   return_lists: bool = False) -> Any:
+        """``out [B, Hq, D]`` of the requests ``ids`` in one call; with ``k``/``v``
+        ``[B, Hkv, D]`` it first appends them (one token each) as ``cache.append`` would."""
+
+
 class Backend(abc.ABC):
     """One code generator. Subclasses set ``name`` and ``source_ext`` and register with
     :func:`register_backend`."""

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import ir
 from .ir import GRANULARITIES, code_name, code_problem
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "dequantize_minmax",
     "dequantize_token",
     "fit_smoothing",
+    "minmax_summaries",
     "pack_codes",
     "packed_bytes",
     "quantize_page",
@@ -113,6 +115,21 @@ class KeyCodeSpec:
     @property
     def name(self) -> str:
         return code_name(self.bits, self.granularity, self.group_pages, self.smooth)
+
+
+def minmax_summaries(p: ir.PipelineIR) -> tuple[str, str] | None:
+    """Names of the pipeline's summary fields that are exactly the per-channel key min and max
+    of a page (Quest's ``kmin``/``kmax``), which page-granularity codes then share; None if it
+    has none (the cache keeps its own)."""
+    found: dict[str, str] = {}
+    page_k = ir.Expr("page_k", (), ())
+    for s in p.summaries():
+        for f in s.fields:
+            e = f.expr
+            if e.op in ("reduce_min", "reduce_max") and e.inputs == (page_k,) \
+                    and e.attrs == (("axis", "token"),):
+                found.setdefault(e.op[7:], f"{s.name}.{f.name}")
+    return (found["min"], found["max"]) if len(found) == 2 else None
 
 
 def _check_bits(bits: int) -> int:

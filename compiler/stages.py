@@ -67,6 +67,15 @@ class PagedCache(Protocol):
 
     def gather_pages(self, req: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]: ...
 
+    # the host bookkeeping a generated append needs (no read of a device tensor)
+    generation: int  # bumped whenever the cache reallocates a tensor
+
+    def length(self, rid: int) -> int: ...
+
+    def reserve(self, ids: Sequence[int], n: int = 1) -> None: ...
+
+    def advance(self, ids: Sequence[int], n: int = 1) -> None: ...
+
 
 
 @dataclass

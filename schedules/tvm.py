@@ -2,7 +2,9 @@
 
 llvm: rows (request × head × split) run under ``T.parallel`` on ``threads`` workers, channel
 loops are tiled by ``vector_width`` and vectorized (the head_dim tile), attention walks its kept
-tokens in blocks of ``attend_block_n`` and splits each row's list ``split_kv`` ways.
+tokens in blocks of ``attend_block_n``; ``split_kv`` splits each row's context (candidates,
+pages, kept list) over the threads — split-K, for layouts whose batch × kv_heads rows cannot
+fill the cores.
 cuda: rows bind to ``blockIdx.x × threadIdx.x`` with ``cuda_threads`` rows a block;
 ``cuda_attend_staging="smem"`` stages each block's queries in shared memory for attention.
 """
@@ -17,8 +19,10 @@ TVM_KERNELS = Space("tvm", (
           doc="channel tile: vector lanes of every head_dim loop (float32 lanes)"),
     Param("attend_block_n", (4, 8, 16, 32, 64), 16,
           doc="kept tokens per online-softmax rescale in attention"),
-    Param("split_kv", (1, 2, 4, 8), 1,
-          doc="splits of each row's kept list (a combine kernel merges them)"),
+    Param("split_kv", (0, 1, 2, 4, 8), 0,
+          doc="splits of each row's context over the threads (estimate, score and attention "
+              "rows; a combine merges attention's): 0 = as many as fill the cores when batch × "
+              "kv_heads cannot (llvm; 1 on cuda)"),
     Param("threads", (0, 1, 2, 4, 8, 16, 32), 0,
           doc="llvm: CPU worker threads (0 = TVM's default, one per core)"),
     Param("cuda_threads", (32, 64, 128, 256), 64, doc="cuda: rows (threads) per block"),

@@ -31,6 +31,7 @@ from ...version import source_stamp
 from .. import ir
 from ..backend import Backend, Target, register_backend
 from ..verify import verify
+from . import export
 from .aot import compile_artifacts
 from .loader import interpreter_ready
 from .pipeline import TritonCompiled
@@ -72,6 +73,21 @@ class TritonBackend(Backend):
         here = Path(__file__).resolve().parent
         return {"triton": triton.__version__,
                 "codegen_sources": source_stamp(here, here.parent / "ir.py")}
+
+    def exports(self, target: Target) -> bool:
+        """Kernel-cache entries for both targets: the generated module (interpreter) and, for
+        a GPU arch, every kernel compiled ahead of time (``export``)."""
+        return self.supports(target)
+
+    def export(self, kernels, out: Path) -> None:
+        export.export(kernels, out)
+
+    def load_exported(self, p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target,
+                      entry):
+        return export.load_exported(p, shape, schedule, target, entry)
+
+    def fresh(self, kernels):
+        return kernels.fresh()
 
     def dump_artifacts(self, compiled, target: Target):
         """On a cuda target, AOT-compile every kernel (ttir … cubin, registers, spills)."""

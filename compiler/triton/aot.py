@@ -55,16 +55,30 @@ def _key(spec: KernelSpec, target: Target) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def ast_source(module, spec: KernelSpec, consts: dict | None = None) -> ASTSource:
+    """What Triton compiles for ``spec`` (its constexprs, ``consts`` overriding some): the
+    argument types of the spec, no specialization on values or alignment, so the compiled
+    kernel accepts any arguments of those types."""
+    sig = dict(spec.args) | {name: "constexpr" for name, _ in spec.constexprs}
+    return ASTSource(getattr(module, spec.name), signature=sig,
+                     constexprs=spec.const_dict | dict(consts or {}))
+
+
+def compile_kernel(module, spec: KernelSpec, target: Target, consts: dict | None = None):
+    """Triton's ``CompiledKernel`` of ``spec`` for ``target`` (a cuda target), no GPU needed;
+    its ``metadata_group`` names the files Triton wrote (what a kernel-cache entry keeps)."""
+    with loader.jit_library():
+        return triton.compile(ast_source(module, spec, consts),
+                              target=GPUTarget("cuda", target.sm, 32),
+                              options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+
+
 def compile_spec(module, spec: KernelSpec, target: Target) -> tuple[dict, dict]:
     """``(files, metadata)`` of one kernel for ``target`` (a cuda target)."""
     key = _key(spec, target)
     if key in _CACHE:
         return _CACHE[key]
-    sig = dict(spec.args) | {name: "constexpr" for name, _ in spec.constexprs}
-    src = ASTSource(getattr(module, spec.name), signature=sig, constexprs=spec.const_dict)
-    with loader.jit_library():
-        k = triton.compile(src, target=GPUTarget("cuda", target.sm, 32),
-                           options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+    k = compile_kernel(module, spec, target)
     files = {s: k.asm[s] for s in _STAGES if s in k.asm}
     usage = resource_usage(files["cubin"])
     meta = {"registers": usage.get("REG", 0), "spills": usage.get("LOCAL", 0),

@@ -149,7 +149,13 @@ def _preimport_gluon() -> None:
 
 def load(source: str, interpret: bool) -> ModuleType:
     """The module of ``source`` with its kernels decorated for the interpreter or for JIT/AOT."""
-    path = source_path(source)
+    return load_file(source_path(source), interpret)
+
+
+def load_file(path: Path, interpret: bool) -> ModuleType:
+    """The generated module at ``path`` (e.g. in a kernel-cache entry), decorated for the
+    interpreter or for JIT/AOT; imported once per path and mode."""
+    path = Path(path)
     key = (str(path), interpret)
     if key in _MODULES:
         return _MODULES[key]
@@ -158,7 +164,8 @@ def load(source: str, interpret: bool) -> ModuleType:
                                       "needs TRITON_INTERPRET=1 in the environment before "
                                       "triton is first imported (set it, or use a cuda target)")
     _preimport_gluon()
-    name = f"twilight_triton_gen.{path.stem}_{'interp' if interpret else 'jit'}"
+    tag = hashlib.sha256(str(path).encode()).hexdigest()[:12]  # one name per file
+    name = f"twilight_triton_gen.{path.stem}_{tag}_{'interp' if interpret else 'jit'}"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     with interpret_mode(interpret):

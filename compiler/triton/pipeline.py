@@ -11,6 +11,7 @@ a fresh output tensor).
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import Tensor
@@ -53,8 +54,17 @@ class TritonCompiled:
                                              "num_stages": k.num_stages})
                           for k in self.specs.values()]
         self._mod = None
+        self.module_path = None  # the generated module's file, when it lives in a cache entry
+        self.aot: dict | None = None  # variant → Triton CompiledKernel (``export``): no JIT
         self._bufs: dict[tuple, Tensor] = {}
         self._scores: dict[int, Tensor] = {}  # each scored selector's, of the latest step
+
+    def fresh(self) -> TritonCompiled:
+        """Another ``TritonCompiled`` over the same module and compiled kernels, with its own
+        buffers (each ``twilight.load`` gets its own)."""
+        other = copy.copy(self)
+        other._bufs = {}
+        return other
 
     # ---- plumbing ----------------------------------------------------------------------------
     @property
@@ -64,10 +74,17 @@ class TritonCompiled:
     @property
     def module(self):
         if self._mod is None:
-            self._mod = loader.load(self.source, self.interpret)
+            self._mod = loader.load(self.source, self.interpret) if self.module_path is None \
+                else loader.load_file(self.module_path, self.interpret)
         return self._mod
 
     def _launch(self, name: str, grid, *args, **consts) -> None:
+        if self.aot is not None:  # kernels compiled ahead of time (a kernel-cache entry)
+            spec = self.specs[name]
+            kernel = self.aot[variant_name(name, consts)]
+            values = spec.const_dict | consts
+            kernel[grid](*args, *(values[c] for c, _ in spec.constexprs))
+            return
         if self.interpret:
             mode = loader.interpreter_launch()
         else:  # a GPU launch in a process that also interprets needs JIT library functions
@@ -189,16 +206,27 @@ class TritonCompiled:
         flags = self._buf(f"prune_flags{stage}", (b * rows, width), torch.int8, dev)
         idx = self._buf(f"kept_idx{stage}", (b, hq, width), torch.int32, dev)
         cnt = self._buf(f"kept_cnt{stage}", (b, hq), torch.int32, dev)
-        rowb = max(16, next_pow2(width))
+        rowb = self.row_block(stage, width)
         if f"prune{stage}_compact" not in self.specs:  # fuse_prune_compact: one launch
             self._launch(f"prune{stage}_decide", (b * rows,), est_w, cand_cnt, kunits, scr,
-                         hist, flags, cand_idx, x.lengths, idx, cnt, width, ROWB=rowb)
+                         hist, flags, cand_idx, x.lengths, idx, cnt, width, **rowb)
             return idx, cnt
         self._launch(f"prune{stage}_decide", (b * rows,), est_w, cand_cnt, kunits, scr, hist,
-                     flags, width, ROWB=rowb)
+                     flags, width, **rowb)
         self._launch(f"prune{stage}_compact", (b * hq,), flags, cand_idx, cand_cnt, x.lengths,
                      idx, cnt, width)
         return idx, cnt
+
+    def sorts(self, stage: int) -> bool:
+        """Whether pruner ``stage`` sorts each row (top-p ``sort``: its block is a constexpr
+        sized to the row, ``ROWB``)."""
+        return self.p.prune[stage].rule == "top_p" and \
+            self.schedule.get("top_p_strategy") == "sort"
+
+    def row_block(self, stage: int, width: int) -> dict:
+        """The launch-time constexprs of pruner ``stage``'s decide kernel for rows of
+        ``width``: ``ROWB`` for the sort strategy, nothing otherwise (no recompiles)."""
+        return {"ROWB": max(16, next_pow2(width))} if self.sorts(stage) else {}
 
     def attend(self, x: StageInputs, kept_idx: Tensor, kept_cnt: Tensor) -> Tensor:
         """``out [B, Hq, D]`` in q's dtype: exact attention over each head's kept list."""
@@ -283,3 +311,10 @@ class TritonCompiled:
         for spec in formats:
             self._launch(codes_kernel_name(spec), (gp.shape[0], self.shape.kv_heads),
                          cache.k_pages, gp, cache.page_fill, *cache.key_codes[spec].tensors())
+
+
+def variant_name(name: str, consts: dict) -> str:
+    """The name of a kernel compiled with launch-time constexprs ``consts`` (``prune0_decide``,
+    ``prune0_decide.ROWB1024``)."""
+    return ".".join([name, *(f"{k}{v}" for k, v in sorted(consts.items()))])
+

@@ -55,7 +55,7 @@ def gen_summaries(ctx: StageCtx, summary: Summary) -> KernelSource:
                     low = Lowering(s, leaf, {"page_k": ctx.D}, tables, ctx.vec,
                                    token=("t", ctx.PS, "nv"), mats=mats)
                     s(f'{f"s_{f.name}"}[pg, hkv, c] = T.Cast("{ctx.dtype}", {low.value(f.expr, "c")})')
-    return KernelSource("append", f"summary_{summary.name}", s.text())
+    return s.source("append", f"summary_{summary.name}")
 
 
 def gen_token_summaries(ctx: StageCtx, summary: Summary) -> KernelSource:
@@ -81,7 +81,7 @@ def gen_token_summaries(ctx: StageCtx, summary: Summary) -> KernelSource:
                     low = Lowering(s, leaf, {"k": ctx.D}, tables, ctx.vec, mats=mats)
                     s(f'ts_{f.name}[pg, hkv, sl, c] = T.Cast("{ctx.dtype}", '
                       f'{low.value(f.expr, "c")})')
-    return KernelSource("append", name, s.text())
+    return s.source("append", name)
 
 
 def _encode(x: str, zero: str, scale: str, levels: int) -> str:
@@ -123,7 +123,7 @@ def gen_token_codes(ctx: StageCtx, bits: int, smooth: bool = False) -> KernelSou
             s("ksc[pg, hkv, sl] = sc", "kzr[pg, hkv, sl] = lo[0]")
             _pack(s, per, bits, nb, d, "codes[pg, hkv, sl, j]",
                   lambda c: _encode(x.format(c=c), "lo[0]", "sc", levels))
-    return KernelSource("append", name, s.text())
+    return s.source("append", name)
 
 
 def _pack(s: Src, per: int, bits: int, nb: int, d: int, dst: str, code) -> None:
@@ -197,7 +197,7 @@ def gen_page_codes(ctx: StageCtx, bits: int) -> KernelSource:
         with s.rows("r", f"P * {ctx.HKV}"):
             s(f"pg = pages[r // {ctx.HKV}]", f"hkv = r % {ctx.HKV}")
             _minmax_codes(ctx, s, bits, ["pg"])
-    return KernelSource("append", f"page_codes{bits}", s.text())
+    return s.source("append", f"page_codes{bits}")
 
 
 def group_codes_name(spec: KeyCodeSpec) -> str:
@@ -217,7 +217,7 @@ def gen_group_codes(ctx: StageCtx, bits: int, group_pages: int) -> KernelSource:
         with s.rows("r", f"N * {ctx.HKV}"):
             s(f"grp = r // {ctx.HKV}", f"hkv = r % {ctx.HKV}")
             _minmax_codes(ctx, s, bits, [f"gp[grp, {i}]" for i in range(g)])
-    return KernelSource("append", name, s.text())
+    return s.source("append", name)
 
 
 def append_sources(ctx: StageCtx):

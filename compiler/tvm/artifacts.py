@@ -3,7 +3,8 @@ and loaded back with no TVMScript parse, no ``tvm.compile`` and no import of the
 package (1.2–4 s): ``libtvm_runtime.so`` is opened with ``ctypes`` (it provides the thread pool
 the kernels' ``T.parallel`` loops call into) and each library with ``tvm_ffi.load_module``.
 
-An entry holds one ``<kernel>.<build tag>.so`` per kernel (``export_library``) and
+An entry holds one ``<kernel>.<build tag>.so`` per compiled module (``export_library``) —
+on llvm one, ``fused``, whose functions are every kernel of the pipeline — and
 ``kernels.json``: each kernel's stage, file and the sha256 of the TVMScript it was built from.
 ``load_pipeline`` regenerates the TVMScript (text only, about a millisecond) and refuses an entry
 whose kernels differ in name or source (``LibraryMismatch``), so a key collision or a stale entry
@@ -71,10 +72,12 @@ def export_pipeline(compiled: TVMCompiled, out: Path) -> None:
         raise ValueError(f"exporting {compiled.target} libraries is not supported (llvm only)")
     tag = uuid.uuid4().hex[:8]
     out = Path(out)
-    files = {name: f"{name}.{tag}.so" for name in compiled.kernels}
+    # kernels that are functions of one module (llvm: the fused one) share its library
+    files = {name: f"{k.member_of or name}.{tag}.so" for name, k in compiled.kernels.items()}
+    owners = {f: compiled.kernels[n] for n, f in files.items()
+              if not compiled.kernels[n].member_of}
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(lambda n: compiled.kernels[n].executable.export_library(
-            str(out / files[n])), files))
+        list(pool.map(lambda f: owners[f].executable.export_library(str(out / f)), owners))
     index = {"format": FORMAT, "target": str(compiled.target), "kernels": {
         name: {"stage": k.source.stage, "file": files[name], "source_sha256": _sha(k.source.text)}
         for name, k in compiled.kernels.items()}}
@@ -101,14 +104,17 @@ def load_pipeline(p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Tar
     ensure_runtime()
     import tvm_ffi  # noqa: PLC0415 - light (the FFI only); torch is imported already
 
-    kernels = {}
+    kernels, mods = {}, {}
+    shared = have.get("fused", {}).get("file")
     for name, src in want.items():
-        path = entry.path / have[name]["file"]
-        try:
-            mod = tvm_ffi.load_module(str(path))
-        except Exception as e:  # a library that passed its checksum but does not load
-            raise LibraryMismatch(f"{path.name} does not load: {e}") from e
-        kernels[name] = Kernel(src, target, None, mod)
+        file = have[name]["file"]
+        if file not in mods:
+            try:
+                mods[file] = tvm_ffi.load_module(str(entry.path / file))
+            except Exception as e:  # a library that passed its checksum but does not load
+                raise LibraryMismatch(f"{file} does not load: {e}") from e
+        kernels[name] = Kernel(src, target, None, mods[file],
+                               "fused" if name != "fused" and file == shared else "")
     return TVMCompiled(ctx, target, kernels)
 
 

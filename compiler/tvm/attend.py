@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 
 from .build import KernelSource
-from .context import StageCtx, f32, softcap_text
+from .context import StageCtx, f32, fast_exp, softcap_text
 from .dialect import NEG_INF, Src
 from .estimate import _split
+from .estimate_tile import lanes_sum
 from .select import score_rows
 
 
@@ -36,7 +37,10 @@ def attend_rows(ctx: StageCtx) -> tuple[int, int]:
 
 
 def splits(ctx: StageCtx) -> int:
-    return int(ctx.sched.get("split_kv", 1))
+    """Splits of each attention row: ``split_kv`` when the schedule fixes it, else 0 — the
+    plan's choice at run time (llvm; ``pipeline.splits_for``), given as a dim of ``pacc``."""
+    n = int(ctx.sched.get("split_kv", 0))
+    return max(1, n) if ctx.dialect.cuda else n
 
 
 SHARED_BYTES = 48 * 1024  # static shared memory a block may declare without opting in
@@ -91,17 +95,20 @@ def gen_attend(ctx: StageCtx) -> KernelSource:
               ("kidx", ("B", ctx.HQ, "K"), "int32"), ("kcnt", ("B", ctx.HQ), "int32"),
               ("kp", ("CAP", ctx.HKV, ctx.PS, d), ctx.dtype),
               ("vp", ("CAP", ctx.HKV, ctx.PS, d), ctx.dtype)]
+    nst = str(ns) if ns else "NS"
     if ns == 1:
         params += [("out", ("B", ctx.HQ, d), ctx.dtype)]
     else:
-        params += [("pacc", ("B", ctx.HQ, ns, d), "float32"),
-                   ("pml", ("B", ctx.HQ, ns, 2), "float32")]
+        params += [("pacc", ("B", ctx.HQ, nst, d), "float32"),
+                   ("pml", ("B", ctx.HQ, nst, 2), "float32")]
     _, vw = _split(d, ctx.vec)
-    with s.func("attend", params, ("B", "NP", "K", "CAP")):
-        with s.rows("r", f"B * {rows * ns}", prologue):
-            s(f"b = r // {rows * ns}", f"hr = r % {rows * ns} // {ns}", f"sp = r % {ns}")
+    sym = ("B", "NP", "K", "CAP") + (("NS",) if not ns else ())
+    with s.func("attend", params, sym):
+        with s.rows("r", f"B * {rows} * {nst}", prologue):
+            s(f"b = r // ({rows} * {nst})", f"hr = r % ({rows} * {nst}) // {nst}",
+              f"sp = r % {nst}")
             s(f"h0 = hr * {gh}", f"hkv = h0 // {ctx.G}", "n = kcnt[b, h0]")
-            s(f"chunk = (n + {ns - 1}) // {ns}", "lo = T.min(sp * chunk, n)",
+            s(f"chunk = (n + {nst} - 1) // {nst}", "lo = T.min(sp * chunk, n)",
               "hi = T.min(lo + chunk, n)")
             if not smem:
                 s.local("qv", (gh, d))
@@ -122,7 +129,7 @@ def gen_attend(ctx: StageCtx) -> KernelSource:
             with s.block(f"for blk in range((hi - lo + {bn - 1}) // {bn}):"):
                 _block(ctx, s, gh, bn, vw, smem)
             _finish(ctx, s, gh, ns)
-    return KernelSource("attend", "attend", s.text())
+    return s.source("attend", "attend")
 
 
 def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool = False) -> None:
@@ -146,20 +153,34 @@ def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool = False)
                 with s.block(f"for co in range({d // vw}):"):
                     with s.block(f"for v in {s.d.vec(vw)}:"):
                         s(f"dot[v] = dot[v] + {qread} * kr[co * {vw} + v]")
-                logit = f"({tree_sum(s, 'dot', vw)}){scale}" if smem else tree_sum(s, "dot", vw)
+                if smem:
+                    logit = f"({tree_sum(s, 'dot', vw)}){scale}"
+                elif s.d.cuda or vw & (vw - 1):
+                    logit = tree_sum(s, "dot", vw)
+                else:  # in registers, halving by shuffles
+                    logit = lanes_sum(f"dot[T.Ramp(0, 1, {vw})]", vw)
                 s(f"lg[g, j] = {softcap_text(ctx, logit)}")
         with s.block("else:"):
             with s.block(f"for g in range({gh}):"):
                 s(f"lg[g, j] = {NEG_INF}")
     with s.block(f"for g in range({gh}):"):
-        s("mb[0] = m[g]")
-        with s.block(f"for j in range({bn}):"):
-            s("mb[0] = T.max(mb[0], lg[g, j])")
-        s("corr = T.exp(m[g] - mb[0])", "l[g] = l[g] * corr", "m[g] = mb[0]")
-        with s.block(f"for c in {s.d.vec(d)}:"):
-            s("acc[g, c] = acc[g, c] * corr")
-        with s.block(f"for j in range({bn}):"):
-            s("lg[g, j] = T.exp(lg[g, j] - mb[0])", "l[g] = l[g] + lg[g, j]")
+        if s.d.cuda or bn & (bn - 1):
+            s("mb[0] = m[g]")
+            with s.block(f"for j in range({bn}):"):
+                s("mb[0] = T.max(mb[0], lg[g, j])")
+            s("corr = T.exp(m[g] - mb[0])", "l[g] = l[g] * corr", "m[g] = mb[0]")
+            with s.block(f"for c in {s.d.vec(d)}:"):
+                s("acc[g, c] = acc[g, c] * corr")
+            with s.block(f"for j in range({bn}):"):
+                s("lg[g, j] = T.exp(lg[g, j] - mb[0])", "l[g] = l[g] + lg[g, j]")
+        else:  # llvm: the block's exps as one vector (libm's exp is a call per element)
+            s(f"mb[0] = T.max(m[g], {lanes_sum(f'lg[g, T.Ramp(0, 1, {bn})]', bn, 'max')})")
+            s(f"corr = {fast_exp('(m[g] - mb[0])')}", "m[g] = mb[0]")
+            with s.block(f"for c in {s.d.vec(d)}:"):
+                s("acc[g, c] = acc[g, c] * corr")
+            with s.block(f"for j in T.vectorized({bn}):"):
+                s(f"lg[g, j] = {fast_exp('(lg[g, j] - mb[0])')}")
+            s(f"l[g] = l[g] * corr + {lanes_sum(f'lg[g, T.Ramp(0, 1, {bn})]', bn)}")
     with s.block(f"for j in range({bn}):"):
         s(f"i = lo + blk * {bn} + j")
         with s.block("if i < hi:"):
@@ -197,9 +218,10 @@ def gen_combine(ctx: StageCtx) -> KernelSource:
     """Merge the splits' partials: ``out = Σ acc_s e^(m_s - M) / Σ l_s e^(m_s - M)``."""
     s = Src(ctx.dialect)
     ns, d = splits(ctx), ctx.D
+    ns = str(ns) if ns else "NS"
     params = [("pacc", ("B", ctx.HQ, ns, d), "float32"), ("pml", ("B", ctx.HQ, ns, 2), "float32"),
               ("out", ("B", ctx.HQ, d), ctx.dtype)]
-    with s.func("combine", params, ("B",)):
+    with s.func("combine", params, ("B",) + (("NS",) if ns == "NS" else ())):
         with s.rows("r", f"B * {ctx.HQ}"):
             s(f"b = r // {ctx.HQ}", f"h = r % {ctx.HQ}")
             s.local("mm", 1)
@@ -219,7 +241,7 @@ def gen_combine(ctx: StageCtx) -> KernelSource:
             s("inv = T.if_then_else(den[0] > T.float32(0), T.float32(1) / den[0], T.float32(0))")
             with s.block(f"for c in {s.d.vec(d)}:"):
                 s(f'out[b, h, c] = T.Cast("{ctx.dtype}", o[c] * inv)')
-    return KernelSource("attend", "combine", s.text())
+    return s.source("attend", "combine")
 
 
 def gen_reallocate(ctx: StageCtx) -> KernelSource:
@@ -252,4 +274,4 @@ def gen_reallocate(ctx: StageCtx) -> KernelSource:
                 s(f'out[b, h, c] = T.Cast("{ctx.dtype}", al[0] * T.Cast("float32", out[b, h, c])'
                   ' + (T.float32(1) - al[0]) * vsum[rid[b], hkv, c] / T.Cast("float32", '
                   "T.max(lens[b], 1)))")
-    return KernelSource("attend", "reallocate", s.text())
+    return s.source("attend", "reallocate")

@@ -32,6 +32,11 @@ def _tvm():
     return tvm, T
 
 
+def is_module(src: KernelSource) -> bool:
+    """Is ``src`` a whole IRModule (the fused step) rather than one PrimFunc?"""
+    return src.text.startswith("@I.ir_module")
+
+
 def tvm_target(target: Target, threads: int = 0):
     """A ``tvm.target.Target`` for a twilight ``Target``.
 
@@ -58,6 +63,10 @@ class KernelSource:
     stage: str
     name: str
     text: str
+    params: tuple = field(default=(), compare=False, repr=False)  # (name, shape, dtype) each
+    sym: tuple = field(default=(), compare=False, repr=False)  # symbolic dims, in call order
+    entries: dict = field(default_factory=dict, compare=False, repr=False)  # a module's
+    # public functions → their buffers' names, in argument order (the fused module)
 
     def key(self, target: Target) -> str:
         return hashlib.sha256(f"{target}\n{self.text}".encode()).hexdigest()
@@ -74,6 +83,7 @@ class Kernel:
     target: Target
     prim_func: object
     executable: object
+    member_of: str = ""  # the module kernel whose executable this one is a function of
     _fn: object = field(default=None, repr=False)
 
     def __call__(self, *args):
@@ -84,13 +94,20 @@ class Kernel:
                 check_aligned(a, self.source.name)
         self._fn(*args)
 
+    def entry(self, name: str):
+        """The raw function ``name`` of the compiled module (no alignment checks: the caller
+        checks what it did not allocate itself)."""
+        return self.executable[name]
+
     def artifact(self) -> Artifact:
         if self.prim_func is None:  # loaded from an exported library: only the source is here
             return Artifact(self.source.stage, self.source.name, self.source.text,
                             files={"tir": self.source.text},
                             metadata={"target": str(self.target), "loaded": True})
+        meta = {"target": str(self.target)} | ({"module": self.member_of} if self.member_of
+                                                else {})
         return Artifact(self.source.stage, self.source.name, self.source.text,
-                        files=artifact_files(self), metadata={"target": str(self.target)})
+                        files=artifact_files(self), metadata=meta)
 
 
 def check_aligned(t: torch.Tensor, kernel: str) -> None:
@@ -124,19 +141,28 @@ def build(src: KernelSource, target: Target, threads: int = 0) -> Kernel:
             STATS["hits"] += 1
             return _CACHE[key]
     tvm, T = _tvm()
+    from tvm.script import ir as I  # noqa: E741, N812, PLC0415 - TVMScript's own name
     try:
-        func = tvm.script.from_source(src.text, extra_vars={"T": T})
+        func = tvm.script.from_source(src.text, extra_vars={"T": T, "I": I})
     except Exception as e:  # the generated text is ours: show it with the error
         raise RuntimeError(f"TVMScript of kernel {src.name} failed to parse: {e}\n"
                            f"{_numbered(src.text)}") from e
-    func = func.with_attr("global_symbol", src.name)
-    mod = tvm.IRModule({src.name: func})
+    if is_module(src):
+        mod = func
+    else:
+        func = func.with_attr("global_symbol", src.name)
+        mod = tvm.IRModule({src.name: func})
     ex = tvm.compile(mod, target=tvm_target(target, threads))
     kern = Kernel(src, target, func, ex)
     with _LOCK:
         STATS["builds"] += 1
         _CACHE[key] = kern
     return kern
+
+
+def member(src: KernelSource, module: Kernel) -> Kernel:
+    """Kernel ``src`` as the function of the same name in ``module``'s executable."""
+    return Kernel(src, module.target, module.prim_func, module.executable, module.source.name)
 
 
 def _numbered(text: str) -> str:
@@ -148,9 +174,17 @@ def artifact_files(k: Kernel) -> dict[str, str]:
     assembly for llvm, CUDA C for cuda."""
     tvm, _ = _tvm()
     files = {"tir": k.source.text}
-    mod = tvm.IRModule({k.source.name: k.prim_func})
+    if k.member_of:  # a function of a module: its own subroutine, lowered with the module
+        try:
+            impl = f"{k.source.name}_impl"
+            files["lowered"] = (f"# {impl}, lowered with module {k.member_of}\n"
+                                + _lowered_module(k.prim_func, k.target)[impl].script())
+        except Exception as e:  # a dump must not fail a build
+            files["lowered"] = f"# lowering for the dump failed: {e}"
+        return files  # the module's own artifact holds the LLVM IR and assembly
+    mod = k.prim_func if is_module(k.source) else tvm.IRModule({k.source.name: k.prim_func})
     try:
-        files["lowered"] = _lowered(mod, k.target)
+        files["lowered"] = _lowered_module(mod, k.target).script()
     except Exception as e:  # a dump must not fail a build
         files["lowered"] = f"# lowering for the dump failed: {e}"
     rt = k.executable.mod
@@ -162,11 +196,22 @@ def artifact_files(k: Kernel) -> dict[str, str]:
     return files
 
 
-def _lowered(mod, target: Target) -> str:
-    tvm, _ = _tvm()
-    pipe = tvm.tirx.get_default_tir_pipeline(tvm_target(target))
-    with tvm_target(target):
-        return pipe(mod).script()
+_LOWERED: dict[tuple[int, str], tuple] = {}  # (id, target) -> (module, lowered): kept alive
+
+
+def _lowered_module(mod, target: Target):
+    """``mod`` through TVM's default TIR pipeline (memoized: a module's kernels share it)."""
+    key = (id(mod), str(target))
+    if key not in _LOWERED:
+        tvm, _ = _tvm()
+        pipe = tvm.tirx.get_default_tir_pipeline(tvm_target(target))
+        if isinstance(pipe, tuple):  # TVM 0.27: (pipeline, host finalizer, device finalizer)
+            pipe = pipe[0]
+        tgt = tvm_target(target)
+        with tgt:  # bound as tvm.tirx.build binds it (with its host), or the pipeline refuses
+            low = pipe(tvm.tirx.transform.BindTarget(tgt.with_host(tgt))(mod))
+        _LOWERED[key] = (mod, low)
+    return _LOWERED[key][1]
 
 
 def cuda_source(k: Kernel) -> str:

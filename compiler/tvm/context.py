@@ -95,3 +95,30 @@ def keep_text(ctx: StageCtx, t: str, length: str) -> str:
     if k.window:
         parts.append(f"{t} >= {length} - {k.window}")
     return " or ".join(parts) if parts else "False"
+
+
+def fast_exp(x: str) -> str:
+    """``exp(x)`` in float32 as one TVMScript expression of vector-friendly arithmetic, for
+    ``x ≤ 88`` (softmax arguments are ≤ 0): ``T.exp`` becomes a libm call per element on llvm,
+    which neither vectorizes nor inlines. Cephes' ``expf``: ``x = n·ln2 + r`` (ln2 in two parts),
+    a degree-7 polynomial of ``r``, times ``2**n`` built from the exponent bits in two halves
+    (so that subnormal results round as they should). Within 2 ulp of libm; ``exp(-inf) = 0``
+    and NaN stays NaN. ``x`` is repeated in the text (no scalar binding: see TOOLCHAIN.md)."""
+    xc = f"T.max(T.min({x}, T.float32(88.3762626647949)), T.float32(-104.0))"
+    n = f"T.floor({xc} * T.float32(1.44269504088896341) + T.float32(0.5))"
+    r = f"({xc} - {n} * T.float32(0.693359375) - {n} * T.float32(-2.12194440e-4))"
+    poly = "T.float32(1.9875691500e-4)"
+    for c in ("1.3981999507e-3", "8.3334519073e-3", "4.1665795894e-2", "1.6666665459e-1",
+              "5.0000001201e-1"):
+        poly = f"({poly} * {r} + T.float32({c}))"
+    val = f"({poly} * {r} * {r} + {r} + T.float32(1))"
+    half = f"T.floor({n} * T.float32(0.5))"
+
+    def pow2(m: str) -> str:
+        return f'T.reinterpret("float32", T.shift_left(T.Cast("int32", {m}) + 127, 23))'
+    out = f"{val} * {pow2(half)} * {pow2(f'({n} - {half})')}"
+    # NaN by its bits: T.isnan inside a Select stops TVM 0.27 from vectorizing the loop, and
+    # TVM folds x != x to False
+    nan = f'T.bitwise_and(T.reinterpret("uint32", {x}), T.uint32(2147483647)) > T.uint32(2139095040)'
+    return (f"T.Select({nan}, {x}, T.Select({x} < T.float32(-104.0), "
+            f"T.float32(0), {out}))")

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..source import SourceWriter
+from .build import KernelSource
 
 NEG_INF = 'T.float32("-inf")'
 POS_INF = 'T.float32("inf")'
@@ -28,6 +29,7 @@ DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 class Dialect:
     kind: str = "llvm"  # "llvm" | "cuda"
     threads: int = 64  # cuda threads per block (rows per block)
+    private: bool = False  # kernels as private subroutines of a fused module (``fused.py``)
 
     @property
     def cuda(self) -> bool:
@@ -45,6 +47,7 @@ class Src(SourceWriter):
     def __init__(self, dialect: Dialect):
         super().__init__()
         self.d = dialect
+        self.signature: tuple[tuple, tuple] = ((), ())  # (params, symbolic dims) of ``func``
 
     def local(self, name: str, shape, dtype: str = "float32") -> str:
         shape = shape if isinstance(shape, tuple) else (shape,)
@@ -63,16 +66,45 @@ class Src(SourceWriter):
     @contextmanager
     def func(self, name: str, params: list[tuple[str, tuple, str]], sym: tuple[str, ...]):
         """``def name(...)`` with one handle per buffer, ``T.match_buffer`` of each, and the
-        symbolic dims in ``sym`` declared as ``T.int32()`` vars."""
-        args = ", ".join(f"{p}_h: T.handle" for p, _, _ in params)
-        with self.block(f"@T.prim_func\ndef {name}({args}):"):
+        symbolic dims in ``sym`` declared as ``T.int32()`` vars.
+
+        Private (``Dialect.private``): ``name_impl``, a subroutine of a fused module instead,
+        taking a typed pointer per buffer (``T.decl_buffer`` over it) and the symbolic dims as
+        ``int32`` arguments, after the pointers; it returns 0 (TVM 0.27's llvm codegen rejects a
+        void subroutine holding a parallel loop)."""
+        self.signature = (tuple(params), tuple(sym))
+        if self.d.private:
+            args = ", ".join([f'{p}_p: T.handle("{dt}")' for p, _, dt in params]
+                             + [f"{v}: T.int32" for v in sym])
+            header = f"@T.prim_func(private=True)\ndef {name}_impl({args}) -> T.int32:"
+        else:
+            args = ", ".join(f"{p}_h: T.handle" for p, _, _ in params)
+            header = f"@T.prim_func\ndef {name}({args}):"
+        with self.block(header):
             self('T.func_attr({"tirx.noalias": True})')
-            for v in sym:
-                self(f"{v} = T.int32()")
-            for p, shape, dtype in params:
-                dims = ", ".join(str(x) for x in shape) + ("," if len(shape) == 1 else "")
-                self(f'{p} = T.match_buffer({p}_h, ({dims}), "{dtype}")')
-            yield
+            if not self.d.private:
+                for v in sym:
+                    self(f"{v} = T.int32()")
+                self._buffers(params, "T.match_buffer({p}_h, ")
+                yield
+                return
+            # the device a workspace allocation is for: an entry function gets it from
+            # MakePackedAPI, a subroutine has to say it (CPU 0, where the fused module runs)
+            with self.block('with T.attr(0, "device_type", 1):'):
+                with self.block('with T.attr(0, "device_id", 0):'):
+                    self._buffers(params, "T.decl_buffer(", ", data={p}_p")
+                    yield
+            self("return 0")
+
+    def _buffers(self, params, call: str, tail: str = "") -> None:
+        for p, shape, dtype in params:
+            dims = ", ".join(str(x) for x in shape) + ("," if len(shape) == 1 else "")
+            self(f'{p} = {call.format(p=p)}({dims}), "{dtype}"{tail.format(p=p)})')
+
+    def source(self, stage: str, name: str) -> KernelSource:
+        """The written kernel as a ``KernelSource``, with its signature (buffers, dims)."""
+        params, sym = self.signature
+        return KernelSource(stage, name, self.text(), params, sym)
 
     @contextmanager
     def rows(self, var: str, extent: str, prologue=None):

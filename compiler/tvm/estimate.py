@@ -32,6 +32,15 @@ from ..ir import Estimator
 from .build import KernelSource
 from .context import StageCtx, f32, softcap_text
 from .dialect import NEG_INF, Src, ceil_div
+from .estimate_tile import (
+    code_words,
+    is_tile,
+    natural_planes,
+    tile_buffers,
+    tile_lanes,
+    write_softmax,
+    write_tile,
+)
 
 
 def est_rows(ctx: StageCtx, stage: int) -> tuple[int, int, int]:
@@ -71,23 +80,59 @@ def gen_estimate(ctx: StageCtx, stage: int) -> KernelSource:
     params = [("q", ("B", ctx.HQ, ctx.D), ctx.dtype), ("pt", ("B", "NP"), "int32"),
               ("cidx", ("B", ctx.HQ, "C"), "int32"), ("ccnt", ("B", ctx.HQ), "int32")]
     params += key_params(ctx, e) + [("w", ("B", ctx.HQ, "C"), "float32")]
-    with s.func(f"estimate{stage}", params, ("B", "NP", "C", "CAP")):
+    if ctx.dialect.cuda:
+        with s.func(f"estimate{stage}", params, ("B", "NP", "C", "CAP")):
+            _row_kernel(ctx, s, e, rows, gh, gq)
+        return s.source("estimate", f"estimate{stage}")
+    # llvm: rows split over the context (``nsplit``'s length is the plan's split count), the
+    # logits of whole tiles at once, then the softmax as a phase of its own
+    params.append(("nsplit", ("NS",), "int32"))
+    tl = tile_lanes(ctx, e)
+    with s.func(f"estimate{stage}", params, ("B", "NP", "C", "CAP", "NS")):
         if per_channel(e):
             _word_views(ctx, s, e)
-        with s.rows("r", f"B * {rows}"):
-            s(f"b = r // {rows}", f"hr = r % {rows}")
+        if tl:
+            code_words(ctx, s, e)
+        with s.rows("r", f"B * {rows} * NS"):
+            s(f"b = r // ({rows} * NS)", f"hr = r % ({rows} * NS) // NS", "spl = r % NS")
             s(f"h0 = hr * {gh}", f"hkv = h0 // {ctx.G}", "n = ccnt[b, h0]")
+            # a split's share of the row, in whole pages (page runs stay whole)
+            s(f"chunk = ((n + NS - 1) // NS + {ctx.PS - 1}) // {ctx.PS} * {ctx.PS}",
+              "lo = T.min(spl * chunk, n)", "hi = T.min(lo + chunk, n)")
             _load_queries(ctx, s, e, gh, gq)
+            if tl:
+                tile_buffers(ctx, s, e, gq, tl)
             if per_channel(e):
-                _per_channel_loop(ctx, s, e, gq)
+                if tl:
+                    s.local("qn", (gq, ctx.D))
+                    s.local("scn", ctx.D)
+                _per_channel_loop(ctx, s, e, gq, tl)
+            elif tl:
+                _tiles_or_tokens(ctx, s, e, gq, tl, "lo", "hi")
             else:
-                with s.block("for i in range(n):"):
+                with s.block("for i in range(lo, hi):"):
                     _logits(ctx, s, e, gq)
-            _softmax(ctx, s, gq)
-            for g in range(gq, gh):  # group "kv": every head of the group gets the estimate
-                with s.block("for i in range(C):"):
-                    s(f"w[b, h0 + {g}, i] = w[b, h0, i]")
-    return KernelSource("estimate", f"estimate{stage}", s.text())
+        write_softmax(ctx, s, rows, gh, gq)
+    return s.source("estimate", f"estimate{stage}")
+
+
+def _row_kernel(ctx: StageCtx, s: Src, e: Estimator, rows: int, gh: int, gq: int) -> None:
+    """cuda: one thread a row, its candidates one by one, then its softmax."""
+    if per_channel(e):
+        _word_views(ctx, s, e)
+    with s.rows("r", f"B * {rows}"):
+        s(f"b = r // {rows}", f"hr = r % {rows}")
+        s(f"h0 = hr * {gh}", f"hkv = h0 // {ctx.G}", "n = ccnt[b, h0]", "lo = 0", "hi = n")
+        _load_queries(ctx, s, e, gh, gq)
+        if per_channel(e):
+            _per_channel_loop(ctx, s, e, gq, 0)
+        else:
+            with s.block("for i in range(n):"):
+                _logits(ctx, s, e, gq)
+        _softmax(ctx, s, gq)
+        for g in range(gq, gh):  # group "kv": every head of the group gets the estimate
+            with s.block("for i in range(C):"):
+                s(f"w[b, h0 + {g}, i] = w[b, h0, i]")
 
 
 def _logits(ctx: StageCtx, s: Src, e: Estimator, gq: int) -> None:
@@ -97,22 +142,52 @@ def _logits(ctx: StageCtx, s: Src, e: Estimator, gq: int) -> None:
         s(f"w[b, h0 + {g}, i] = {softcap_text(ctx, f'{logit} * {f32(ctx.softmax_scale())}')}")
 
 
-def _per_channel_loop(ctx: StageCtx, s: Src, e: Estimator, gq: int) -> None:
+def _tiles_or_tokens(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int, start: str,
+                     end: str, planes=None) -> None:
+    """Candidates ``start .. end - 1``: whole tiles by the tile path, the others one by one.
+    ``planes()`` writes the per-token path's planes, the first time it is needed."""
+    s.local("cur", 2, "int32")
+    s(f"cur[0] = {start}", "cur[1] = 0")
+    with s.block(f"while cur[0] < {end}:"):
+        s("i = cur[0]")
+        with s.block(f"if {is_tile(tl, end)}:"):
+            write_tile(ctx, s, e, gq, tl, "qn" if per_channel(e) else "qv")
+            s(f"cur[0] = i + {tl}")
+        with s.block("else:"):
+            if planes is not None:
+                with s.block("if cur[1] == 0:"):
+                    planes()
+                    s("cur[1] = 1")
+            _logits(ctx, s, e, gq)
+            s("cur[0] = i + 1")
+
+
+def _per_channel_loop(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int) -> None:
     """The candidates in runs that share a side page: ``run[0]..run[1]`` hold the tokens of one
     page (group); the query planes are rebuilt once a run, and the run's own loop is the token
-    path's (its planes are loop-invariant there, so the compiler keeps them in registers)."""
+    path's (its planes are loop-invariant there, so the compiler keeps them in registers), or
+    whole tiles by the tile path (``estimate_tile``)."""
     unit = ctx.PS * e.group_pages
     s.local("run", 2, "int32")
-    s("run[0] = 0")
-    with s.block("while run[0] < n:"):
+    s("run[0] = lo")
+    with s.block("while run[0] < hi:"):
         s("t0 = cidx[b, h0, run[0]]", f"u = t0 // {unit}", f"sp = pt[b, u * {e.group_pages}]",
           "run[1] = run[0] + 1")
+        whole = (f"t0 % {unit} == 0 and run[0] + {unit} <= hi and "
+                 f"cidx[b, h0, T.min(run[0] + {unit - 1}, hi - 1)] == t0 + {unit - 1}")
+        with s.block(f"if {whole}:"):  # the whole page (group): no need to walk it
+            s(f"run[1] = run[0] + {unit}")
         # the clamped index keeps the (not short-circuited) load in bounds at the list's end
-        with s.block(f"while run[1] < n and cidx[b, h0, T.min(run[1], n - 1)] // {unit} == u:"):
+        with s.block(f"while run[1] < hi and cidx[b, h0, T.min(run[1], hi - 1)] // {unit} == u:"):
             s("run[1] = run[1] + 1")
-        _side_planes(ctx, s, e, gq)
-        with s.block("for i in range(run[0], run[1]):"):
-            _logits(ctx, s, e, gq)
+        if tl:
+            natural_planes(ctx, s, e, gq)
+            _tiles_or_tokens(ctx, s, e, gq, tl, "run[0]", "run[1]",
+                             lambda: _side_planes(ctx, s, e, gq))
+        else:
+            _side_planes(ctx, s, e, gq)
+            with s.block("for i in range(run[0], run[1]):"):
+                _logits(ctx, s, e, gq)
         s("run[0] = run[1]")
 
 

@@ -209,9 +209,12 @@ class Lowering:
             s(f"{acc}[0] = " + comb.format(a=f"{acc}[0]", b=self.value(x, str(r))))
         red = s.fresh("red")
         s.local(red, 1)
-        s(f"{red}[0] = {acc}[0]")
-        for i in range(1, vw):
-            s(f"{red}[0] = " + comb.format(a=f"{red}[0]", b=f"{acc}[{i}]"))
+        if not s.d.cuda and vw > 1 and vw & (vw - 1) == 0:  # in registers, halving by shuffles
+            s(f"{red}[0] = {_lanes(f'{acc}[T.Ramp(0, 1, {vw})]', vw, comb)}")
+        else:
+            s(f"{red}[0] = {acc}[0]")
+            for i in range(1, vw):
+                s(f"{red}[0] = " + comb.format(a=f"{red}[0]", b=f"{acc}[{i}]"))
         if e.op == "reduce_mean":
             s(f"{red}[0] = {red}[0] / T.float32({w})")
         return f"{red}[0]"
@@ -285,6 +288,16 @@ def _top_channels(low: Lowering, node: Expr, out: str) -> None:
               f"{mag}[{c2}] == {mag}[{c}] and {c2} < {c})")
         with s.block(f"if {rank}[0] < {r}:"):
             s(f"{out.format(c=f'{m}[0]')} = {c}", f"{m}[0] = {m}[0] + 1")
+
+
+def _lanes(vec: str, n: int, comb: str) -> str:
+    """Text: the ``n`` lanes of vector ``vec`` combined pairwise (``comb`` a format of ``a``,
+    ``b``), halving with shuffles."""
+    while n > 1:
+        n //= 2
+        lo, hi = list(range(n)), list(range(n, 2 * n))
+        vec = comb.format(a=f"T.Shuffle([{vec}], {lo})", b=f"T.Shuffle([{vec}], {hi})")
+    return vec
 
 
 def leaves(e: Expr) -> set[str]:

@@ -8,6 +8,7 @@ up to a multiple of ``_ROUND`` tokens, so a growing context re-plans rarely.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,15 +21,19 @@ from ..passes import budget_units, list_widths
 from ..stages import PagedCache
 from .append import AppendMixin, append_sources, gen_summaries, gen_token_summaries
 from .attend import attend_rows, gen_attend, gen_combine, gen_reallocate, splits
-from .build import Kernel, aligned, build, set_threads
+from .build import Kernel, aligned, build, member, set_threads
 from .context import StageCtx
 from .estimate import gen_estimate
 from .expr import channel_tables, matrices, matrix_rows, table_rows
+from .fused import FUSED, fusable, gen_fused
+from .fused_call import FusedCall
 from .rank import gen_candidates, gen_rank
 from .select import gen_score, kernel_suffix, score_rows
 from .top_p import decision_rows, gen_decide, gen_kept
 
 _ROUND = 1024
+MAX_SPLITS = 8
+_ALIGN_W = 64  # list widths are multiples of this
 
 
 @dataclass
@@ -36,6 +41,8 @@ class Plan:
     batch: int
     tokens: int  # context capacity (tokens)
     bufs: dict
+    fused: FusedCall | None = None
+    ids: list[int] | None = None  # the requests ``bufs["rows"]`` holds
 
 
 class TVMCompiled(AppendMixin):
@@ -48,8 +55,15 @@ class TVMCompiled(AppendMixin):
         self.ctx, self.target, self.p = ctx, target, ctx.p
         self.kernels: dict[str, Kernel] = dict(kernels or {})
         if kernels is None:
-            for src in self._sources():
-                self.kernels[src.name] = build(src, target, int(ctx.sched.get("threads", 0)))
+            threads = int(ctx.sched.get("threads", 0))
+            srcs = list(self._sources())
+            fused = [src for src in srcs if src.name == FUSED]
+            if fused:  # llvm: one module holds every kernel (one compile)
+                module = build(fused[0], target, threads)
+                self.kernels = {src.name: module if src.name == FUSED else member(src, module)
+                                for src in srcs}
+            else:
+                self.kernels = {src.name: build(src, target, threads) for src in srcs}
         self.parts = self.p.selectors()
         self.tables = [_constants([sel.score.expr], ctx.HKV) for sel in self.parts]
         self.summary_tables = {sm.name: _constants([f.expr for f in sm.fields], ctx.HKV)
@@ -68,8 +82,9 @@ class TVMCompiled(AppendMixin):
 
     # ---- plan ---------------------------------------------------------------------------------
     def widths(self, tokens: int) -> list[int]:
-        """List widths: candidates, then after each pruner (``passes.list_widths``)."""
-        return list_widths(self.p, self.ctx.G, tokens)
+        """List widths: candidates, then after each pruner (``passes.list_widths``), rounded up
+        to ``_ALIGN_W`` so that list rows start 64-byte aligned (kept lists read words)."""
+        return [-(-c // _ALIGN_W) * _ALIGN_W for c in list_widths(self.p, self.ctx.G, tokens)]
 
     def plan(self, batch: int, tokens: int) -> Plan:
         """Scratch for ``batch`` requests of up to ``tokens`` tokens (rounded up)."""
@@ -84,6 +99,8 @@ class TVMCompiled(AppendMixin):
             b[f"scores{i}"] = torch.empty(batch, hs, n)
             b[f"sel{i}"] = torch.empty(batch, hs, n, dtype=torch.uint8)
             b[f"kunits{i}"] = torch.zeros(batch, **e32)
+        if not ctx.dialect.cuda:  # its length is the split count (estimate; see splits_for)
+            b["nsplit"] = torch.zeros(splits_for(ctx, batch), **e32)
         b["idx0"] = torch.empty(batch, ctx.HQ, widths[0], **e32)
         b["cnt0"] = torch.empty(batch, ctx.HQ, **e32)
         for i, pr in enumerate(self.p.prune):
@@ -97,11 +114,31 @@ class TVMCompiled(AppendMixin):
                     b[f"{nm}{i}"] = torch.empty(batch, rows, c, dtype=dt)
             b[f"idx{i + 1}"] = torch.empty(batch, ctx.HQ, widths[i + 1], **e32)
             b[f"cnt{i + 1}"] = torch.empty(batch, ctx.HQ, **e32)
-        if splits(ctx) > 1:
-            b["pacc"] = torch.empty(batch, ctx.HQ, splits(ctx), ctx.D)
-            b["pml"] = torch.empty(batch, ctx.HQ, splits(ctx), 2)
+        if splits(ctx) != 1:
+            ns = splits(ctx) or splits_for(ctx, batch)
+            b["pacc"] = torch.empty(batch, ctx.HQ, ns, ctx.D)
+            b["pml"] = torch.empty(batch, ctx.HQ, ns, 2)
         self.plan_ = Plan(batch, tokens, b)
+        if FUSED in self.kernels:
+            self._plan_fused(self.plan_)
         return self.plan_
+
+    def _plan_fused(self, plan: Plan) -> None:
+        """The fused step's own scratch: the batch's rows, page table and lengths, and what an
+        append touched (pages, slots, groups)."""
+        b, e64 = plan.batch, dict(dtype=torch.int64)
+        bufs = plan.bufs
+        bufs["rows"] = torch.zeros(b, **e64)
+        bufs["pt"] = torch.empty(b, plan.tokens // self.ctx.PS, dtype=torch.int32)
+        bufs["lens"] = torch.empty(b, dtype=torch.int32)
+        bufs["touched"], bufs["tslot"] = torch.empty(b, **e64), torch.empty(b, **e64)
+        for spec in KeyCodeSpec.of_pipeline(self.p, "group"):
+            bufs[f"gp{spec.group_pages}"] = torch.empty(b, spec.group_pages, **e64)
+        tables = {f"tbl{i}": t for i, t in enumerate(self.tables[0] if self.tables else [])}
+        tables |= {f"stbl_{name}_{i}": t for name, ts in self.summary_tables.items()
+                   for i, t in enumerate(ts)}
+        scratch = {k: v for k, v in bufs.items() if k != "rows"}
+        plan.fused = FusedCall(self.ctx, self.kernels[FUSED], scratch, tables)
 
     def _strategy(self, pr) -> str:
         return self.ctx.sched.get("top_p_strategy", "bisect") if pr.rule == "top_p" else pr.rule
@@ -112,6 +149,39 @@ class TVMCompiled(AppendMixin):
             stages.check_query_finite(q, cache, req)
         return stages.run_stages(self, self.inputs(q, cache, req), len(self.p.prune),
                                  return_lists)
+
+    @property
+    def fused(self) -> bool:
+        """Is there a fused module (llvm): one FFI call per step (``call_fused``)?"""
+        return FUSED in self.kernels
+
+    def call_fused(self, q, cache: PagedCache, ids: list[int], k=None, v=None, out=None,
+                   return_lists: bool = False):
+        """The pipeline's output ``[B, Hq, D]`` for queries ``q`` (aligned, contiguous) of
+        requests ``ids``, in one call of the fused module; with ``k``/``v`` ``[B, Hkv, D]``
+        (aligned) it first appends them, one token per request (``cache.reserve`` makes room,
+        ``cache.advance`` records it: host bookkeeping, no tensor read)."""
+        grow = 0 if k is None else 1
+        need = max(cache.length(r) for r in ids) + grow
+        p = self.plan_
+        if p is None or p.batch != len(ids) or p.tokens < need:  # a longer context: double
+            keep = 0 if p is None else p.tokens if p.tokens >= need else 2 * p.tokens
+            p = self.plan(len(ids), max(need, keep))
+        if p.ids != ids:
+            p.bufs["rows"].copy_(torch.tensor(ids, dtype=torch.int64))
+            p.ids = list(ids)
+        out = torch.empty_like(q) if out is None else out
+        set_threads(int(self.ctx.sched.get("threads", 0)))
+        if grow:
+            cache.reserve(ids)
+            p.fused("step", cache, q=q, knew=k, vnew=v, rows=p.bufs["rows"], out=out)
+            cache.advance(ids)
+        else:
+            p.fused("run", cache, q=q, rows=p.bufs["rows"], out=out)
+        if return_lists:
+            n = len(self.p.prune)
+            return out, (p.bufs[f"idx{n}"], p.bufs[f"cnt{n}"])
+        return out
 
     def inputs(self, q, cache: PagedCache, req=None) -> stages.StageInputs:
         """The stage inputs of requests ``req``: their page-table rows and lengths as int32."""
@@ -149,7 +219,7 @@ class TVMCompiled(AppendMixin):
         out = bufs[f"scores{part}"]
         self.kernels["score" + kernel_suffix(part)](
             x.q, x.page_table, x.lengths, *self._score_leaves(x.cache, part),
-            *self.tables[part], out)
+            *self.tables[part], out, *([] if self.ctx.dialect.cuda else [bufs["nsplit"]]))
         return out
 
     def _score_leaves(self, cache: PagedCache, part: int) -> list[torch.Tensor]:
@@ -170,7 +240,9 @@ class TVMCompiled(AppendMixin):
             keys = [x.cache.k_pages]
         else:
             keys = list(x.cache.key_codes[KeyCodeSpec.of(e)].tensors())
-        self.kernels[f"estimate{stage}"](x.q, x.page_table, aligned(idx), aligned(cnt), *keys, w)
+        extra = [] if self.ctx.dialect.cuda else [bufs["nsplit"]]
+        self.kernels[f"estimate{stage}"](x.q, x.page_table, aligned(idx), aligned(cnt), *keys, w,
+                                         *extra)
         return w
 
     def prune(self, stage: int, x: stages.StageInputs, w, idx, cnt):
@@ -215,7 +287,7 @@ def pipeline_sources(ctx: StageCtx):
         yield gen_decide(ctx, i)
         yield gen_kept(ctx, i)
     yield gen_attend(ctx)
-    if splits(ctx) > 1:
+    if splits(ctx) != 1:
         yield gen_combine(ctx)
     if p.attend.mean_value:
         yield gen_reallocate(ctx)
@@ -224,6 +296,20 @@ def pipeline_sources(ctx: StageCtx):
     for summ in p.token_summaries():
         yield gen_token_summaries(ctx, summ)
     yield from append_sources(ctx)
+    if not ctx.dialect.cuda and fusable(p):
+        yield gen_fused(ctx)
+
+
+def splits_for(ctx: StageCtx, batch: int) -> int:
+    """Splits of each row's candidates over the threads: ``split_kv`` when the schedule fixes
+    it, else enough rows (two a thread) to fill the cores when ``batch × kv_heads`` cannot."""
+    fixed = int(ctx.sched.get("split_kv", 0))
+    if fixed:
+        return fixed
+    cores = int(ctx.sched.get("threads", 0)) or int(os.environ.get("TVM_NUM_THREADS", 0)) \
+        or os.cpu_count() or 1
+    rows = batch * ctx.HKV
+    return max(1, min(MAX_SPLITS, -(-2 * cores // rows)))
 
 
 def _fit(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -245,4 +331,4 @@ def _constants(exprs, kv_heads: int) -> list[torch.Tensor]:
 
 def attend_info(ctx: StageCtx) -> dict:
     rows, gh = attend_rows(ctx)
-    return {"rows_per_request": rows * splits(ctx), "heads_per_row": gh}
+    return {"rows_per_request": rows * (splits(ctx) or splits_for(ctx, 1)), "heads_per_row": gh}

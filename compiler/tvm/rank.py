@@ -14,6 +14,7 @@ from __future__ import annotations
 from .build import KernelSource
 from .context import StageCtx, f32, keep_text
 from .dialect import NEG_INF, Src
+from .lists import write_candidates
 from .select import kernel_suffix, order_key, score_rows, write_top_k
 from .top_p import radix_top_p
 
@@ -42,7 +43,7 @@ def gen_rank(ctx: StageCtx, part: int = 0) -> KernelSource:
                 with s.block("for i in range(N):"):
                     s(f"sel[b, h, i] = T.Cast(\"uint8\", i < nu and scores[b, h, i] >= "
                       f"{f32(sel.threshold)})")
-    return KernelSource("select", name, s.text())
+    return s.source("select", name)
 
 
 def _top_p(ctx: StageCtx, s: Src, p: float, out) -> None:
@@ -83,6 +84,11 @@ def gen_candidates(ctx: StageCtx) -> KernelSource:
     sym = ("B", *(f"N{i}" for i in range(len(parts))), "C")
     join = " + " if sel is not None and sel.rule != "intersect" else " * "
     with s.func("candidates", params, sym):
+        if not s.d.cuda and (sel is None or parts == (sel,)):  # one selector: by units (lists.py)
+            page = scored and sel.score.per == "page"
+            write_candidates(ctx, s, not scored or sel.group != "none", ctx.PS if page else 1,
+                             _chosen(ctx, 0, "n") if scored else str(int(sel is None)))
+            return s.source("select", "candidates")
         with s.rows("r", f"B * {ctx.HQ}"):
             s(f"b = r // {ctx.HQ}", f"h = r % {ctx.HQ}", f"hkv = h // {ctx.G}")
             s.local("m", 1, "int32")
@@ -101,14 +107,15 @@ def gen_candidates(ctx: StageCtx) -> KernelSource:
             with s.block("for i in range(C):"):
                 with s.block("if i >= m[0]:"):
                     s("idx[b, h, i] = -1")
-    return KernelSource("select", "candidates", s.text())
+    return s.source("select", "candidates")
 
 
-def _chosen(ctx: StageCtx, part: int) -> str:
+def _chosen(ctx: StageCtx, part: int, unit: str | None = None) -> str:
     """Text (0 or 1, int32): is token ``t`` chosen by scored selector ``part`` for query head
-    ``h`` (the group rule decides whose ``sel`` row; a page's flag covers its tokens)."""
+    ``h`` (the group rule decides whose ``sel`` row; a page's flag covers its tokens) — or,
+    with ``unit``, is that unit (page or token) chosen."""
     sel = ctx.p.selectors()[part]
-    unit = f"t // {ctx.PS}" if sel.score.per == "page" else "t"
+    unit = unit or (f"t // {ctx.PS}" if sel.score.per == "page" else "t")
     if sel.group == "none":
         return f'T.Cast("int32", sel{part}[b, h, {unit}])'
     if sel.group == "union":

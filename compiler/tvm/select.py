@@ -81,12 +81,16 @@ def gen_score(ctx: StageCtx, part: int = 0) -> KernelSource:
     params += [(f"mat{i}", (ctx.HKV, m.in_width, m.out_width), "float32")
                for i, m in enumerate(mats)]
     params += [("out", ("B", hs, "N"), "float32")]
+    split = not s.d.cuda  # llvm: rows split over the units (``nsplit``'s length: the splits)
+    if split:
+        params.append(("nsplit", ("NS",), "int32"))
+    ns = "NS" if split else "1"
 
     leaf = _leaves(ctx, sel)
     name = "score" + kernel_suffix(part)
-    with s.func(name, params, ("B", "NP", "CAP", "N")):
-        with s.rows("r", f"B * {hs}"):
-            s(f"b = r // {hs}", f"h = r % {hs}")
+    with s.func(name, params, ("B", "NP", "CAP", "N") + (("NS",) if split else ())):
+        with s.rows("r", f"B * {hs} * {ns}"):
+            s(f"b = r // ({hs} * {ns})", f"h = r % ({hs} * {ns}) // {ns}", f"spl = r % {ns}")
             s(f"hkv = h // {ctx.G}" if hs == ctx.HQ else "hkv = h")
             _load_query(ctx, s, gq, hs)
             low = Lowering(s, leaf, widths, tables, ctx.vec, mats=mats)
@@ -94,7 +98,9 @@ def gen_score(ctx: StageCtx, part: int = 0) -> KernelSource:
             s.local("best", 1)
             s.local("sv", 1)
             units = f"(lens[b] + {ctx.PS - 1}) // {ctx.PS}" if page else "lens[b]"
-            with s.block("for n in range(N):"):
+            s(f"chunk = (N + {ns} - 1) // {ns}", "nlo = T.min(spl * chunk, N)",
+              "nhi = T.min(nlo + chunk, N)")
+            with s.block("for n in range(nlo, nhi):"):
                 with s.block(f"if n < {units}:"):
                     s("phys = pt[b, n]" if page else f"phys = pt[b, n // {ctx.PS}]")
                     if not page:
@@ -115,7 +121,7 @@ def gen_score(ctx: StageCtx, part: int = 0) -> KernelSource:
                     s("out[b, h, n] = best[0]")
                 with s.block("else:"):
                     s(f"out[b, h, n] = {NEG_INF}")
-    return KernelSource("select", name, s.text())
+    return s.source("select", name)
 
 
 def _leaves(ctx: StageCtx, sel):

@@ -21,7 +21,9 @@ from __future__ import annotations
 from .build import KernelSource
 from .context import StageCtx, f32, keep_text
 from .dialect import Src
+from .lists import write_kept
 from .select import order_key, write_top_k
+from .top_p_vec import bisect_vec
 
 MAX_BISECT = 100  # safety bound of the eps loop (float32 brackets halve to nothing long before)
 
@@ -51,20 +53,27 @@ def gen_decide(ctx: StageCtx, stage: int) -> KernelSource:
             def out(i, v):
                 with s.block(f"for g in range({gh}):"):
                     s(f"dec[b, h0 + g, {i}] = T.uint8({v})")
-            with s.block("for i in range(C):"):
-                out("i", 0)
-            if pr.rule == "top_p" and pr.p >= 1:
-                with s.block("for i in range(n):"):
-                    out("i", f"T.Cast(\"int32\", {wt('i')} > T.float32(0))")
-            elif strategy == "top_k":
-                write_top_k(s, "n", lambda i: order_key(wt(i)),
-                            lambda i: f"{wt(i)} > T.float32(0)", "kcount[b]", out)
-            elif strategy == "threshold":
-                with s.block("for i in range(n):"):
-                    out("i", f"T.Cast(\"int32\", {wt('i')} >= {f32(pr.threshold)})")
+            if strategy == "bisect" and not s.d.cuda and not (pr.rule == "top_p" and pr.p >= 1):
+                bisect_vec(ctx, s, pr.p, wt, gh)  # writes every decision itself
             else:
-                {"sort": _sort, "radix": radix_top_p, "bisect": _bisect}[strategy](ctx, s, pr.p, wt, out)
-    return KernelSource("prune", f"decide{stage}", s.text())
+                _decide_scalar(ctx, s, pr, strategy, wt, out)
+    return s.source("prune", f"decide{stage}")
+
+
+def _decide_scalar(ctx: StageCtx, s: Src, pr, strategy: str, wt, out) -> None:
+    with s.block("for i in range(C):"):
+        out("i", 0)
+    if pr.rule == "top_p" and pr.p >= 1:
+        with s.block("for i in range(n):"):
+            out("i", f"T.Cast(\"int32\", {wt('i')} > T.float32(0))")
+    elif strategy == "top_k":
+        write_top_k(s, "n", lambda i: order_key(wt(i)),
+                    lambda i: f"{wt(i)} > T.float32(0)", "kcount[b]", out)
+    elif strategy == "threshold":
+        with s.block("for i in range(n):"):
+            out("i", f"T.Cast(\"int32\", {wt('i')} >= {f32(pr.threshold)})")
+    else:
+        {"sort": _sort, "radix": radix_top_p, "bisect": _bisect}[strategy](ctx, s, pr.p, wt, out)
 
 
 def _merged(ctx: StageCtx, s: Src, group: str, gh: int):
@@ -225,6 +234,10 @@ def gen_kept(ctx: StageCtx, stage: int) -> KernelSource:
     else:
         kept = "dec[b, h, i] > T.uint8(0)"
     with s.func(f"kept{stage}", params, ("B", "C", "K")):
+        if not s.d.cuda:
+            s(f'decw = T.decl_buffer((B * {ctx.HQ} * C // 8,), "uint64", data=dec.data)')
+            write_kept(ctx, s, pr.group != "none", kept)
+            return s.source("prune", f"kept{stage}")
         with s.rows("r", f"B * {ctx.HQ}"):
             s(f"b = r // {ctx.HQ}", f"h = r % {ctx.HQ}", f"hkv = h // {ctx.G}", "L = lens[b]")
             s.local("m", 1, "int32")
@@ -239,4 +252,4 @@ def gen_kept(ctx: StageCtx, stage: int) -> KernelSource:
             with s.block("for i in range(K):"):
                 with s.block("if i >= m[0]:"):
                     s("kidx[b, h, i] = -1")
-    return KernelSource("prune", f"kept{stage}", s.text())
+    return s.source("prune", f"kept{stage}")

@@ -31,8 +31,7 @@ from ...compiler import ir
 from ...compiler.stages import lists_to_mask, stage_inputs
 from ...frontend.builtins import Calibrated
 from ..serving.load import load
-from ..serving.pipeline_cache import make_cache
-from .measure import Problem, dense_baseline_ms, median_time
+from .measure import Problem, dense_baseline, served_ms, snapshot_problem
 from .reference import Kept, reference
 from .reference_stages import ref_estimate, ref_select
 from .snapshot import Snapshot
@@ -56,6 +55,8 @@ class LayerResult:
     rank_agreement: torch.Tensor | None  # [Nq, Hq]
     latency_ms: float | None = None  # compiled pipeline, one decode step of all queries
     dense_ms: float | None = None  # the fastest torch SDPA on the same step
+    path: str = ""  # what the loaded pipeline ran: "sparse", or the dense fallback and why
+    dense_what: str = ""  # which SDPA was the fastest (dtype, GQA layout)
 
 
 @dataclass
@@ -75,6 +76,10 @@ class EvalReport:
                "context_max": int(max(int(r.context.max()) for r in self.layers)),
                "overall": summarize(self.layers),
                "layers": [{"layer": r.layer, **summarize([r])} for r in self.layers]}
+        if self.backend != "reference":
+            for row, r in zip(out["layers"], self.layers, strict=True):
+                row["path"], row["dense_baseline"] = r.path, r.dense_what
+            out["dense_baseline"] = ", ".join(dict.fromkeys(r.dense_what for r in self.layers))
         if self.schedule_source:
             out["schedule_source"] = self.schedule_source
         return out
@@ -135,24 +140,20 @@ def _pipeline_for_layer(pipeline, calib: Snapshot, i: int):
 
 def evaluate_layer(p: ir.PipelineIR, snap: Snapshot, i: int, backend: str | None = None,
                    repeats: int = 10) -> tuple[LayerResult, str]:
-    """One layer: every query of the snapshot is one request of a fresh paged cache. Returns
-    the result and where the schedule came from (backends only)."""
+    """One layer: every query of the snapshot is one request of a fresh paged cache
+    (``measure.snapshot_problem``, what the tuner measures on). Returns the result and where
+    the schedule came from (backends only)."""
     p = with_model_scale(p, float(snap.scale[i]), snap.q.shape[-1])
     q, k, v = snap.q[i], snap.k[i], snap.v[i]
-    hkv, d = k.shape[0], k.shape[-1]
+    d = k.shape[-1]
     # compiled kernels for a GPU run on GPU tensors; the reference and the figures on the CPU
     device = "cuda" if backend in ("auto", "triton") and torch.cuda.is_available() else "cpu"
-    cache = make_cache(p, hkv, d, dtype=k.dtype, device=device,
-                       initial_pages=sum(math.ceil((int(n) + 1) / p.page_size)
-                                         for n in snap.q_pos))
-    ids = cache.add_requests(len(snap.q_pos))
-    for rid, pos in zip(ids, snap.q_pos.tolist(), strict=True):
-        cache.append(k[:, :pos + 1].to(device), v[:, :pos + 1].to(device), rid)
+    prob = snapshot_problem(p, snap, i, device)
     if backend is None:
-        out, kept = reference(p).run(q, cache, ids, return_kept=True)
-        timing, source = (None, None), ""
+        out, kept = reference(p).run(q, prob.cache, prob.ids, return_kept=True)
+        timing, source = (None, None, "", ""), ""
     else:
-        out, kept, timing, source = _run_compiled(p, q.to(device), cache, ids, backend, repeats)
+        out, kept, timing, source = _run_compiled(p, prob, backend, repeats)
         out, kept = out.cpu(), dataclasses.replace(kept, **{
             f.name: getattr(kept, f.name).cpu() for f in dataclasses.fields(kept)
             if isinstance(getattr(kept, f.name), torch.Tensor)})
@@ -175,23 +176,31 @@ def with_model_scale(p: ir.PipelineIR, scale: float, head_dim: int) -> ir.Pipeli
     return dataclasses.replace(p, attend=dataclasses.replace(p.attend, scale=scale))
 
 
-def _run_compiled(p: ir.PipelineIR, q, cache, ids, backend: str, repeats: int):
-    """The compiled pipeline's answer as a ``Kept`` (estimates from the reference's estimator
-    over the reference's candidates, so the figures compare like for like) and its timing."""
+def _run_compiled(p: ir.PipelineIR, prob: Problem, backend: str, repeats: int):
+    """The loaded pipeline's answer as a ``Kept`` (estimates from the reference's estimator
+    over the reference's candidates, so the figures compare like for like), its timing through
+    the served path against the one dense baseline, and what ran (sparse, or dense where the
+    tuning log measured dense faster for this layer)."""
+    q, cache, ids = prob.q, prob.cache, prob.ids
     nq, hq, d = q.shape
-    t = int(cache.lengths[ids].max())
+    t = prob.max_context
     shape = ir.Shape(hq, cache.num_kv_heads, d, p.page_size, str(q.dtype).removeprefix("torch."))
-    dp = load(p, shape=shape, backend=backend, batch=nq, context=t).plan(nq, t)
+    dp = load(p, shape=shape, backend=backend, batch=nq, context=t, layer=prob.layer)
+    dp.plan(nq, t, q.device)
     out, (idx, cnt) = dp.run(q, cache, ids, return_lists=True)
     x = stage_inputs(q, cache, ids)
     cand = ref_select(p, x)
     w = ref_estimate(p, 0, x, cand) if p.prune else None
     mask = lists_to_mask(idx, cnt, t)
+    if dp.runs_dense(t):  # every token was attended: the candidates too
+        cand, path = mask, f"dense ({dp.dense!r}): faster below {dp.dense_below} tokens"
+    else:
+        path = "sparse"
     est = None if w is None else (w.double() * mask).sum(-1).float()
     kept = Kept(mask, cand, est, cache.lengths[ids], w)
-    ms = median_time(lambda: dp.run(q, cache, ids), repeats=repeats) * 1e3
-    dense_ms, _ = dense_baseline_ms(Problem(q, cache, ids), repeats)
-    return out, kept, (ms, dense_ms), f"{dp.backend}, {dp.schedule_source}"
+    ms = served_ms(dp, prob, repeats)
+    base = dense_baseline(prob, repeats)
+    return out, kept, (ms, base.ms, path, str(base)), f"{dp.backend}, {dp.schedule_source}"
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

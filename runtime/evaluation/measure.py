@@ -1,9 +1,15 @@
-"""Problems to measure on, timing, and the correctness gate (used by the tuner and benchmarks).
+"""Timing, the one dense baseline, the served-path timer, and the correctness gate.
 
-Synthetic decode problems are built to look like real attention, not white noise: each query
-is a mix of a few keys of its context (so a few tokens dominate, as in trained models), plus an
-attention-sink token; uniform random keys would make every top-p set nearly the whole context
-and mis-tune the top-p search.
+Everything that reports a speed-up in twilight (``twilightc tune``, ``twilightc eval``, the tuning
+logs, every benchmark) divides by :func:`fastest_sdpa`: the fastest torch
+``scaled_dot_product_attention`` decode over the *same* K/V, among float32, bfloat16 and float16
+and among the two ways of laying out a GQA group (``enable_gqa``, or the group's query heads
+folded into the query length so K/V are read once per KV head), every conversion done before
+the timing. On a CPU, float16 SDPA is several times slower than float32 over the same data, and
+``enable_gqa`` repeats K/V per query head: a baseline in the cache's dtype would flatter every
+sparse pipeline. The winner is reported with its dtype and layout.
+
+Problems (the data measured on) live in :mod:`.problems`; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,76 +24,133 @@ import torch
 
 from ...compiler import ir
 from ...compiler.stages import lists_to_mask, stage_inputs
-from ..serving.paged_cache import DTYPES, PagedKVCache
-from ..serving.pipeline_cache import make_cache
-from ..store.tuning_log import ShapeBucket
+from .problems import Problem, make_problem, snapshot_bucket, snapshot_problem
 from .reference import reference
 from .reference_stages import ref_estimate, ref_select
 
+__all__ = ["DenseBaseline", "GateResult", "Problem", "correctness_gate", "dense_baseline",
+           "dense_baseline_ms", "fastest_sdpa", "interleaved_ms", "make_problem", "median_time",
+           "sdpa_variants", "served_ms", "snapshot_bucket", "snapshot_problem"]
 
-@dataclass
-class Problem:
-    q: torch.Tensor
-    cache: PagedKVCache
-    ids: list[int]
-
+SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-
-def make_problem(p: ir.PipelineIR, shape: ir.Shape, bucket: ShapeBucket, seed: int = 0,
-                 device: str = "cpu") -> Problem:
-    """A paged cache of ``bucket.batch`` requests of ``bucket.context`` tokens, and queries."""
-    gen = torch.Generator().manual_seed(seed)
-    dtype = DTYPES[shape.dtype]
-    b, t, hkv, d = bucket.batch, bucket.context, shape.kv_heads, shape.head_dim
-    cache = make_cache(p, hkv, d, dtype=dtype, device=device,
-                       initial_pages=b * -(-t // p.page_size))
-    ids = cache.add_requests(b)
-    k = torch.randn(b, hkv, t, d, generator=gen)
-    k[:, :, 0] *= 4.0  # an attention sink
-    v = torch.randn(b, hkv, t, d, generator=gen)
-    cache.append(k.to(dtype).to(device), v.to(dtype).to(device), ids)
-    g = shape.q_heads // hkv
-    picks = torch.randint(0, t, (b, hkv, g, 4), generator=gen)
-    mix = torch.gather(k[:, :, None].expand(b, hkv, g, t, d), 3,
-                       picks[..., None].expand(-1, -1, -1, -1, d)).sum(3)
-    q = 0.6 * mix + torch.randn(b, hkv, g, d, generator=gen) + 0.5 * k[:, :, None, 0]
-    q = q.reshape(b, shape.q_heads, d).to(dtype).to(device)
-    return Problem(q, cache, ids)
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
                 max_seconds: float = 5.0) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA-synchronized when a GPU is in use)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
-    sync()
+    _sync()
     times, start = [], time.perf_counter()
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        sync()
+        _sync()
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - start > max_seconds and len(times) >= 3:
             break
     return statistics.median(times)
 
 
-def dense_baseline_ms(prob: Problem, repeats: int = 10) -> tuple[float, str]:
-    """The fastest dense decode torch offers on this problem, in ms, and what it was: SDPA over
-    contiguous K/V (what a dense decoder holds) in the cache's dtype, and in float32 with the
-    conversion done beforehand (on CPUs, fp16 SDPA is far slower than fp32)."""
-    k, v, valid = prob.cache.gather(prob.ids)
-    mask = None if bool(valid.all()) else valid[:, None, None, :]  # ragged lengths
-    best = (float("inf"), "")
-    for dtype in dict.fromkeys((k.dtype, torch.float32)):
-        q, kd, vd = prob.q[:, :, None].to(dtype), k.to(dtype), v.to(dtype)
-        fn = lambda q=q, kd=kd, vd=vd: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-            q, kd, vd, attn_mask=mask, enable_gqa=True)
-        ms = median_time(fn, repeats=repeats) * 1e3
-        best = min(best, (ms, f"torch SDPA {str(dtype).removeprefix('torch.')}"))
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int = 10,
+                   warmup: int = 1) -> dict[str, float]:
+    """Median ms of each function, timed in turns (a, b, a, b, ...) so that a busy machine's
+    slow moments fall on all of them alike: what an A/B comparison on a shared CPU needs."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ---- the dense baseline ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DenseBaseline:
+    """The fastest dense decode torch offers on a problem: ``ms`` per step and how it ran."""
+
+    ms: float
+    dtype: str  # "float32", "bfloat16", "float16"
+    folded: bool  # the GQA group's query heads as query rows (K/V read once per KV head)
+
+    def __str__(self) -> str:
+        how = ", GQA group as query rows" if self.folded else ""
+        return f"torch SDPA {self.dtype}{how}"
+
+
+def sdpa_variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  valid: torch.Tensor | None = None,
+                  dtypes: tuple[torch.dtype, ...] = SDPA_DTYPES):
+    """``(dtype name, folded, fn)`` for every SDPA decode :func:`fastest_sdpa` times; ``fn()``
+    returns ``[B, Hq, D]``. Inputs are converted once per dtype, lazily (one dtype's copies
+    live at a time while the caller iterates)."""
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    mask = None if valid is None or bool(valid.all()) else valid[:, None, None, :]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for dtype in dtypes:
+        qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+        name = str(dtype).removeprefix("torch.")
+        yield name, False, lambda qd=qd, kd=kd, vd=vd: sdpa(
+            qd[:, :, None], kd, vd, attn_mask=mask, enable_gqa=hq != hkv)[:, :, 0]
+        if hq != hkv:
+            qf = qd.view(b, hkv, hq // hkv, d)
+            yield name, True, lambda qf=qf, kd=kd, vd=vd: sdpa(
+                qf, kd, vd, attn_mask=mask).reshape(b, hq, d)
+        del qd, kd, vd
+
+
+def fastest_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 valid: torch.Tensor | None = None, *, repeats: int = 10,
+                 timer: Callable[[Callable[[], object]], float] | None = None,
+                 dtypes: tuple[torch.dtype, ...] = SDPA_DTYPES) -> DenseBaseline:
+    """The fastest torch SDPA decode of ``q [B, Hq, D]`` over ``k``/``v [B, Hkv, T, D]`` (any
+    dtype; ``valid bool [B, T]`` masks ragged lengths) among ``dtypes`` and both GQA layouts
+    (:func:`sdpa_variants`).
+
+    Conversions happen before the timing, one dtype at a time (a float32 copy of a large cache
+    is big). ``timer(fn) -> ms`` replaces the default (median of ``repeats`` wall-clock runs,
+    CUDA-synchronized), e.g. with ``triton.testing.do_bench`` on a GPU."""
+    timer = timer or (lambda fn: median_time(fn, repeats=repeats) * 1e3)
+    best: DenseBaseline | None = None
+    for dtype, folded, fn in sdpa_variants(q, k, v, valid, dtypes):
+        ms = timer(fn)
+        if best is None or ms < best.ms:
+            best = DenseBaseline(ms, dtype, folded)
     return best
+
+
+def dense_baseline(prob: Problem, repeats: int = 10, **kw) -> DenseBaseline:
+    """:func:`fastest_sdpa` over the problem's K/V, gathered from its pages once (what a dense
+    decoder holds: contiguous K/V per request)."""
+    k, v, valid = prob.cache.gather(prob.ids)
+    return fastest_sdpa(prob.q, k, v, valid, repeats=repeats, **kw)
+
+
+def dense_baseline_ms(prob: Problem, repeats: int = 10) -> tuple[float, str]:
+    """``(ms, what)`` of :func:`dense_baseline`."""
+    base = dense_baseline(prob, repeats)
+    return base.ms, str(base)
+
+
+# ---- the served path ---------------------------------------------------------------------------
+def served_ms(dp, prob: Problem, repeats: int = 10) -> float:
+    """ms per step of a loaded pipeline (``DecodePipeline``) on ``prob`` exactly as serving runs
+    it: ``plan`` once for the batch and its longest context, then ``run`` per step (median).
+    The tuner's trials and ``twilightc eval --backend`` both time with this."""
+    dp.plan(prob.batch, prob.max_context, prob.q.device)
+    return median_time(lambda: dp.run(prob.q, prob.cache, prob.ids), repeats=repeats) * 1e3
 
 
 @dataclass

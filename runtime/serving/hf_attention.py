@@ -6,7 +6,8 @@ function, and a check of each full-attention layer's output against the math twi
 then decides per layer:
 
 * **twilight** — a causal full-attention layer past the first ``dense_layers``: its decode
-  steps run ``DecodePipeline.run`` over the layer's paged cache, with the layer's own logit
+  steps run ``DecodePipeline.step`` over the layer's paged cache (the step's key and value
+  appended and attended in one call: one compiled call on the CPU), with the layer's own logit
   scale (Gemma's ``query_pre_attn_scalar``) and softcap (Gemma-2) put into the pipeline's
   ``attention(scale=, softcap=)``, and learned sinks (gpt-oss) folded in after it
   (``out · sigmoid(lse − sink)``, the lse over the kept tokens);
@@ -123,6 +124,11 @@ class SparseLayer:
                 f"what install read ({self.sem.features()}); install again")
 
     def run(self, q: Tensor, layer, module, kw: dict) -> Tensor:
+        step = layer.take_step()
+        if step is not None and not self.sem.sinks:  # append + attend: one compiled call
+            return self.decode.step(q, step[0], step[1], layer.paged, layer.ids)
+        if step is not None:
+            layer.paged.append(step[0][:, :, None], step[1][:, :, None], layer.ids)
         if not self.sem.sinks:
             return self.decode.run(q, layer.paged, layer.ids)
         out, (idx, cnt) = self.decode.run(q, layer.paged, layer.ids, return_lists=True)

@@ -54,6 +54,7 @@ def make_layer_class() -> type:
             self.paged_mode = False
             self.visible: Tensor | None = None  # bool [B, T] of the dense-mode keys
             self.pending: tuple[Tensor, Tensor] | None = None  # a paged-mode chunk
+            self.step_kv: tuple[Tensor, Tensor] | None = None  # a decode step's, [B, Hkv, D]
             self.returned: Tensor | None = None  # the keys update() handed the model last
 
         def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -82,7 +83,7 @@ def make_layer_class() -> type:
                 self.lazy_initialization(key_states, value_states)
             self._check("key_states", key_states)
             self._check("value_states", value_states)
-            if self.pending is not None:
+            if self.pending is not None or self.step_kv is not None:
                 raise UnsupportedModel(
                     f"layer {self.index}: the twilight cache was updated twice without the "
                     "twilight attention running in between (was the model's attention "
@@ -95,12 +96,24 @@ def make_layer_class() -> type:
                 self.values = torch.cat([self.values, value_states], dim=-2)
                 self.returned = self.keys
                 return self.keys, self.values
-            if n == 1:  # decode: every row gets its token
-                self.paged.append(key_states, value_states, self.ids)
+            if n == 1:  # decode: the attention call appends every row's token with the step
+                self.step_kv = (key_states[:, :, 0], value_states[:, :, 0])
             else:  # a chunk: the attention function appends what the mask lets it see
                 self.pending = (key_states, value_states)
             self.returned = key_states
             return key_states, value_states
+
+        def take_step(self) -> tuple[Tensor, Tensor] | None:
+            """The decode step's key and value ``[B, Hkv, D]`` that ``update`` left for the
+            attention call (``DecodePipeline.step`` appends and attends in one call), or None."""
+            kv, self.step_kv = self.step_kv, None
+            return kv
+
+        def flush(self) -> None:
+            """Append a decode step's key and value no attention call took."""
+            kv = self.take_step()
+            if kv is not None:
+                self.paged.append(kv[0][:, :, None], kv[1][:, :, None], self.ids)
 
         def note_visible(self, visible: Tensor | None, n: int) -> None:
             """Dense mode: which of the last ``n`` positions each row may see (None: all)."""
@@ -140,6 +153,7 @@ def make_layer_class() -> type:
             for rid in self.ids:
                 self.paged.free_request(rid)
             self.ids, self.length, self.pending, self.returned = [], 0, None, None
+            self.step_kv = None
             self.paged_mode, self.visible, self.keys, self.values = False, None, None, None
             self.is_initialized = False
 
@@ -151,6 +165,7 @@ def make_layer_class() -> type:
 
         def select_rows(self, rows: list[int]) -> None:
             """Batch row ``b`` becomes old row ``rows[b]``; a repeated row gets a copy."""
+            self.flush()
             if not self.paged_mode:
                 idx = torch.tensor(rows, device=self.keys.device)
                 self.keys, self.values = self.keys[idx], self.values[idx]

@@ -4,14 +4,16 @@
 over the shipped ones, nearest shape bucket; the backend's default where none matches, said
 once), gets the kernels through the :class:`~twilight.runtime.store.kernel_cache.KernelCache` (built
 on a miss, under a per-key file lock, so many processes asking at once build once) and returns a
-:class:`DecodePipeline` with ``plan()`` (once per batch shape) and ``run()`` (every step).
+:class:`DecodePipeline` with ``plan()`` (once per batch shape), ``run()`` (every step) and
+``step()`` (append the step's token, then run).
 
 How each backend's kernels live in the cache:
 
-* **tvm** (llvm target): one entry per (pipeline, shape, schedule, target): a shared library per
-  kernel (``export_library``) and an index of the TVMScript each was built from
-  (``twilight.compiler.tvm.artifacts``). A warm load opens the libraries with ``tvm_ffi``: no
-  TVMScript parse, no ``tvm.compile``, not even ``import tvm``.
+* **tvm** (llvm target): one entry per (pipeline, shape, schedule, target): one shared library
+  (``export_library``) holding every kernel — each stage, the append kernels and the fused
+  ``run``/``step`` entry points (``twilight.compiler.tvm.fused``) — and an index of the TVMScript
+  each was built from (``twilight.compiler.tvm.artifacts``). A warm load opens the library with
+  ``tvm_ffi``: no TVMScript parse, no ``tvm.compile``, not even ``import tvm``.
 * a backend that does not export for its target (Triton today) is lowered in process (Triton
   keeps its own compiled-kernel cache).
 
@@ -33,20 +35,17 @@ Example::
     >>> pipe.plan(batch=1, max_context=4096)                           # doctest: +SKIP
     >>> pipe.run(torch.randn(1, 8, 64), cache).shape                   # doctest: +SKIP
     torch.Size([1, 8, 64])
+    >>> pipe.step(torch.randn(1, 8, 64), torch.randn(1, 2, 64), torch.randn(1, 2, 64),
+    ...           cache).shape                                         # doctest: +SKIP
+    torch.Size([1, 8, 64])
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
 
-import torch
-
-from ... import knobs
 from ...compiler import ir
 from ...compiler.backend import (
     Backend,
@@ -56,7 +55,6 @@ from ...compiler.backend import (
     backend_for,
     get_backend,
 )
-from ...compiler.stages import StageInputs, run_stages
 from ...compiler.verify import verify
 from ...errors import InputError
 from ...frontend.builtins import Calibrated
@@ -66,11 +64,12 @@ from ..store import tuning_log
 from ..store.estimator_choice import calibrated
 from ..store.kernel_cache import CorruptEntryWarning, KernelCache, cache_key, default_cache
 from ..store.tuning_log import ShapeBucket
-from .checks import allocating, batch_ids, check_cache, check_query_finite, whole
-from .paged_cache import DTYPES, PagedKVCache
-from .pipeline_cache import make_cache
+from .checks import whole
+from .decode_pipeline import DecodePipeline
+from .dense import KernelDense, dense_ir, parse_kind, sdpa_dense, supports
 
-__all__ = ["DecodePipeline", "DefaultScheduleWarning", "kernel_key", "load", "pick_schedule"]
+__all__ = ["DecodePipeline", "DefaultScheduleWarning", "dense_fallback", "kernel_key", "load",
+           "pick_schedule"]
 
 log = logging.getLogger("twilight.load")
 
@@ -86,6 +85,12 @@ def pick_schedule(p: ir.PipelineIR, device: DeviceProfile, shape: ir.Shape, buck
                   backend: str) -> tuple[dict, str]:
     """``(schedule, where it came from)``: the nearest bucket of a tuning log (user logs first,
     then shipped ones), else ``{}`` — the backend's defaults — with a one-time warning."""
+    schedule, source, _ = _pick(p, device, shape, bucket, backend)
+    return schedule, source
+
+
+def _pick(p, device, shape, bucket, backend) -> tuple[dict, str, dict | None]:
+    """:func:`pick_schedule` and the tuning-log bucket record it came from (None: default)."""
     found = tuning_log.find_schedule(p, device.name, shape, bucket, backend)
     if found is not None:
         rec, _ = found
@@ -95,8 +100,8 @@ def pick_schedule(p: ir.PipelineIR, device: DeviceProfile, shape: ir.Shape, buck
         except ValueError as e:  # hand-edited, or from an older space: not worth a crash
             warnings.warn(f"twilight.load: {where}: {e}; using the default schedule",
                           tuning_log.TuningLogWarning, stacklevel=3)
-            return {}, "default"
-        return dict(rec["schedule"]), where
+            return {}, "default", None
+        return dict(rec["schedule"]), where, rec
     told = (p.key(), device.name, shape, backend)
     if told not in _TOLD:
         _TOLD.add(told)
@@ -104,7 +109,7 @@ def pick_schedule(p: ir.PipelineIR, device: DeviceProfile, shape: ir.Shape, buck
                f"({backend}, {shape}); using the default schedule. 'twilightc tune' writes one.")
         log.info(msg)
         warnings.warn(msg, DefaultScheduleWarning, stacklevel=3)
-    return {}, "default"
+    return {}, "default", None
 
 
 def kernel_key(p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target,
@@ -191,137 +196,6 @@ def _compiled(p, shape, schedule, target, backend: Backend, cache: KernelCache) 
 # ---- the user-facing object ------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    batch: int
-    context: int
-    q: torch.Tensor  # [B, Hq, D] aligned staging copy of the query
-    rows: torch.Tensor  # int64 [B] request ids (page-table rows)
-    page_table: torch.Tensor  # int32 [B, NP]
-    lengths64: torch.Tensor
-    lengths: torch.Tensor  # int32 [B]
-    ids: list[int] | None = None
-    table_width: int = -1  # cache.page_table columns at the last copy
-
-
-class DecodePipeline:
-    """A loaded decode pipeline: ``plan(batch, max_context)`` once per batch shape, then
-    ``run(q, cache, req)`` each step (``[B, Hq, D]`` in, ``[B, Hq, D]`` out).
-
-    Attributes: ``ir``, ``shape``, ``backend``, ``target``, ``schedule`` (complete),
-    ``schedule_source`` (a tuning log's bucket, or ``"default"``), ``key`` (the kernel-cache
-    key, None where the backend is not disk-cached yet) and ``origin`` (``"memory"``,
-    ``"disk"``, ``"built"`` or ``"lowered"``). Create with :func:`load`."""
-
-    def __init__(self, p: ir.PipelineIR, shape: ir.Shape, backend: str, target: Target,
-                 schedule: dict, schedule_source: str, compiled: StageKernels, origin: str, key):
-        self.ir, self.shape, self.backend, self.target = p, shape, backend, target
-        self.schedule, self.schedule_source = schedule, schedule_source
-        self.compiled, self.origin, self.key = compiled, origin, key
-        self.dtype = DTYPES[shape.dtype]
-        self._plan: _Plan | None = None
-        self._fits: weakref.ref | None = None  # the last cache check_cache passed
-
-    def __repr__(self) -> str:
-        return (f"DecodePipeline({self.ir.name!r}, {self.shape}, backend={self.backend!r}, "
-                f"target='{self.target}', schedule from {self.schedule_source}, {self.origin})")
-
-    def make_cache(self, *, initial_pages: int = 64, device: str | torch.device = "cpu") \
-            -> PagedKVCache:
-        """An empty paged cache that keeps what this pipeline reads (its page summaries and
-        quantized keys), in the pipeline's dtype and KV layout."""
-        return make_cache(self.ir, self.shape.kv_heads, self.shape.head_dim, dtype=self.dtype,
-                          device=device, initial_pages=initial_pages)
-
-    def plan(self, batch: int, max_context: int, device: str | torch.device = "cpu") \
-            -> DecodePipeline:
-        """Size every buffer ``run`` needs for ``batch`` requests of up to ``max_context``
-        tokens: query staging, page-table rows, lengths, and the kernels' scratch. A later
-        ``run`` with another batch size, or a longer context, plans again by itself."""
-        try:
-            batch, max_context = whole("batch", batch), whole("max_context", max_context)
-        except InputError:
-            raise InputError(f"plan: batch and max_context must be whole numbers from 1 to "
-                             f"{ir.MAX_TOKENS}, got {batch!r}, {max_context!r}") from None
-        s, i32 = self.shape, dict(dtype=torch.int32, device=device)
-        pages = math.ceil(max_context / self.ir.page_size)
-        with allocating(f"plan: buffers for {batch} requests of {max_context} tokens",
-                        "plan a smaller batch or max_context"):
-            self._plan = _Plan(batch, max_context,
-                               torch.empty(batch, s.q_heads, s.head_dim, dtype=self.dtype,
-                                           device=device),
-                               torch.empty(batch, dtype=torch.int64, device=device),
-                               torch.full((batch, pages), -1, **i32),
-                               torch.empty(batch, dtype=torch.int64, device=device),
-                               torch.empty(batch, **i32))
-            self.compiled.plan(batch, max_context)
-        return self
-
-    def _fit_cache(self, cache: PagedKVCache) -> None:
-        """``check_cache`` once per cache object (a cache's layout never changes)."""
-        if self._fits is not None and self._fits() is cache:
-            return
-        check_cache(self.ir, cache, self.shape)
-        self._fits = weakref.ref(cache)
-
-    def _inputs(self, q: torch.Tensor, cache: PagedKVCache, req) -> StageInputs:
-        ids = batch_ids(cache, req)
-        self._fit_cache(cache)
-        if not isinstance(q, torch.Tensor) or q.dim() != 3 \
-                or tuple(q.shape[1:]) != (self.shape.q_heads, self.shape.head_dim) \
-                or q.shape[0] != len(ids) or q.dtype != self.dtype:
-            raise InputError(f"q: expected [{len(ids)}, {self.shape.q_heads}, "
-                             f"{self.shape.head_dim}] {self.dtype} (one row per request), got "
-                             f"{tuple(getattr(q, 'shape', ()))} {getattr(q, 'dtype', type(q))}")
-        if q.device != cache.device:
-            raise InputError(f"q: expected device {cache.device} (the cache's), got {q.device}")
-        pl = self._plan
-        if pl is None or pl.batch != len(ids):
-            pl = self.plan(len(ids), pl.context if pl else 4096, q.device)._plan
-        if pl.ids != ids:
-            pl.rows.copy_(torch.tensor(ids, dtype=torch.int64))
-            pl.ids, pl.table_width = list(ids), -1
-        torch.index_select(cache.lengths, 0, pl.rows, out=pl.lengths64)
-        longest = int(pl.lengths64.max())
-        if longest > pl.context:  # grow by doubling: a growing context re-plans rarely
-            pl = self.plan(pl.batch, max(longest, 2 * pl.context), q.device)._plan
-            return self._inputs(q, cache, req)
-        pl.lengths.copy_(pl.lengths64)
-        self._copy_table(pl, cache)
-        pl.q.copy_(q)
-        return StageInputs(pl.q, pl.page_table, pl.lengths, cache, ids)
-
-    def stage_inputs(self, q: torch.Tensor, cache: PagedKVCache, req=None) -> StageInputs:
-        """The planned, aligned stage inputs ``run`` would use (to time one stage alone)."""
-        return self._inputs(q, cache, req)
-
-    @staticmethod
-    def _copy_table(pl: _Plan, cache: PagedKVCache) -> None:
-        width = min(cache.page_table.shape[1], pl.page_table.shape[1])
-        if width == pl.page_table.shape[1]:
-            torch.index_select(cache.page_table[:, :width], 0, pl.rows, out=pl.page_table)
-            return
-        if width != pl.table_width:
-            pl.page_table.fill_(-1)
-        pl.page_table[:, :width] = cache.page_table.index_select(0, pl.rows)
-        pl.table_width = width
-
-    def run(self, q: torch.Tensor, cache: PagedKVCache,
-            req: int | Sequence[int] | None = None, return_lists: bool = False):
-        """Attention output ``[B, Hq, D]`` for queries ``q [B, Hq, D]`` of requests ``req``
-        (default: every live request, by id) over ``cache``. Every stage is one kernel call
-        over all requests and heads; only the output is allocated once planned. With
-        ``return_lists`` also the kept tokens ``(kept_idx, kept_cnt)`` (the stage ABI's).
-        A query holding NaN or inf raises ``NonFiniteInputError`` (``TWILIGHT_CHECK_FINITE=0``
-        skips that check; see ``twilight.runtime.serving.checks``)."""
-        x = self._inputs(q, cache, req)  # shape, dtype and device checks first
-        if knobs.check_finite():
-            check_query_finite(q, cache, req)
-        return run_stages(self.compiled, x, len(self.ir.prune), return_lists)
-
-    __call__ = run
-
-
 def _bucket(batch: int, context: int) -> ShapeBucket:
     try:
         return ShapeBucket(batch, context)
@@ -332,7 +206,8 @@ def _bucket(batch: int, context: int) -> ShapeBucket:
 def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend: str = "auto",
          *, batch: int = 1, context: int = 4096, schedule: dict | None = None,
          target: str | Target | None = None, cache: KernelCache | None = None,
-         model: str | None = None) -> DecodePipeline:
+         model: str | None = None, layer: int | None = None, dense_below: int | None = None,
+         dense: str | None = None) -> DecodePipeline:
     """A tuned, compiled ``pipeline`` (a ``tw.Pipeline`` or its IR) for ``shape`` on ``device``.
 
     * ``device``: ``"auto"`` (the GPU present, else the CPU) or a profile name (``"cpu"``,
@@ -342,6 +217,10 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
       ``schedule`` overrides the logs; ``target`` overrides the device's target;
       ``cache``: a ``KernelCache`` (default: the one of ``TWILIGHT_CACHE_DIR``);
       ``model``: apply the key estimator ``twilightc calibrate`` chose for this model.
+    * ``dense_below`` (tokens, 0 = never) and ``dense`` (``"kernels"``, ``"sdpa:float32"``, …):
+      where the pipeline runs dense attention, and how (:class:`DecodePipeline`); default: what
+      the tuning log measured for the picked bucket — for model layer ``layer`` where it
+      measured one — and 0 where it measured nothing (a given ``schedule``, no log).
 
     Example::
 
@@ -369,12 +248,46 @@ def load(pipeline, device: str = "auto", shape: ir.Shape | None = None, backend:
     verify(p, shape, stage="load")
     dev = resolve_device(device)
     b, tgt = _backend_and_target(backend, dev, target)
+    if dense_below is not None:
+        dense_below = whole("dense_below", dense_below, 0)
+    bucket, rec = _bucket(batch, context), None
     if schedule is None:
-        schedule, source = pick_schedule(p, dev, shape, _bucket(batch, context), b.name)
+        schedule, source, rec = _pick(p, dev, shape, bucket, b.name)
     else:
         source = "given"
     full = b.complete(schedule)
-    compiled, origin, key = _compiled(p, shape, full, tgt, b, cache or default_cache())
+    kcache = cache or default_cache()
+    compiled, origin, key = _compiled(p, shape, full, tgt, b, kcache)
     log.debug("loaded %s (%s, %s): %s", p.name, b.name, tgt, origin)
-    return DecodePipeline(p, shape, b.name, tgt, full, source, compiled, origin, key)
+    layers = {int(k): int(v) for k, v in ((rec or {}).get("dense_below_layers") or {}).items()}
+    below = dense_below if dense_below is not None else \
+        layers.get(layer, int((rec or {}).get("dense_below") or 0))
+    kind = dense or (rec or {}).get("dense_impl") or "kernels"
+    fallback = dense_fallback(p, shape, b, tgt, kind, device=dev, bucket=bucket,
+                              cache=kcache) if below else None
+    return DecodePipeline(p, shape, b.name, tgt, full, source, compiled, origin, key,
+                          dense_below=below, dense=fallback, dense_below_layers=layers)
+
+
+def dense_fallback(p: ir.PipelineIR, shape: ir.Shape, backend: Backend | str, target: Target,
+                   kind: str, *, device: DeviceProfile | None = None,
+                   bucket: ShapeBucket | None = None, cache: KernelCache | None = None,
+                   schedule: dict | None = None):
+    """The dense attention ``p`` falls back to (:mod:`.dense`): ``"sdpa:<dtype>"``, or
+    ``"kernels"`` — the backend's dense pipeline with ``p``'s attention, its schedule from the
+    tuning logs (or ``schedule``; the backend's default where none), its kernels through the
+    kernel cache (so ``TWILIGHT_DISABLE_COMPILE=1`` holds for it too). SDPA cannot softcap:
+    such a pipeline falls back to the kernels."""
+    name, _ = parse_kind(kind)
+    if name == "sdpa" and supports(p, kind):
+        return sdpa_dense(p, kind)
+    b = get_backend(backend) if isinstance(backend, str) else backend
+    d = dense_ir(p)
+    if schedule is None:
+        found = tuning_log.find_schedule(d, device.name, shape, bucket, b.name) \
+            if device is not None and bucket is not None else None
+        schedule = dict(found[0]["schedule"]) if found else {}
+    compiled, _, _ = _compiled(d, shape, b.complete(schedule), target, b,
+                               cache or default_cache())
+    return KernelDense(compiled)
 

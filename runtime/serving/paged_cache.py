@@ -28,7 +28,10 @@ Layout (``cap`` = capacity in pages, ``ps`` = page size):
     side data than a page, but allocates as much.
 
 Appending to a page re-encodes that page's per-channel codes (its min/max may have moved), and
-appending to a group re-encodes the whole group (``G · ps`` tokens).
+appending to a group re-encodes the whole group (``G · ps`` tokens). With an ``appender`` (a
+backend's generated append kernels, :class:`Appender`) that work runs in those kernels instead
+of torch: ``DecodePipeline.make_cache`` passes its own kernels where they run on the cache's
+device.
 
 Request ids are page-table rows; a freed id is reused by the next :meth:`PagedKVCache.add_request`.
 Keys or values holding NaN or inf are refused by :meth:`PagedKVCache.append`
@@ -53,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 
@@ -60,12 +64,17 @@ import torch
 from torch import Tensor
 
 from ...compiler.ir import MAX_HEAD_DIM, MAX_HEADS, MAX_TOKENS, page_size_problem
-from ...compiler.keycodes import KeyCodeSpec, channel_extreme, fit_smoothing
+from ...compiler.keycodes import (
+    KeyCodeSpec,
+    channel_extreme,
+    fit_smoothing,
+)
 from ...errors import InputError
+from .cache_read import CacheReads
+from .cache_side import Appender, KeyCodes, SideData, SummaryFn, TokenSummaryFn
 from .checks import as_request_id, cache_pages, refuse_non_finite_kv, whole
-from .paged_side_data import KeyCodes, SideDataMixin, SummaryFn, TokenSummaryFn
 
-__all__ = ["KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
+__all__ = ["Appender", "KeyCodes", "PagedKVCache", "SummaryFn", "TokenSummaryFn"]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 """The cache (and query) dtypes, by the names ``Shape.dtype`` uses."""
@@ -92,11 +101,12 @@ def _grow(t: Tensor, rows: int, fill: float | int = 0) -> Tensor:
     return torch.cat([t, extra])
 
 
-class PagedKVCache(SideDataMixin):
+class PagedKVCache(SideData, CacheReads):
     """Paged K/V storage of one layer, with page summaries and quantized keys kept beside it.
 
     See the module docstring for the layout and an example; the side data's allocation and
-    refresh live in :class:`~twilight.runtime.serving.paged_side_data.SideDataMixin`.
+    refresh live in :class:`~twilight.runtime.serving.cache_side.SideData`, the dense reads in
+    :class:`~twilight.runtime.serving.cache_read.CacheReads`.
     """
 
     def __init__(
@@ -114,6 +124,7 @@ class PagedKVCache(SideDataMixin):
         token_summaries: Mapping[str, TokenSummaryFn] | None = None,
         track_v_sum: bool = False,
         summary_keys: Mapping[str, str] | None = None,
+        appender: Appender | None = None,
     ) -> None:
         problem = page_size_problem(page_size)
         if problem:
@@ -141,6 +152,7 @@ class PagedKVCache(SideDataMixin):
         self.summary_keys: dict[str, str] = dict(summary_keys or {})
         """IR key of the expression behind each summary (``make_cache`` records them), so a
         pipeline can tell a same-named summary of another pipeline from its own."""
+        self.appender = appender
         self.smoothing_fitted: dict[KeyCodeSpec, bool] = {
             sp: False for sp in self.key_code_specs if sp.smooth}
         with cache_pages(initial_pages, num_kv_heads, page_size, head_dim, dtype):
@@ -162,7 +174,18 @@ class PagedKVCache(SideDataMixin):
                                  device=self.device) if track_v_sum else None
         self._free_pages: list[int] = list(range(initial_pages - 1, -1, -1))
         self._num_pages: list[int] = []  # pages held by each request slot
+        self._host_lengths: list[int] = []  # ``lengths`` mirrored on the host: no device reads
         self._live: list[bool] = []
+        self.generation = 0  # bumped whenever a tensor of the cache is reallocated
+
+    def __deepcopy__(self, memo: dict) -> PagedKVCache:
+        """A copy of every tensor and list (aliases kept: a page format's ``lo``/``hi`` stay
+        its min/max summaries); the ``appender`` — compiled kernels, no state — is shared."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, value if name == "appender" else copy.deepcopy(value, memo))
+        return new
 
     # ---- pages -----------------------------------------------------------------------------
 
@@ -188,6 +211,7 @@ class PagedKVCache(SideDataMixin):
                 setattr(c, name, _grow(getattr(c, name), new))
         self._link_minmax()
         self._free_pages = list(range(new - 1, old - 1, -1)) + self._free_pages
+        self.generation += 1
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -209,10 +233,12 @@ class PagedKVCache(SideDataMixin):
                 return rid
         self._live.append(True)
         self._num_pages.append(0)
+        self._host_lengths.append(0)
         self.page_table = _grow(self.page_table, len(self._live), -1)
         self.lengths = _grow(self.lengths, len(self._live))
         if self.v_sum is not None:
             self.v_sum = _grow(self.v_sum, len(self._live))
+        self.generation += 1
         return len(self._live) - 1
 
     def add_requests(self, n: int) -> list[int]:
@@ -228,6 +254,7 @@ class PagedKVCache(SideDataMixin):
         self.lengths[rid] = 0
         if self.v_sum is not None:
             self.v_sum[rid] = 0
+        self._host_lengths[rid] = 0
         self._num_pages[rid] = 0
         self._live[rid] = False
 
@@ -245,7 +272,7 @@ class PagedKVCache(SideDataMixin):
         key codes and running V sum copied, so appending to one never changes the other (beam
         search)."""
         self._check_ids([src])
-        rid, n = self.add_request(), int(self.lengths[src])
+        rid, n = self.add_request(), self._host_lengths[src]
         if self.v_sum is not None:
             self.v_sum[rid] = self.v_sum[src]
         if n:
@@ -256,6 +283,7 @@ class PagedKVCache(SideDataMixin):
             for t in self._page_tensors():
                 t[dst] = t[from_]
             self.lengths[rid] = n
+            self.advance([rid], n)
         return rid
 
     def _check_ids(self, ids: Sequence[int]) -> None:
@@ -263,6 +291,34 @@ class PagedKVCache(SideDataMixin):
             if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(self._live) \
                     or not self._live[r]:
                 raise InputError(f"unknown request id {r!r}; live ids are {self.request_ids}")
+
+    def longest(self, ids: Sequence[int]) -> int:
+        """The longest length among requests ``ids``, from host bookkeeping (never a device
+        read, so a decode step can be captured in a CUDA graph)."""
+        return max((self._host_lengths[r] for r in ids), default=0)
+
+    def length(self, rid: int) -> int:
+        """Tokens of request ``rid``, from the host bookkeeping (no read of ``lengths``)."""
+        return self._host_lengths[rid]
+
+    def reserve(self, ids: Sequence[int], n: int = 1) -> None:
+        """Make room for ``n`` more tokens of each request in ``ids`` (pages, page-table
+        columns), from the host bookkeeping alone: what a generated append kernel needs before it
+        writes them. Pair it with :meth:`advance` once they are written."""
+        ps = self.page_size
+        if any(-(-(self._host_lengths[r] + n) // ps) > self._num_pages[r] for r in ids):
+            self._reserve(list(ids), [self._host_lengths[r] + n for r in ids])
+
+    def advance(self, ids: Sequence[int], n: int = 1) -> None:
+        """Record that ``n`` tokens of each request in ``ids`` were written (by ``append``, or
+        by a generated append, which also updated ``lengths``, ``page_fill``, summaries and
+        codes)."""
+        for r in ids:
+            self._host_lengths[r] += n
+
+    def appends_on_host(self) -> bool:
+        """Does the next append need the torch path (smoothing factors not fitted yet)?"""
+        return not all(self.smoothing_fitted.values())
 
     def resolve_ids(self, req: int | Sequence[int] | None) -> list[int]:
         """Request ids as a list of ints: ``None`` means every live request, in id order; an
@@ -315,6 +371,7 @@ class PagedKVCache(SideDataMixin):
                 (self.page_table.shape[0], cols - self.page_table.shape[1]), -1
             )
             self.page_table = torch.cat([self.page_table, pad], dim=1)
+            self.generation += 1
         for r, w in zip(ids, want, strict=True):
             have = self._num_pages[r]
             if w > have:
@@ -339,11 +396,12 @@ class PagedKVCache(SideDataMixin):
             return
         idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
         old = self.lengths[idx]
-        if int(old.max()) + n > MAX_TOKENS:
+        old_host = [self._host_lengths[r] for r in ids]
+        if max(old_host) + n > MAX_TOKENS:
             raise InputError(f"append: a request would exceed {MAX_TOKENS} tokens (int32 "
                              "positions)")
         refuse_non_finite_kv(kb, vb, ids, old)
-        self._reserve(ids, (old + n).tolist())
+        self._reserve(ids, [o + n for o in old_host])
         pos = old[:, None] + torch.arange(n, device=self.device)  # [B, n]
         phys = self.page_table[idx].to(torch.int64).gather(1, pos // self.page_size).flatten()
         slot = (pos % self.page_size).flatten()
@@ -352,82 +410,11 @@ class PagedKVCache(SideDataMixin):
         self.v_pages[phys, :, slot] = vb.transpose(1, 2).reshape_as(k_tok)
         self.page_fill.index_add_(0, phys, torch.ones_like(phys))
         self.lengths[idx] = old + n
+        self.advance(ids, n)
         for spec, fitted in self.smoothing_fitted.items():
             if not fitted:  # the first append sets the factors (a prefill, in practice)
                 self.key_codes[spec].smooth.copy_(fit_smoothing(k_tok.transpose(0, 1), spec.smooth))
                 self.smoothing_fitted[spec] = True
         if self.v_sum is not None:
             self.v_sum[idx] += vb.float().sum(2)
-        for name, fn in self.token_summary_fns.items():
-            self.token_summaries[name][phys, :, slot] = fn(k_tok.float()).to(self.dtype)
-        self._update_token_codes(k_tok, phys, slot)
-        self._update_pages(torch.unique(phys))
-        if any(sp.granularity == "group" for sp in self.key_code_specs):
-            self._update_groups(ids, old.tolist(), n)
-
-    # ---- read ------------------------------------------------------------------------------
-
-    def gather_pages(self, req: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-        """Physical page ids ``int64 [B, NP]`` (-1 padded) of the requests (all live ones by
-        default) and the valid-token count of each page ``int64 [B, NP]`` (0 on padding).
-        Index any ``[cap, ...]`` tensor (summaries, codes) with ``pages.clamp(min=0)``."""
-        ids = self.resolve_ids(req)
-        idx = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        lengths = self.lengths[idx]
-        num_pages = math.ceil(int(lengths.max()) / self.page_size) if ids else 0
-        pages = self.page_table[idx, :num_pages].to(torch.int64)
-        start = torch.arange(num_pages, device=self.device) * self.page_size
-        page_valid = (lengths[:, None] - start).clamp(0, self.page_size)
-        return pages, page_valid
-
-    def gather_paged(self, t: Tensor, req: int | Sequence[int] | None = None) -> Tensor:
-        """``t [cap, Hkv, ...]`` (e.g. a summary, or codes' scale) gathered per request as
-        ``[B, Hkv, NP, ...]``, zero on padding pages."""
-        pages, page_valid = self.gather_pages(req)
-        out = t[pages.clamp(min=0)]  # [B, NP, Hkv, ...]
-        mask = (page_valid > 0).view(*pages.shape, *([1] * (t.dim() - 1)))
-        return out.masked_fill(~mask, 0).transpose(1, 2)
-
-    def gather_tokens(
-        self, t: Tensor, req: int | Sequence[int] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """``t [cap, Hkv, ps, ...]`` (K, V, token codes) gathered densely as ``[B, Hkv, Tmax, ...]``,
-        zero past each request's length, with ``valid bool [B, Tmax]``."""
-        pages, page_valid = self.gather_pages(req)
-        lengths = page_valid.sum(1)
-        t_max = int(lengths.max()) if lengths.numel() else 0
-        out = t[pages.clamp(min=0)].transpose(1, 2)  # [B, Hkv, NP, ps, ...]
-        out = out.reshape(*out.shape[:2], pages.shape[1] * self.page_size, *t.shape[3:])
-        out = out[:, :, :t_max]
-        valid = torch.arange(t_max, device=self.device) < lengths[:, None]
-        mask = valid.view(valid.shape[0], 1, t_max, *([1] * (t.dim() - 3)))
-        return out.masked_fill(~mask, 0), valid
-
-    def gather(self, req: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Dense ``K, V [B, Hkv, Tmax, D]`` (cache dtype, zero past each length) and
-        ``valid bool [B, Tmax]`` of the requests (all live ones, by id, by default)."""
-        k, valid = self.gather_tokens(self.k_pages, req)
-        v, _ = self.gather_tokens(self.v_pages, req)
-        return k, v, valid
-
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes allocated by component (capacity, not use), with their ``"total"``."""
-        parts = {
-            "k_pages": self.k_pages,
-            "v_pages": self.v_pages,
-            "page_table": self.page_table,
-            "lengths": self.lengths,
-            "page_fill": self.page_fill,
-        }
-        parts |= {f"summary:{n}": t for n, t in self.summaries.items()}
-        parts |= {f"token_summary:{n}": t for n, t in self.token_summaries.items()}
-        if self.v_sum is not None:
-            parts["v_sum"] = self.v_sum
-        out = {name: t.numel() * t.element_size() for name, t in parts.items()}
-        shared = {id(t) for t in self.summaries.values()}
-        for spec, codes in self.key_codes.items():  # a page format's lo/hi are summaries
-            out[f"key_codes:{spec.name}"] = sum(
-                t.numel() * t.element_size() for t in codes.tensors() if id(t) not in shared
-            )
-        out["total"] = sum(out.values())
-        return out
+        self._refresh_side(k_tok, ids, old_host, n, phys, slot)

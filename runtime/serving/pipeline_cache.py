@@ -5,18 +5,21 @@ from __future__ import annotations
 import torch
 
 from ...compiler import ir
-from ...compiler.keycodes import KeyCodeSpec
+from ...compiler.keycodes import KeyCodeSpec, minmax_summaries
 from ...compiler.torch_expr import summary_fn, token_summary_fn
 from ...compiler.verify import verify
+from .cache_side import Appender
 from .paged_cache import PagedKVCache
 
 __all__ = ["make_cache", "minmax_summaries"]
 
 
 def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float16,
-               device="cpu", initial_pages: int = 64) -> PagedKVCache:
+               device="cpu", initial_pages: int = 64,
+               appender: Appender | None = None) -> PagedKVCache:
     """A cache that keeps what ``pipeline`` reads: its page and token summaries, quantized keys
-    and (for ``attention(mean_value=True)``) the running sum of V."""
+    and (for ``attention(mean_value=True)``) the running sum of V (with ``appender``'s generated
+    kernels when given: ``PagedKVCache``)."""
     p = ir.as_ir(pipeline)
     verify(p, ir.Shape(num_kv_heads, num_kv_heads, head_dim, p.page_size))
     fields = {f"{s.name}.{f.name}": f.expr for s in p.summaries() for f in s.fields}
@@ -27,19 +30,5 @@ def make_cache(pipeline, num_kv_heads: int, head_dim: int, *, dtype=torch.float1
                         minmax_summaries=minmax_summaries(p),
                         token_summaries={n: token_summary_fn(e) for n, e in tok_fields.items()},
                         track_v_sum=p.attend.mean_value,
-                        summary_keys={n: e.key() for n, e in (fields | tok_fields).items()})
-
-
-def minmax_summaries(p: ir.PipelineIR) -> tuple[str, str] | None:
-    """Names of the pipeline's summary fields that are exactly the per-channel key min and max
-    of a page (Quest's ``kmin``/``kmax``), which page-granularity codes then share; None if it
-    has none (the cache keeps its own)."""
-    found: dict[str, str] = {}
-    for s in p.summaries():
-        for f in s.fields:
-            e = f.expr
-            page_k = ir.Expr("page_k", (), ())
-            if e.op in ("reduce_min", "reduce_max") and e.inputs == (page_k,) \
-                    and e.attrs == (("axis", "token"),):
-                found.setdefault(e.op[7:], f"{s.name}.{f.name}")
-    return (found["min"], found["max"]) if len(found) == 2 else None
+                        summary_keys={n: e.key() for n, e in (fields | tok_fields).items()},
+                        appender=appender)

@@ -6,7 +6,9 @@ data), so the op names it by a *handle* — a string ``bind()`` hands out for a 
 its cache and the requests — as vLLM's attention op names its layer. The handle is a constant of
 the traced graph; the fake (meta) kernel gives the output's shape and dtype (those of ``q``)
 without touching the cache. With ``k``/``v`` the op first appends the step's keys and values
-(``[B, Hkv, n, D]``) to the bound requests, then attends.
+(``[B, Hkv, n, D]``) to the bound requests, then attends — for one token (``n = 1``, or
+``[B, Hkv, D]``) through ``DecodePipeline.step``: one compiled call where the backend fuses the
+append and the pipeline (TVM on the CPU).
 
 Example::
 
@@ -77,9 +79,12 @@ def decode(q: Tensor, handle: str, k: Tensor | None = None, v: Tensor | None = N
     b = bound(handle)
     if (k is None) != (v is None):
         raise InputError("twilight::decode: pass both k and v, or neither")
-    if k is not None:
+    if k is not None:  # append and attend: one compiled call where the backend fuses them
         ids = b.req if b.req is not None else b.cache.request_ids
-        b.cache.append(k.contiguous(), v.contiguous(), ids)
+        if k.dim() == 4 and k.shape[2] != 1:
+            b.cache.append(k.contiguous(), v.contiguous(), ids)
+        else:
+            return b.pipeline.step(q, k, v, b.cache, ids)
     return b.pipeline.run(q, b.cache, b.req)
 
 

@@ -4,8 +4,15 @@ Space (``schedules.space``), search (this module) and store (``runtime.store.tun
 separate pieces. Each trial: draw a schedule (conditional parameters only when active), claim
 it in the study (``claims``: a schedule that another trial holds is never measured twice),
 reject illegal ones for the device before compiling, lower, pass the correctness gate against
-the torch reference, then time it (median of repeats). Compile failures and gate failures are
-recorded on the trial (user attrs ``error`` / ``gate``) and never become winners.
+the torch reference, then time it exactly as serving runs it: a ``DecodePipeline`` around the
+lowered kernels, ``plan`` once, ``run`` per step (median of repeats) — the path ``twilight.load``
+hands out and ``twilightc eval --backend`` times, so the tuned figure and eval's agree. Compile
+failures and gate failures are recorded on the trial (user attrs ``error`` / ``gate``) and never
+become winners.
+
+The data: real attention when ``TuneConfig.snapshots`` names snapshot layers (every problem of
+the bucket's snapshots, timed one after the other; the trial's figure is their sum, as eval
+sums its layers), else the synthetic problem of ``evaluation.problems.make_problem``.
 
 Studies live in real storage (``storage``) — a journal file by default, SQLite or any RDB URL
 (PostgreSQL lets many machines tune one study) — so a killed tune resumes: finished trials
@@ -36,13 +43,22 @@ from ...compiler.backend import Target, get_backend
 from ...errors import TwilightError
 from ...schedules.devices import DeviceProfile
 from ...schedules.space import Space
-from ..evaluation.measure import Problem, correctness_gate, make_problem, median_time
+from ..evaluation.measure import (
+    Problem,
+    correctness_gate,
+    make_problem,
+    served_ms,
+    snapshot_bucket,
+    snapshot_problem,
+)
+from ..evaluation.snapshot import Snapshot
+from ..serving.load import DecodePipeline
 from ..store.tuning_log import ShapeBucket
 from .claims import DUPLICATE, RETRIED, claim, taken_schedules, tally
 from .storage import StorageError, open_storage
 
 __all__ = ["GateFailed", "Objective", "StorageError", "TuneConfig", "best_trial",
-           "bucket_problem", "default_trial", "finished_count", "make_sampler", "open_storage",
+           "bucket_problems", "default_trial", "finished_count", "make_sampler", "open_storage",
            "recover_stale_trials", "study_name", "tune_bucket"]
 
 # a failing trial is a result (its error is on the trial, and the summary says why none
@@ -66,6 +82,28 @@ class TuneConfig:
     seed: int = 0
     repeats: int = 10
     warm_start: list[dict] = field(default_factory=list)
+    snapshots: list[tuple[Snapshot, list[int]]] = field(default_factory=list)
+    """Real data: (snapshot, layer slots) pairs; empty → the synthetic problem."""
+    dense_trials: int = 8
+    """Trials for the dense fallback's schedule (0: its logged or default schedule)."""
+
+    @property
+    def data_tag(self) -> str:
+        """What the trials measure on, short: ``synthetic`` or ``snap<hash of names, shapes
+        and layers>`` (studies of different data never mix)."""
+        if not self.snapshots:
+            return "synthetic"
+        desc = repr([(os.path.basename(s.path), tuple(s.q.shape), s.context, list(ls))
+                     for s, ls in self.snapshots])
+        return "snap" + hashlib.sha256(desc.encode()).hexdigest()[:8]
+
+    def describe_data(self, bucket: ShapeBucket) -> str:
+        """What a bucket is measured on, for the tuning log and the printout."""
+        if not self.snapshots:
+            return f"synthetic: peaked random keys, seed {self.seed}"
+        parts = [f"{os.path.basename(s.path)} layers {[s.layers[i] for i in ls]}"
+                 for s, ls in self.snapshots if snapshot_bucket(s) == bucket]
+        return "snapshot: " + "; ".join(parts)
 
     @property
     def target(self) -> Target:
@@ -83,8 +121,9 @@ class TuneConfig:
 
 def study_name(cfg: TuneConfig, bucket: ShapeBucket) -> str:
     s = cfg.shape
+    data = "" if not cfg.snapshots else f"-{cfg.data_tag}"  # synthetic studies keep old names
     return (f"{cfg.pipeline.name}-{cfg.pipeline.key()[:12]}-{cfg.device.name}-{cfg.backend}-"
-            f"h{s.q_heads}x{s.kv_heads}d{s.head_dim}p{s.page_size}{s.dtype}-{bucket.name}")
+            f"h{s.q_heads}x{s.kv_heads}d{s.head_dim}p{s.page_size}{s.dtype}-{bucket.name}{data}")
 
 
 # ---- samplers -----------------------------------------------------------------------------------
@@ -201,7 +240,7 @@ class GateFailed(Exception):
 class Objective:
     cfg: TuneConfig
     space: Space
-    problem: Problem
+    problems: list[Problem]
     check: Callable[[dict], str | None] = lambda s: None
     rng: random.Random = field(default_factory=random.Random)
 
@@ -221,22 +260,22 @@ class Objective:
         if illegal:
             trial.set_user_attr("illegal", illegal)
             raise optuna.TrialPruned(illegal)
-        backend, prob = get_backend(self.cfg.backend), self.problem
         try:
-            compiled = backend.lower(self.cfg.pipeline, self.cfg.shape, schedule,
-                                     self.cfg.target)
-            out, lists = compiled.run(prob.q, prob.cache, prob.ids, return_lists=True)
+            dp = served(self.cfg, schedule)
+            answers = [_answer(dp, prob) for prob in self.problems]
         except Exception as e:  # a schedule that does not compile or run is a result too
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
             raise
-        gate = correctness_gate(self.cfg.pipeline, prob, out, lists)
-        trial.set_user_attr("gate", "pass" if gate.ok else gate.reason)
-        trial.set_user_attr("rel_error", gate.rel_error)
-        if not gate.ok:
-            raise GateFailed(gate.reason)
-        seconds = median_time(lambda: compiled.run(prob.q, prob.cache, prob.ids),
-                              repeats=self.cfg.repeats)
-        return seconds * 1e3
+        for prob, (out, lists) in zip(self.problems, answers, strict=True):
+            gate = correctness_gate(self.cfg.pipeline, prob, out, lists)
+            trial.set_user_attr("gate", "pass" if gate.ok else gate.reason)
+            trial.set_user_attr("rel_error", gate.rel_error)
+            if not gate.ok:
+                raise GateFailed(f"{prob.label}: {gate.reason}" if len(self.problems) > 1
+                                 else gate.reason)
+        times = [served_ms(dp, prob, self.cfg.repeats) for prob in self.problems]
+        trial.set_user_attr("problem_ms", [round(t, 4) for t in times])
+        return sum(times)
 
     def _propose_free(self, study: optuna.Study) -> None:
         """After a repeat, queue a schedule nobody holds, so a sampler stuck on a small,
@@ -249,15 +288,28 @@ class Objective:
                 return
 
 
+def served(cfg: TuneConfig, schedule: dict) -> DecodePipeline:
+    """The served pipeline of a trial: a ``DecodePipeline`` (what ``twilight.load`` returns)
+    around ``schedule``'s freshly lowered kernels, never falling back to dense."""
+    kernels = get_backend(cfg.backend).lower(cfg.pipeline, cfg.shape, schedule, cfg.target)
+    return DecodePipeline(cfg.pipeline, cfg.shape, cfg.backend, cfg.target, dict(schedule),
+                          "trial", kernels, "lowered", None)
+
+
+def _answer(dp: DecodePipeline, prob: Problem):
+    dp.plan(prob.batch, prob.max_context, prob.q.device)
+    return dp.run(prob.q, prob.cache, prob.ids, return_lists=True)
+
+
 def tune_bucket(cfg: TuneConfig, bucket: ShapeBucket, space: Space, storage,
                 check: Callable[[dict], str | None] = lambda s: None,
                 timeout: float | None = None,
                 callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
-                workers: int = 1, problem: Problem | None = None) -> optuna.Study:
+                workers: int = 1, problems: list[Problem] | None = None) -> optuna.Study:
     """Run (or join, or resume) the study of one bucket until ``cfg.trials`` trials that count
     have finished — by this process and any other sharing the storage — or every schedule of
-    the space has, or ``timeout`` passes. The problem (default ``bucket_problem(cfg, bucket)``)
-    is built only if trials remain.
+    the space has, or ``timeout`` passes. The problems (default ``bucket_problems(cfg,
+    bucket)``) are built only if trials remain.
 
     ``workers`` > 1 runs trials in threads (compiles overlap; on a CPU device the timings of
     concurrent trials disturb each other — use one machine per worker with an RDB storage)."""
@@ -288,7 +340,7 @@ def tune_bucket(cfg: TuneConfig, bucket: ShapeBucket, space: Space, storage,
             waited += 0.5
             continue
         objective = objective or Objective(
-            cfg, space, problem or bucket_problem(cfg, bucket), check,
+            cfg, space, problems or bucket_problems(cfg, bucket), check,
             random.Random(_sampler_seed(cfg.seed + 1, len(study.trials))))
         try:
             study.optimize(objective, n_trials=goal - done - running, timeout=left,
@@ -317,10 +369,18 @@ def _fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
 
 
-def bucket_problem(cfg: TuneConfig, bucket: ShapeBucket) -> Problem:
-    """The decode problem a bucket is measured on, on the target's device."""
+def bucket_problems(cfg: TuneConfig, bucket: ShapeBucket,
+                    context: int | None = None) -> list[Problem]:
+    """The decode problems a bucket is measured on, on the target's device: every chosen layer
+    of the snapshots of this bucket (``context``: each request's first ``context`` tokens), or
+    the synthetic problem (at ``context`` tokens)."""
     device = "cuda" if cfg.target.kind == "cuda" else "cpu"
-    return make_problem(cfg.pipeline, cfg.shape, bucket, seed=cfg.seed, device=device)
+    if not cfg.snapshots:
+        at = bucket if context is None else ShapeBucket(bucket.batch, context)
+        return [make_problem(cfg.pipeline, cfg.shape, at, seed=cfg.seed, device=device)]
+    return [snapshot_problem(cfg.pipeline, snap, i, device, context)
+            for snap, layers in cfg.snapshots if snapshot_bucket(snap) == bucket
+            for i in layers]
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

@@ -235,7 +235,9 @@ def test_later_prefill_chunk_and_plan_growth():
                model(input_ids=ids[:, 150:151], cache=c).logits]
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-    assert att.decode_calls == 3 and att.decode._plan.context >= 151
+    dp = att.decode  # stage by stage it plans itself; fused (TVM on the CPU) its module does
+    planned = dp._plan.context if dp._plan is not None else dp.compiled.plan_.tokens
+    assert att.decode_calls == 3 and planned >= 151
     att.uninstall()
 
 

@@ -12,6 +12,7 @@ import torch
 
 import twilight as tw
 from twilight import knobs
+from twilight.runtime.serving import decode_pipeline as decode_mod
 from twilight.runtime.serving import load as load_mod
 from twilight.runtime.serving.pipeline_cache import make_cache
 
@@ -166,8 +167,8 @@ def test_a_same_named_summary_of_another_expression_is_refused(runner) -> None:
 def test_the_layout_is_checked_once_per_cache(kernel_dir, monkeypatch) -> None:
     dp = _load("tvm")
     calls = []
-    real = load_mod.check_cache
-    monkeypatch.setattr(load_mod, "check_cache", lambda *a: calls.append(1) or real(*a))
+    real = decode_mod.check_cache
+    monkeypatch.setattr(decode_mod, "check_cache", lambda *a: calls.append(1) or real(*a))
     a, b = _cache(), _cache(seed=3)
     for cache in (a, a, a, b, b):
         dp.run(_q(3), cache)

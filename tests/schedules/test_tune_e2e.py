@@ -49,6 +49,11 @@ def test_tune_writes_a_log_that_load_finds(dirs, capsys):
                                roots=[dirs / "logs"])
     assert entry["measured"] and entry["backend"] == "tvm" and rec["trials"] == 4
     assert rec["latency_ms"] <= rec["default_latency_ms"] and rec["dense_latency_ms"] > 0
+    assert rec["data"].startswith("synthetic") and rec["dense_baseline"].startswith("torch SDPA")
+    assert rec["crossover"]["contexts"] == [128, 256, 512] and rec["dense_below"] >= 0
+    dense_rec, _ = find_schedule(tw.builtins.dense().ir, "cpu", shape, ShapeBucket(1, 512),
+                                 roots=[dirs / "logs"])  # its dense fallback, tuned too
+    assert dense_rec["trials"] >= 1
     study = optuna.load_study(study_name=rec["study"], storage=open_storage(
         entry["storage"], dirs / "x"))
     assert study.trials[0].params == get_backend("tvm").space(
@@ -73,12 +78,11 @@ class _WrongWhenSplit(Backend):
         compiled = get_backend("tvm").lower(p, shape, schedule, target)
         if schedule.get("split_kv") != 2:
             return compiled
-        run = compiled.run
+        attend = compiled.attend  # the served path runs the stages, not Compiled.run
 
         def wrong(*a, **k):
-            res = run(*a, **k)
-            return (res[0] * 1.5, res[1]) if isinstance(res, tuple) else res * 1.5
-        compiled.run = wrong
+            return attend(*a, **k) * 1.5
+        compiled.attend = wrong
         return compiled
 
     def version_stamp(self):
@@ -104,6 +108,15 @@ def test_gate_failures_are_recorded_and_never_win(dirs):
     assert best_trial(study).params["split_kv"] != 2
 
 
+def _pipeline_study(journal):
+    """The pipeline's study (the journal also holds its dense fallback's, tuned after it)."""
+    storage = open_storage(str(journal), journal)
+    names = [n for n in optuna.get_all_study_names(storage) if n.startswith("quest_twilight")]
+    if not names:
+        raise ValueError("the study is not created yet")
+    return optuna.load_study(study_name=names[0], storage=storage)
+
+
 def test_killed_tune_resumes_without_losing_or_repeating_trials(dirs):
     env = {**os.environ, "TWILIGHT_DATA_DIR": str(dirs / "data"),
            "TWILIGHT_TUNING_LOGS": str(dirs / "logs"), "TWILIGHT_CACHE_DIR": str(dirs / "c")}
@@ -117,8 +130,7 @@ def test_killed_tune_resumes_without_losing_or_repeating_trials(dirs):
         time.sleep(0.3)
         if journal.exists():
             try:
-                study = optuna.load_study(study_name=None, storage=open_storage(str(journal),
-                                                                               journal))
+                study = _pipeline_study(journal)
             except ValueError:  # the study is not created yet
                 continue
             done = sum(t.state == TrialState.COMPLETE for t in study.trials)
@@ -127,12 +139,12 @@ def test_killed_tune_resumes_without_losing_or_repeating_trials(dirs):
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = optuna.load_study(study_name=None, storage=open_storage(str(journal), journal))
+    before = _pipeline_study(journal)
     finished_before = [t.params for t in before.trials if t.state == TrialState.COMPLETE]
     assert 2 <= len(finished_before) < 8
 
     subprocess.run(args[:-2], env=env, check=True, capture_output=True)  # quick repeats
-    after = optuna.load_study(study_name=None, storage=open_storage(str(journal), journal))
+    after = _pipeline_study(journal)
     complete = [t for t in after.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 8  # the budget, exactly: nothing lost
     assert [t.params for t in complete[: len(finished_before)]] == finished_before

@@ -1,17 +1,19 @@
-"""The side data a :class:`~twilight.runtime.serving.paged_cache.PagedKVCache` keeps beside
-its K/V pages — page summaries, token summaries and quantized keys — allocated and recomputed.
+"""A paged cache's side data: page summaries, token summaries and key codes, allocated and kept
+on append.
 
-Split from ``paged_cache.py`` (which owns the pages, requests and reads) so that each reads top to
-bottom: :class:`SideDataMixin` holds what an append recomputes over the tokens it wrote (token
-codes and summaries, each touched page's summaries and page codes, each touched group's codes)
-and the smoothing factors of smoothed token codes. The layout of every tensor is in
-``paged_cache``'s module docstring.
+:class:`SideData` is the part of :class:`~twilight.runtime.serving.paged_cache.PagedKVCache`
+that allocates the side data and re-encodes what an append touched — in torch, or through an
+:class:`Appender` (a backend's generated append kernels) when the cache has one. It holds no
+state of its own: it reads and writes the cache's tensors (``k_pages``, ``page_fill``,
+``summaries``, ``token_summaries``, ``key_codes``, ...), whose layout the ``paged_cache`` module
+docstring describes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -25,7 +27,7 @@ from ...compiler.keycodes import (
 )
 from ...errors import InputError
 
-__all__ = ["KeyCodes", "SideDataMixin", "SummaryFn", "TokenSummaryFn"]
+__all__ = ["Appender", "KeyCodes", "SideData", "SummaryFn", "TokenSummaryFn"]
 
 SummaryFn = Callable[[Tensor, Tensor], Tensor]
 """``(keys float32 [P, Hkv, ps, D], valid bool [P, ps]) -> [P, Hkv, C]``."""
@@ -53,12 +55,21 @@ class KeyCodes:
         return (self.packed, *(t for t in side if t is not None))
 
 
-class SideDataMixin:
-    """Allocation and refresh of a paged cache's summaries and key codes. Mixed into
-    ``PagedKVCache``, whose ``__init__`` sets what these methods read: ``num_kv_heads``,
-    ``head_dim``, ``page_size``, ``dtype``, ``device``, ``k_pages``, ``page_fill``,
-    ``page_table``, ``summary_fns``/``summaries``, ``key_code_specs``/``key_codes``,
-    ``minmax_summaries`` and ``smoothing_fitted``."""
+class Appender(Protocol):
+    """Generated kernels that keep a cache's side data on append, in place of the torch code
+    here (a backend's ``StageKernels`` is one: ``compiler.backend``). They must write exactly
+    what the torch code writes, and cover every summary and key-code format of the cache (a
+    cache from ``make_cache`` for the same pipeline)."""
+
+    def refresh_pages(self, cache, pages: Tensor) -> None: ...
+
+    def refresh_tokens(self, cache, phys: Tensor, slot: Tensor) -> None: ...
+
+    def refresh_groups(self, cache, gp: Tensor) -> None: ...
+
+
+class SideData:
+    """Side-data updates of a ``PagedKVCache`` (a mixin of it)."""
 
     # ---- allocation ------------------------------------------------------------------------
 
@@ -108,6 +119,33 @@ class SideDataMixin:
                 codes.lo, codes.hi = self.summaries[lo], self.summaries[hi]
 
     # ---- refresh after an append ---------------------------------------------------------
+
+    # ---- refresh on append ------------------------------------------------------------------
+
+    def _refresh_side(self, k_tok: Tensor, ids: list[int], old: list[int], n: int,
+                      phys: Tensor, slot: Tensor) -> None:
+        """Side data of the ``n`` tokens just written at ``(phys, slot)`` for requests ``ids``
+        (``old``: their lengths before), through the appender's kernels when there is one."""
+        if self.appender is not None:  # the backend's generated append kernels
+            self._refresh_generated(ids, old, n, phys, slot)
+            return
+        for name, fn in self.token_summary_fns.items():
+            self.token_summaries[name][phys, :, slot] = fn(k_tok.float()).to(self.dtype)
+        self._update_token_codes(k_tok, phys, slot)
+        self._update_pages(torch.unique(phys))
+        if any(sp.granularity == "group" for sp in self.key_code_specs):
+            self._update_groups(ids, old, n)
+
+    def _refresh_generated(self, ids: list[int], old: list[int], n: int, phys: Tensor,
+                           slot: Tensor) -> None:
+        """What the torch ``_update_*`` methods below do, through ``self.appender``."""
+        app = self.appender
+        if self.token_summaries or any(sp.granularity == "token" for sp in self.key_code_specs):
+            app.refresh_tokens(self, phys, slot)
+        app.refresh_pages(self, torch.unique(phys))
+        for g in sorted({sp.group_pages for sp in self.key_code_specs
+                         if sp.granularity == "group"}):
+            app.refresh_groups(self, self.group_pages(ids, old, [o + n - 1 for o in old], g))
 
     def _update_token_codes(self, k_tok: Tensor, phys: Tensor, slot: Tensor) -> None:
         for spec, codes in self.key_codes.items():

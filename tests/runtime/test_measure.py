@@ -1,0 +1,84 @@
+"""The one dense baseline (every SDPA variant it times computes exact attention; the fastest
+wins and says how it ran), snapshot problems as eval builds them, and the served-path timer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import twilight as tw
+from twilight.runtime.evaluation.measure import (
+    DenseBaseline,
+    dense_baseline,
+    fastest_sdpa,
+    interleaved_ms,
+    sdpa_variants,
+    snapshot_problem,
+)
+from twilight.runtime.evaluation.snapshot import Snapshot
+
+PIPE = tw.builtins.quest_twilight(budget=64, p=0.9)
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4)])
+def test_every_variant_is_exact_attention_over_ragged_lengths(fill_cache, dense_attention,
+                                                              hq, hkv):
+    f = fill_cache(PIPE, hkv, 32, (40, 17, 1), seed=1)
+    q = f.query(hq, seed=2)
+    k, v, valid = f.cache.gather(f.ids)
+    want = dense_attention(q, f.keys, f.values)
+    seen = []
+    for dtype, folded, fn in sdpa_variants(q, k, v, valid):
+        tol = 1e-5 if dtype == "float32" else 3e-2
+        torch.testing.assert_close(fn().double(), want, atol=tol, rtol=tol)
+        seen.append((dtype, folded))
+    layouts = (False, True) if hq != hkv else (False,)
+    assert seen == list(itertools.product(("float32", "bfloat16", "float16"), layouts))
+
+
+def test_the_fastest_variant_wins_and_says_how_it_ran():
+    q, k, v = torch.randn(2, 8, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
+    order = iter([5.0, 4.0, 3.0, 1.5, 2.0, 6.0])  # fp32, fp32 folded, bf16, bf16 folded, ...
+    base = fastest_sdpa(q.half(), k.half(), v.half(), timer=lambda fn: next(order))
+    assert base == DenseBaseline(1.5, "bfloat16", True)
+    assert str(base) == "torch SDPA bfloat16, GQA group as query rows"
+
+
+def test_dense_baseline_times_the_problems_own_kv(fill_cache):
+    f = fill_cache(PIPE, 2, 32, (64, 30))
+    from twilight.runtime.evaluation.problems import Problem
+    base = dense_baseline(Problem(f.query(8), f.cache, f.ids), repeats=2)
+    assert base.ms > 0 and base.dtype in ("float32", "bfloat16", "float16")
+
+
+def _snapshot(layers=2, nq=3, t=70, hq=4, hkv=2, d=16, seed=0) -> Snapshot:
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen).half()  # noqa: E731
+    return Snapshot(rnd(layers, nq, hq, d), rnd(layers, hkv, t, d), rnd(layers, hkv, t, d),
+                    torch.arange(t - nq, t), torch.full((layers,), d ** -0.5), "toy",
+                    (5, 9), "/x/toy.npz")
+
+
+def test_snapshot_problem_is_each_querys_causal_context():
+    snap = _snapshot()
+    prob = snapshot_problem(PIPE.ir, snap, 1)
+    assert prob.layer == 9 and prob.label == "toy.npz layer 9" and prob.batch == 3
+    assert prob.cache.lengths[prob.ids].tolist() == [68, 69, 70]
+    k, _, _ = prob.cache.gather(prob.ids)
+    assert torch.equal(k[2], snap.k[1])
+    assert torch.equal(prob.q, snap.q[1])
+    short = snapshot_problem(PIPE.ir, snap, 0, context=32)
+    assert short.cache.lengths[short.ids].tolist() == [32, 32, 32]
+    assert short.max_context == 32 and "first 32" in short.label
+    assert torch.equal(short.cache.gather(short.ids)[0][0], snap.k[0][:, :32])
+
+
+def test_interleaved_ms_times_each_function_in_turns():
+    calls = []
+    res = interleaved_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                         repeats=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert set(res) == {"a", "b"} and all(math.isfinite(x) and x >= 0 for x in res.values())

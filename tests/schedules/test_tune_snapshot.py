@@ -1,0 +1,86 @@
+"""`twilightc tune --snapshot` tunes on the snapshot's real q/k/v through the served path, and
+`twilightc eval --backend` then reports the same figure for the same data: same problems, same
+DecodePipeline.run, and (generously, on a noisy machine) the same milliseconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from twilight import knobs
+from twilight.cli import main
+from twilight.runtime.evaluation.snapshot import load_snapshot, save_snapshot
+from twilight.runtime.serving.load import DecodePipeline
+from twilight.runtime.store.tuning_log import read_log
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "smollm2_2k.npz"
+T, NQ = 512, 4
+
+
+@pytest.fixture
+def small(tmp_path):
+    """Two real SmolLM2 layers of the fixture, cut to 4 queries over 512 tokens."""
+    s = load_snapshot(FIXTURE)
+    path = tmp_path / "small.npz"
+    save_snapshot(path, s.q[:2, -NQ:], s.k[:2, :, :T], s.v[:2, :, :T],
+                  torch.arange(T - NQ, T), s.scale[:2], s.model, s.layers[:2])
+    with knobs.scope(data_dir=tmp_path / "data", tuning_logs=tmp_path / "logs",
+                     cache_dir=tmp_path / "cache", disable_compile=None):
+        yield path, load_snapshot(path)
+
+
+@pytest.fixture
+def queries_run(monkeypatch):
+    """Every query tensor DecodePipeline.run is called with, as bytes (what was timed)."""
+    seen: list[bytes] = []
+    run = DecodePipeline.run
+
+    def spy(self, q, *a, **k):
+        seen.append(q.cpu().numpy().tobytes())
+        return run(self, q, *a, **k)
+    monkeypatch.setattr(DecodePipeline, "run", spy)
+    return seen
+
+
+def test_tune_on_a_snapshot_and_eval_agree(small, queries_run, capsys):
+    path, snap = small
+    assert main(["tune", "--gpu", "cpu", "--snapshot", str(path), "--trials", "2",
+                 "--dense-trials", "1", "--repeats", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "measured on snapshot: small.npz layers [2, 15]" in printed
+    tuned = set(queries_run)
+    layer_q = {snap.q[i].numpy().tobytes() for i in range(2)}
+    assert tuned == layer_q  # the trials and the crossover at full context: the real queries
+    log = read_log(Path(knobs.tuning_logs_dir()) / "cpu" / "quest_twilight.json")
+    (rec,) = log["entries"][-1]["buckets"]
+    assert rec["bucket"] == f"b{NQ}_t{T}" and rec["data"].startswith("snapshot: small.npz")
+    assert rec["timed"].startswith("DecodePipeline.plan once")
+    assert rec["problems"] == ["small.npz layer 2", "small.npz layer 15"]
+    assert rec["crossover"]["contexts"] == [128, 256, 512]
+    assert set(rec["dense_below_layers"]) == {"2", "15"}
+    assert rec["dense_impl"] in ("kernels", f"sdpa:{rec['dense_baseline'].split()[2]}")
+    assert "torch SDPA" in rec["dense_baseline"]
+
+    queries_run.clear()
+    assert main(["eval", "--pipeline", "quest_twilight", "--snapshot", str(path),
+                 "--backend", "tvm", "--json", "--repeats", "5"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(queries_run) == layer_q  # eval times the same problems through the same run()
+    for row in data["layers"]:  # and serves each layer as the tune decided
+        dense = T < rec["dense_below_layers"][str(row["layer"])]
+        assert row["path"].startswith("dense") == dense, (row, rec)
+    ratio = data["overall"]["latency_ms"] / rec["served_latency_ms"]
+    assert 1 / 3 < ratio < 3, (data["overall"], rec)  # a 2-core machine shared by many
+
+
+def test_tune_rejects_shapes_with_snapshots_and_layers_without(small, capsys):
+    path, _ = small
+    for argv, says in ((["--snapshot", str(path), "--shapes", "1x512"],
+                        "--shapes: with --snapshot the shape buckets are the snapshots'"),
+                       (["--layers", "0"], "--layers: only with --snapshot")):
+        with pytest.raises(SystemExit) as e:
+            main(["tune", "--gpu", "cpu", *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err
