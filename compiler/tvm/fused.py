@@ -62,6 +62,8 @@ def fusable(p) -> bool:
         return False
     if sel is None:
         return True
+    if sel.score is None:  # ``nothing()``: keep rules only (a combination has scored parts)
+        return not p.selectors()
     return (sel.score is not None and p.selectors() == (sel,) and sel.estimator is None
             and sel.rule in ("top_k", "threshold") and not matrices([sel.score.expr]))
 

@@ -161,6 +161,9 @@ class TVMCompiled(AppendMixin):
         requests ``ids``, in one call of the fused module; with ``k``/``v`` ``[B, Hkv, D]``
         (aligned) it first appends them, one token per request (``cache.reserve`` makes room,
         ``cache.advance`` records it: host bookkeeping, no tensor read)."""
+        if not self.fused:
+            raise TypeError(f"call_fused: pipeline {self.p.name!r} has no fused module (see "
+                            "compiler.tvm.fused.fusable); run it stage by stage")
         grow = 0 if k is None else 1
         need = max(cache.length(r) for r in ids) + grow
         p = self.plan_

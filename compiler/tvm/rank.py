@@ -84,7 +84,7 @@ def gen_candidates(ctx: StageCtx) -> KernelSource:
     sym = ("B", *(f"N{i}" for i in range(len(parts))), "C")
     join = " + " if sel is not None and sel.rule != "intersect" else " * "
     with s.func("candidates", params, sym):
-        if not s.d.cuda and (sel is None or parts == (sel,)):  # one selector: by units (lists.py)
+        if not s.d.cuda and (sel is None or parts in ((sel,), ())):  # one selector: lists.py
             page = scored and sel.score.per == "page"
             write_candidates(ctx, s, not scored or sel.group != "none", ctx.PS if page else 1,
                              _chosen(ctx, 0, "n") if scored else str(int(sel is None)))
