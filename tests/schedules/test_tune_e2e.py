@@ -79,10 +79,15 @@ class _WrongWhenSplit(Backend):
         if schedule.get("split_kv") != 2:
             return compiled
         attend = compiled.attend  # the served path runs the stages, not Compiled.run
+        fused = compiled.call_fused  # ... or, on the CPU, the fused call
 
         def wrong(*a, **k):
             return attend(*a, **k) * 1.5
-        compiled.attend = wrong
+
+        def wrong_fused(*a, **k):
+            out = fused(*a, **k)
+            return (out[0] * 1.5, out[1]) if isinstance(out, tuple) else out * 1.5
+        compiled.attend, compiled.call_fused = wrong, wrong_fused
         return compiled
 
     def version_stamp(self):
