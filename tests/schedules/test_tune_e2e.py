@@ -102,9 +102,11 @@ class _WrongWhenSplit(Backend):
 def test_gate_failures_are_recorded_and_never_win(dirs):
     register_backend(_WrongWhenSplit)
     pipe = tw.builtins.quest_twilight(budget=128)
-    cfg = TuneConfig(pipe.ir, tw.Shape(4, 2, 32, 16, "float32"), [ShapeBucket(1, 256)],
-                     "tvm_faulty", PROFILES["cpu"], trials=4, sampler="grid", repeats=2)
-    space = _WrongWhenSplit().space(pipe.ir, cfg.shape, cfg.target)
+    shape = tw.Shape(4, 2, 32, 16, "float32")
+    space = _WrongWhenSplit().space(pipe.ir, shape, get_backend("tvm").local_target())
+    # the whole grid (every split_kv), so the faulty value is always tried
+    cfg = TuneConfig(pipe.ir, shape, [ShapeBucket(1, 256)], "tvm_faulty", PROFILES["cpu"],
+                     trials=space.size(), sampler="grid", repeats=2)
     study = tune_bucket(cfg, cfg.buckets[0], space,
                         open_storage(str(dirs / "s.db"), dirs / "x"))
     failed = [t for t in study.trials if t.params.get("split_kv") == 2]
