@@ -132,8 +132,109 @@ def gen_attend(ctx: StageCtx) -> KernelSource:
     return s.source("attend", "attend")
 
 
+def transposed(s: Src, bn: int, vw: int, smem: bool) -> bool:
+    """Does a block's logits take ``_logits_transposed`` (llvm, a block as wide as a vector)?"""
+    return not s.d.cuda and not smem and bn == vw and vw > 1 and vw & (vw - 1) == 0
+
+
+def reduce_plan(n: int) -> list[tuple[int, list[int], list[int]]]:
+    """The shuffles that sum ``n`` vectors of ``n`` lanes into one vector of their sums (lane
+    ``j``: vector ``j``'s sum): ``log2 n`` levels; at segment ``s`` each new vector ``j < s`` is
+    ``x + y`` of the concatenation of old vectors ``j`` and ``j + s``, ``x`` taking the first
+    ``s`` lanes of each ``2s``-lane segment of both, ``y`` the last ``s``. ``n - 1`` adds and
+    ``2 (n - 1)`` two-vector shuffles, where summing each vector alone costs ``n log2 n``."""
+    out, seg = [], n // 2
+    while seg >= 1:
+        x, y = [], []
+        for k in range(n // (2 * seg)):
+            x += [2 * seg * k + i for i in range(seg)] + [n + 2 * seg * k + i for i in range(seg)]
+            y += [2 * seg * k + seg + i for i in range(seg)] + [n + 2 * seg * k + seg + i
+                                                                 for i in range(seg)]
+        out.append((seg, x, y))
+        seg //= 2
+    return out
+
+
+def _logits_transposed(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int) -> None:
+    """llvm, ``bn == vw``: each token's ``G`` dot products stay vectors (``dv[g, j]``, lanes
+    partial over the head dim), then one shuffle tree per head turns the block's ``bn``
+    vectors into its ``bn`` logits (``reduce_plan``) — no horizontal sum per token."""
+    d = ctx.D
+    s.local("dv", (gh, bn, vw))
+    s.local("red", (bn, vw))
+    with s.block(f"for j in range({bn}):"):
+        s(f"i = lo + blk * {bn} + j")
+        with s.block("if i < hi:"):
+            s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
+            _prefetch_rows(ctx, s, bn)
+            _load_row(ctx, s, "kp")
+            with s.block(f"for g in range({gh}):"):
+                with s.block(f"for v in {s.d.vec(vw)}:"):
+                    s("dv[g, j, v] = qv[g, v] * kr[v]")
+                with s.block(f"for co in range(1, {d // vw}):"):
+                    with s.block(f"for v in {s.d.vec(vw)}:"):
+                        s(f"dv[g, j, v] = dv[g, j, v] + qv[g, co * {vw} + v] * kr[co * {vw} + v]")
+        with s.block("else:"):
+            with s.block(f"for g, v in T.grid({gh}, {vw}):"):
+                s("dv[g, j, v] = T.float32(0)")
+    ramp = f"T.Ramp(0, 1, {vw})"
+    with s.block(f"for g in range({gh}):"):
+        src = "dv[g, {}, " + ramp + "]"
+        for seg, x, y in reduce_plan(vw):
+            for j in range(seg):
+                a, b = src.format(j), src.format(j + seg)
+                s(f"red[{j}, {ramp}] = T.Shuffle([{a}, {b}], {x}) + T.Shuffle([{a}, {b}], {y})")
+            src = "red[{}, " + ramp + "]"
+        with s.block(f"for j in T.vectorized({bn}):"):
+            logit = softcap_text(ctx, "red[0, j]")
+            s(f"lg[g, j] = T.Select(lo + blk * {bn} + j < hi, {logit}, {NEG_INF})")
+
+
+_BYTES_LINE = 64
+
+
+def _prefetch_rows(ctx: StageCtx, s: Src, bn: int) -> None:
+    """Ask for what the block needs next while this token's K row is in flight: its V row (read
+    after the block's softmax) and the K row a block ahead (the kept rows are scattered over
+    pages, beyond the reach of the hardware prefetcher)."""
+    lines = range(0, ctx.D * _BYTES[ctx.dtype], _BYTES_LINE)
+    per = _BYTES_LINE // _BYTES[ctx.dtype]
+
+    def fetch(buf: str, ph: str, sl: str) -> None:
+        for off in lines:
+            s(f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of('
+              f'{buf}[{ph}, hkv, {sl}, {off // _BYTES[ctx.dtype] // per * per}]), 0, 3, 1))')
+    fetch("vp", "phys", "slot")
+    s(f"tn = kidx[b, h0, T.min(i + {bn}, hi - 1)]")
+    fetch("kp", f"pt[b, tn // {ctx.PS}]", f"tn % {ctx.PS}")
+
+
+def _load_row(ctx: StageCtx, s: Src, buf: str) -> None:
+    """``kr[0:D]`` = a K or V row as float32, once for the row's ``G`` heads: on llvm a vector
+    at a time (a whole row's fp16→fp32 conversion as one wide vector legalizes into lane
+    shuffles on a CPU without native half arithmetic)."""
+    row = f'{buf}[phys, hkv, slot, {{}}]'
+    if s.d.cuda:
+        with s.block(f"for c in {s.d.vec(ctx.D)}:"):
+            s(f'kr[c] = T.Cast("float32", {row.format("c")})')
+        return
+    _, vw = _split(ctx.D, ctx.vec)
+    with s.block(f"for co in range({ctx.D // vw}):"):
+        with s.block(f"for v in T.vectorized({vw}):"):
+            s(f'kr[co * {vw} + v] = T.Cast("float32", {row.format(f"co * {vw} + v")})')
+
+
 def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool = False) -> None:
     """One block of ``bn`` kept tokens: logits, then a rescale, then ``acc += p · V``."""
+    if transposed(s, bn, vw, smem):
+        _logits_transposed(ctx, s, gh, bn, vw)
+    else:
+        _logits(ctx, s, gh, bn, vw, smem)
+    _rescale_and_values(ctx, s, gh, bn)
+
+
+def _logits(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool) -> None:
+    """The block's logits ``lg[g, j]``, a dot product (and its sum over lanes) per token."""
     d = ctx.D
     if smem:  # the raw query from the shared tile; the scale goes on the logit
         row = staged_threads(ctx)[1]
@@ -145,8 +246,7 @@ def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool = False)
         s(f"i = lo + blk * {bn} + j")
         with s.block("if i < hi:"):
             s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
-            with s.block(f"for c in {s.d.vec(d)}:"):  # one fp16→fp32 conversion for G heads
-                s('kr[c] = T.Cast("float32", kp[phys, hkv, slot, c])')
+            _load_row(ctx, s, "kp")
             with s.block(f"for g in range({gh}):"):
                 with s.block(f"for v in {s.d.vec(vw)}:"):
                     s("dot[v] = T.float32(0)")
@@ -163,6 +263,11 @@ def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool = False)
         with s.block("else:"):
             with s.block(f"for g in range({gh}):"):
                 s(f"lg[g, j] = {NEG_INF}")
+
+
+def _rescale_and_values(ctx: StageCtx, s: Src, gh: int, bn: int) -> None:
+    """The online-softmax rescale by the block's logits, then ``acc += p · V``."""
+    d = ctx.D
     with s.block(f"for g in range({gh}):"):
         if s.d.cuda or bn & (bn - 1):
             s("mb[0] = m[g]")
@@ -185,8 +290,7 @@ def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool = False)
         s(f"i = lo + blk * {bn} + j")
         with s.block("if i < hi:"):
             s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
-            with s.block(f"for c in {s.d.vec(d)}:"):
-                s('kr[c] = T.Cast("float32", vp[phys, hkv, slot, c])')
+            _load_row(ctx, s, "vp")
             with s.block(f"for g in range({gh}):"):
                 with s.block(f"for c in {s.d.vec(d)}:"):
                     s("acc[g, c] = acc[g, c] + lg[g, j] * kr[c]")

@@ -203,12 +203,13 @@ def _run_calls(ctx: StageCtx) -> Iterator[tuple[KernelSource, list[str]]]:
         else:
             sb = summary_buffers(ctx)
             leaves = [sb[f"{sc.summary.name}.{f}"] for f in sc.summary.field_names()]
-        src = gen_score(pc)  # selector part 0, the only one (``fusable``): plan buffers *0
-        yield src, ["q", "pt", "lens", *leaves,
-                    *(f"tbl{i}" for i in range(_ntables(src))), "scores0", "nsplit"]
-        if sel.rule == "top_k":
+        covered = sel.rule == "top_k"  # a budget covering the context: no scores needed
+        if covered:
             unit = ctx.PS if sc.per == "page" else 1
             yield gen_budget(pc, "budget_select", sel.budget, unit), ["lens", "kunits0"]
+        src = gen_score(pc, covered=covered)  # selector part 0, the only one (``fusable``)
+        yield src, ["q", "pt", "lens", *leaves, *(f"tbl{i}" for i in range(_ntables(src))),
+                    "scores0", *(["kunits0"] if covered else []), "nsplit"]
         yield gen_rank(pc), ["scores0", "lens", "kunits0", "sel0"]
         yield gen_candidates(pc), ["lens", "sel0", "idx0", "cnt0"]
     else:
@@ -315,6 +316,10 @@ def gen_fused(ctx: StageCtx) -> KernelSource:
         subs.setdefault(src.name, src)
         run.call(src, wiring)
         step.call(src, wiring)
+    sel = ctx.p.select
+    if sel is not None and sel.score is not None and sel.rule == "top_k":
+        src = gen_score(private_ctx(ctx))  # the stage path's score (the entries call
+        subs.setdefault(src.name, src)     # score_covered)
     lines = ["@I.ir_module", "class Mod:"]
     for src in subs.values():
         lines += ["    " + ln if ln else ln for ln in src.text.splitlines()] + [""]

@@ -8,8 +8,9 @@ up to a multiple of ``_ROUND`` tokens, so a growing context re-plans rarely.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +35,7 @@ from .top_p import decision_rows, gen_decide, gen_kept
 _ROUND = 1024
 MAX_SPLITS = 8
 _ALIGN_W = 64  # list widths are multiples of this
+_TIER = 256  # the fused step's scratch narrows to the context in steps of this many tokens
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Plan:
     bufs: dict
     fused: FusedCall | None = None
     ids: list[int] | None = None  # the requests ``bufs["rows"]`` holds
+    tiers: dict = field(default_factory=dict)  # narrower fused calls (``TVMCompiled.tier``)
 
 
 class TVMCompiled(AppendMixin):
@@ -88,57 +91,87 @@ class TVMCompiled(AppendMixin):
 
     def plan(self, batch: int, tokens: int) -> Plan:
         """Scratch for ``batch`` requests of up to ``tokens`` tokens (rounded up)."""
-        ctx = self.ctx
         tokens = max(_ROUND, -(-tokens // _ROUND) * _ROUND)
-        e32 = dict(dtype=torch.int32)
-        widths = self.widths(tokens)
-        b: dict[str, torch.Tensor] = {}
-        for i, sel in enumerate(self.parts):
-            hs, _ = score_rows(ctx, i)
-            n = -(-tokens // ctx.PS) if sel.score.per == "page" else tokens
-            b[f"scores{i}"] = torch.empty(batch, hs, n)
-            b[f"sel{i}"] = torch.empty(batch, hs, n, dtype=torch.uint8)
-            b[f"kunits{i}"] = torch.zeros(batch, **e32)
-        if not ctx.dialect.cuda:  # its length is the split count (estimate; see splits_for)
-            b["nsplit"] = torch.zeros(splits_for(ctx, batch), **e32)
-        b["idx0"] = torch.empty(batch, ctx.HQ, widths[0], **e32)
-        b["cnt0"] = torch.empty(batch, ctx.HQ, **e32)
-        for i, pr in enumerate(self.p.prune):
-            c, rows = widths[i], decision_rows(ctx, i)[0]
-            b[f"w{i}"] = torch.empty(batch, ctx.HQ, c)
-            b[f"dec{i}"] = torch.empty(batch, ctx.HQ, c, dtype=torch.uint8)
-            b[f"k{i}"] = torch.zeros(batch, **e32)
-            if self._strategy(pr) == "sort":
-                for nm, dt in (("ka", torch.uint32), ("ia", torch.int32), ("kb", torch.uint32),
-                               ("ib", torch.int32)):
-                    b[f"{nm}{i}"] = torch.empty(batch, rows, c, dtype=dt)
-            b[f"idx{i + 1}"] = torch.empty(batch, ctx.HQ, widths[i + 1], **e32)
-            b[f"cnt{i + 1}"] = torch.empty(batch, ctx.HQ, **e32)
-        if splits(ctx) != 1:
-            ns = splits(ctx) or splits_for(ctx, batch)
-            b["pacc"] = torch.empty(batch, ctx.HQ, ns, ctx.D)
-            b["pml"] = torch.empty(batch, ctx.HQ, ns, 2)
+        zeroed = {"kunits", "k", "nsplit"}  # as before: budgets the host fills, split count
+        b = {n: (torch.zeros if n.rstrip("0123456789") in zeroed else torch.empty)(
+                 shape, dtype=dt) for n, (shape, dt) in self._shapes(batch, tokens).items()}
         self.plan_ = Plan(batch, tokens, b)
         if FUSED in self.kernels:
             self._plan_fused(self.plan_)
         return self.plan_
 
+    def _shapes(self, batch: int, tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The plan's scratch tensors (shape, dtype) for ``batch`` requests of ``tokens``
+        tokens: every one is contiguous, so that a narrower plan's is a prefix of a wider one's
+        (``tier``)."""
+        ctx, f32, i32, u8 = self.ctx, torch.float32, torch.int32, torch.uint8
+        widths = self.widths(tokens)
+        b: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for i, sel in enumerate(self.parts):
+            hs, _ = score_rows(ctx, i)
+            n = -(-tokens // ctx.PS) if sel.score.per == "page" else tokens
+            b[f"scores{i}"] = ((batch, hs, n), f32)
+            b[f"sel{i}"] = ((batch, hs, n), u8)
+            b[f"kunits{i}"] = ((batch,), i32)
+        if not ctx.dialect.cuda:  # its length is the split count (estimate; see splits_for)
+            b["nsplit"] = ((splits_for(ctx, batch),), i32)
+        b["idx0"] = ((batch, ctx.HQ, widths[0]), i32)
+        b["cnt0"] = ((batch, ctx.HQ), i32)
+        for i, pr in enumerate(self.p.prune):
+            c, rows = widths[i], decision_rows(ctx, i)[0]
+            b[f"w{i}"] = ((batch, ctx.HQ, c), f32)
+            b[f"dec{i}"] = ((batch, ctx.HQ, c), u8)
+            b[f"k{i}"] = ((batch,), i32)
+            if self._strategy(pr) == "sort":
+                for nm, dt in (("ka", torch.uint32), ("ia", i32), ("kb", torch.uint32),
+                               ("ib", i32)):
+                    b[f"{nm}{i}"] = ((batch, rows, c), dt)
+            b[f"idx{i + 1}"] = ((batch, ctx.HQ, widths[i + 1]), i32)
+            b[f"cnt{i + 1}"] = ((batch, ctx.HQ), i32)
+        if splits(ctx) != 1:
+            ns = splits(ctx) or splits_for(ctx, batch)
+            b["pacc"] = ((batch, ctx.HQ, ns, ctx.D), f32)
+            b["pml"] = ((batch, ctx.HQ, ns, 2), f32)
+        if FUSED in self.kernels:  # the fused step's gathered page-table rows
+            b["pt"] = ((batch, tokens // ctx.PS), i32)
+        return b
+
     def _plan_fused(self, plan: Plan) -> None:
-        """The fused step's own scratch: the batch's rows, page table and lengths, and what an
-        append touched (pages, slots, groups)."""
+        """The fused step's own scratch: the batch's rows and lengths, and what an append
+        touched (pages, slots, groups)."""
         b, e64 = plan.batch, dict(dtype=torch.int64)
         bufs = plan.bufs
         bufs["rows"] = torch.zeros(b, **e64)
-        bufs["pt"] = torch.empty(b, plan.tokens // self.ctx.PS, dtype=torch.int32)
         bufs["lens"] = torch.empty(b, dtype=torch.int32)
         bufs["touched"], bufs["tslot"] = torch.empty(b, **e64), torch.empty(b, **e64)
         for spec in KeyCodeSpec.of_pipeline(self.p, "group"):
             bufs[f"gp{spec.group_pages}"] = torch.empty(b, spec.group_pages, **e64)
+        plan.fused = self._fused_call(bufs)
+
+    def _fused_call(self, bufs: dict[str, torch.Tensor]) -> FusedCall:
         tables = {f"tbl{i}": t for i, t in enumerate(self.tables[0] if self.tables else [])}
         tables |= {f"stbl_{name}_{i}": t for name, ts in self.summary_tables.items()
                    for i, t in enumerate(ts)}
         scratch = {k: v for k, v in bufs.items() if k != "rows"}
-        plan.fused = FusedCall(self.ctx, self.kernels[FUSED], scratch, tables)
+        return FusedCall(self.ctx, self.kernels[FUSED], scratch, tables)
+
+    def tier(self, plan: Plan, need: int) -> tuple[FusedCall, dict[str, torch.Tensor]]:
+        """The fused call for contexts of up to ``need`` tokens and its scratch: the plan's
+        buffers narrowed to ``need`` rounded up to ``_TIER`` tokens (prefix views, no copy), so
+        that a step's loops over list and page-table widths follow the context, not the
+        plan's capacity (a plan for 32k tokens serving a 2k context would otherwise clear and
+        scan 16 times the lists it uses)."""
+        unit = _TIER * self.ctx.PS // math.gcd(_TIER, self.ctx.PS)
+        t = min(plan.tokens, -(-need // unit) * unit)
+        if t == plan.tokens:
+            return plan.fused, plan.bufs
+        if t not in plan.tiers:
+            bufs = dict(plan.bufs)
+            for n, (shape, _) in self._shapes(plan.batch, t).items():
+                if tuple(bufs[n].shape) != shape:
+                    bufs[n] = bufs[n].view(-1)[:math.prod(shape)].view(shape)
+            plan.tiers[t] = (self._fused_call(bufs), bufs)
+        return plan.tiers[t]
 
     def _strategy(self, pr) -> str:
         return self.ctx.sched.get("top_p_strategy", "bisect") if pr.rule == "top_p" else pr.rule
@@ -175,15 +208,16 @@ class TVMCompiled(AppendMixin):
             p.ids = list(ids)
         out = torch.empty_like(q) if out is None else out
         set_threads(int(self.ctx.sched.get("threads", 0)))
+        call, bufs = self.tier(p, need)
         if grow:
             cache.reserve(ids)
-            p.fused("step", cache, q=q, knew=k, vnew=v, rows=p.bufs["rows"], out=out)
+            call("step", cache, q=q, knew=k, vnew=v, rows=p.bufs["rows"], out=out)
             cache.advance(ids)
         else:
-            p.fused("run", cache, q=q, rows=p.bufs["rows"], out=out)
+            call("run", cache, q=q, rows=p.bufs["rows"], out=out)
         if return_lists:
             n = len(self.p.prune)
-            return out, (p.bufs[f"idx{n}"], p.bufs[f"cnt{n}"])
+            return out, (bufs[f"idx{n}"], bufs[f"cnt{n}"])
         return out
 
     def inputs(self, q, cache: PagedCache, req=None) -> stages.StageInputs:

@@ -65,7 +65,11 @@ def _key_leaf(ctx: StageCtx, e, c: str) -> str:
     return f"({code} * (({hi} - {lo}) / {f32((1 << e.bits) - 1)}) + {lo})"
 
 
-def gen_score(ctx: StageCtx, part: int = 0) -> KernelSource:
+def gen_score(ctx: StageCtx, part: int = 0, covered: bool = False) -> KernelSource:
+    """Scored selector ``part``'s scores. ``covered`` (the fused module, a ``top_k`` rule): the
+    kernel also takes the budget ``kunits int32 [B]`` and leaves the scores of a request whose
+    budget covers all its units unwritten — ``rank`` keeps every valid unit there whatever they
+    score — as ``score_covered``, a kernel of the fused module only."""
     sel = ctx.p.selectors()[part]
     sc = sel.score
     s = Src(ctx.dialect)
@@ -81,13 +85,15 @@ def gen_score(ctx: StageCtx, part: int = 0) -> KernelSource:
     params += [(f"mat{i}", (ctx.HKV, m.in_width, m.out_width), "float32")
                for i, m in enumerate(mats)]
     params += [("out", ("B", hs, "N"), "float32")]
+    if covered:
+        params.append(("kunits", ("B",), "int32"))
     split = not s.d.cuda  # llvm: rows split over the units (``nsplit``'s length: the splits)
     if split:
         params.append(("nsplit", ("NS",), "int32"))
     ns = "NS" if split else "1"
 
     leaf = _leaves(ctx, sel)
-    name = "score" + kernel_suffix(part)
+    name = "score" + kernel_suffix(part) + ("_covered" if covered else "")
     with s.func(name, params, ("B", "NP", "CAP", "N") + (("NS",) if split else ())):
         with s.rows("r", f"B * {hs} * {ns}"):
             s(f"b = r // ({hs} * {ns})", f"h = r % ({hs} * {ns}) // {ns}", f"spl = r % {ns}")
@@ -100,6 +106,8 @@ def gen_score(ctx: StageCtx, part: int = 0) -> KernelSource:
             units = f"(lens[b] + {ctx.PS - 1}) // {ctx.PS}" if page else "lens[b]"
             s(f"chunk = (N + {ns} - 1) // {ns}", "nlo = T.min(spl * chunk, N)",
               "nhi = T.min(nlo + chunk, N)")
+            if covered:  # every unit is kept: an empty range (no bindings: see fused.gen_gather)
+                s(f"nlo = T.if_then_else(kunits[b] >= {units}, nhi, nlo)")
             with s.block("for n in range(nlo, nhi):"):
                 with s.block(f"if n < {units}:"):
                     s("phys = pt[b, n]" if page else f"phys = pt[b, n // {ctx.PS}]")

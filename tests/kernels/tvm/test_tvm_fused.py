@@ -36,6 +36,15 @@ def pipelines():
             "dense": b.dense(), "streaming": b.streaming(4, 20)}
 
 
+def assert_same_lists(idx, cnt, widx, wcnt):
+    """Equal lists; the fused step's are as wide as its context needs (``TVMCompiled.tier``),
+    the stage path's as the plan: past the narrower width both hold only padding."""
+    w = min(idx.shape[2], widx.shape[2])
+    assert torch.equal(cnt, wcnt) and torch.equal(idx[..., :w], widx[..., :w])
+    assert int(cnt.max()) <= w
+    assert bool((idx[..., w:] == -1).all()) and bool((widx[..., w:] == -1).all())
+
+
 def check_run(k, pipe, f, hq, dtype="float32", seed=0):
     """Fused run == the stage path (same kernels: equal), and the reference's kept sets."""
     q = f.query(hq, seed=seed)
@@ -43,7 +52,7 @@ def check_run(k, pipe, f, hq, dtype="float32", seed=0):
     want, (widx, wcnt) = k.run(q, f.cache, return_lists=True)
     widx, wcnt = widx.clone(), wcnt.clone()
     got, (idx, cnt) = k.call_fused(q, f.cache, ids, return_lists=True)
-    assert torch.equal(cnt, wcnt) and torch.equal(idx, widx)
+    assert_same_lists(idx, cnt, widx, wcnt)
     assert torch.equal(got, want)
     ref, kept = tw.reference(pipe).run(q, f.cache, return_kept=True)
     assert torch.equal(lists_to_mask(idx, cnt, kept.mask.shape[-1]), kept.mask)
@@ -175,3 +184,59 @@ def test_decode_pipeline_step_and_run(tmp_path):
         assert torch.equal(out, dec.run_stages(q, b, [0, 2]))
         assert_same_cache(a, b)
     assert a.length(0) == 103 and a.length(1) == 0 and a.length(2) == 20
+
+
+@pytest.mark.parametrize("name", ["quest_twilight", "quest_top_k", "dense"])
+def test_fused_step_work_follows_the_context_not_the_plan(name, fill_cache):
+    """A plan for far more tokens than the context (a server plans for its longest request)
+    runs the same step as a plan that fits: the fused call narrows its lists and page-table
+    rows to the context (prefix views of the plan's scratch), and widens them as it grows."""
+    pipe = pipelines()[name]
+    f = fill_cache(pipe, 2, 64, [150, 33, 1, 16], grid=True)
+    q = f.query(8)
+    tight = lower(pipe, 8, 2, 64)
+    want, (widx, wcnt) = tight.call_fused(q, f.cache, f.ids, return_lists=True)
+    wide = lower(pipe, 8, 2, 64)
+    wide.plan(len(f.ids), 64 * 1024)
+    got, (idx, cnt) = wide.call_fused(q, f.cache, f.ids, return_lists=True)
+    assert torch.equal(got, want)
+    assert_same_lists(idx, cnt, widx, wcnt)
+    plan = wide.plan_
+    [(_, bufs)] = plan.tiers.values()  # the narrowed call, kept for the next steps
+    assert bufs["pt"].shape[1] == 256 // 16 < plan.bufs["pt"].shape[1]  # 256 tokens, not 64k
+    assert bufs["idx0"].shape[2] <= 256 and bufs["idx0"].shape[2] < plan.bufs["idx0"].shape[2] \
+        or name != "dense"  # the others' lists are as wide as their budget anyway
+    assert bufs["pt"].data_ptr() == plan.bufs["pt"].data_ptr()  # a view: no copy
+    # the context grows past the tier: the next one, still equal to a fitting plan
+    gen = torch.Generator().manual_seed(3)
+    kv = [torch.randn(len(f.ids), 2, 1, 64, generator=gen) for _ in range(2)]
+    for _ in range(2):  # 150 + 120 tokens crosses 256
+        f.cache.append(kv[0].expand(-1, -1, 60, -1).contiguous(),
+                       kv[1].expand(-1, -1, 60, -1).contiguous(), f.ids)
+    want, (widx, wcnt) = tight.call_fused(q, f.cache, f.ids, return_lists=True)
+    got, (idx, cnt) = wide.call_fused(q, f.cache, f.ids, return_lists=True)
+    assert torch.equal(got, want)
+    assert_same_lists(idx, cnt, widx, wcnt)
+    assert int(f.cache.length(f.ids[0])) == 270
+    assert sorted(b["pt"].shape[1] for _, b in plan.tiers.values()) == [256 // 16, 512 // 16]
+
+
+def test_fused_select_skips_scores_where_the_budget_covers_the_context(fill_cache):
+    """``top_k`` budget ≥ a request's pages: the fused step leaves its scores unwritten (rank
+    keeps every page whatever they score), and keeps exactly what the reference keeps — next
+    to a request whose context the budget does not cover."""
+    pipe = tw.builtins.quest_top_k(64)  # 4 pages of 16
+    f = fill_cache(pipe, 2, 64, [40, 150], grid=True)
+    k = lower(pipe, 8, 2, 64)
+    q = f.query(8)
+    k.plan(len(f.ids), 1024)
+    scores = k.plan_.bufs["scores0"]
+    scores.fill_(1234.5)
+    got, (idx, cnt) = k.call_fused(q, f.cache, f.ids, return_lists=True)
+    [(_, bufs)] = k.plan_.tiers.values()
+    scores = bufs["scores0"]  # the step's (a view of the plan's)
+    assert bool((scores[0] == 1234.5).all())  # covered: not scored
+    assert not bool((scores[1, :, :10] == 1234.5).any())  # 10 pages, budget 4: scored
+    ref, kept = tw.reference(pipe).run(q, f.cache, return_kept=True)
+    assert torch.equal(lists_to_mask(idx, cnt, kept.mask.shape[-1]), kept.mask)
+    torch.testing.assert_close(got, ref, atol=TOL["float32"], rtol=TOL["float32"])
