@@ -52,7 +52,10 @@ class Src(SourceWriter):
     def local(self, name: str, shape, dtype: str = "float32") -> str:
         shape = shape if isinstance(shape, tuple) else (shape,)
         dims = ", ".join(str(x) for x in shape) + ("," if len(shape) == 1 else "")
-        self(f'{name} = T.alloc_buffer(({dims}), "{dtype}", scope="local")')
+        # llvm: "global" scope, which TVM puts on the stack when small (under 1 KB, on the CPU);
+        # "local" it serves from the workspace pool, a call per allocation even inside loops
+        scope = "local" if self.d.cuda else "global"
+        self(f'{name} = T.alloc_buffer(({dims}), "{dtype}", scope="{scope}")')
         return name
 
     def shared(self, name: str, shape, dtype: str = "float32") -> str:
