@@ -151,7 +151,7 @@ def _tiles_or_tokens(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int, star
     with s.block(f"while cur[0] < {end}:"):
         s("i = cur[0]")
         with s.block(f"if {is_tile(tl, end)}:"):
-            write_tile(ctx, s, e, gq, tl, "qn" if per_channel(e) else "qv")
+            write_tile(ctx, s, e, gq, tl, "qn" if per_channel(e) else "qvs")
             s(f"cur[0] = i + {tl}")
         with s.block("else:"):
             if planes is not None:

@@ -56,7 +56,7 @@ def natural_planes(ctx: StageCtx, s: Src, e: Estimator, gq: int) -> None:
     acc = s.local(s.fresh("lacc"), vw)
     with s.block(f"for g in range({gq}):"):
         with s.block(f"for c in {s.d.vec(d)}:"):
-            s("qn[g, c] = qv[g, c] * scn[c]")
+            s("qn[g, c] = qvs[g, c] * scn[c]")  # the tile path's planes (``tile_buffers``)
         with s.block(f"for v in {s.d.vec(vw)}:"):
             s(f"{acc}[v] = T.float32(0)")
         with s.block(f"for co in range({d // vw}):"):
@@ -132,8 +132,11 @@ def write_tile(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int, planes: st
             with s.block(f"for t in T.vectorized({tl}):"):
                 for j in range(ACC):
                     k = f"(kk * {ACC} + {j})"
-                    code = (f'T.Cast("float32", T.bitwise_and(T.shift_right({words}[wd, t], '
-                            f'T.Cast("uint32", {k} * {e.bits})), T.uint32({mask})))')
+                    # the code in place, code·2^(bits·k): exact in float32 (a few significant
+                    # bits), and the planes carry 2^-(bits·k) (``tile_buffers``), so each
+                    # product is the shifted code's, bit for bit — one unpacking op fewer
+                    shifted = f"T.shift_left(T.uint32({mask}), T.Cast(\"uint32\", {k} * {e.bits}))"
+                    code = f'T.Cast("float32", T.bitwise_and({words}[wd, t], {shifted}))'
                     for g in range(gq):
                         s(f"tacc[{g}, {j}, t] = tacc[{g}, {j}, t] + "
                           f"{planes}[{g}, wd * {cpw} + {k}] * {code}")
@@ -174,11 +177,17 @@ def _prefetch(ctx: StageCtx, s: Src, e: Estimator, tl: int, nw: int) -> None:
 
 
 def tile_buffers(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int) -> None:
-    """The tile path's locals (per row): accumulators and the transposed words."""
-    nw = ctx.D * e.bits // 32
+    """The tile path's locals (per row): accumulators, the transposed words, and ``qvs``, the
+    queries ``qv`` (filled already) times ``2^-(bits·k)`` on the channels at bit ``k·bits`` of
+    their word (``write_tile`` masks a code in place, without shifting it down)."""
+    nw, cpw = ctx.D * e.bits // 32, 32 // e.bits
     s.local("tacc", (gq, ACC, tl))
     s.local("tw0", (nw, tl), "uint32")
     s.local("tw1", (nw, tl), "uint32")
+    s.local("qvs", (gq, ctx.D))
+    with s.block(f"for g, c in T.grid({gq}, {ctx.D}):"):  # an exact power of two: 2^-(bits·k)
+        s(f'qvs[g, c] = qv[g, c] * T.reinterpret("float32", T.shift_left(T.Cast("int32", 127 - '
+          f'{e.bits} * (c % {cpw})), 23))')
 
 
 def is_tile(tl: int, end: str) -> str:
