@@ -10,10 +10,12 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 import twilight as tw
 from twilight.compiler import ir
 from twilight.compiler.backend import Target, get_backend
+from twilight.compiler.tvm.attend import reduce_plan
 from twilight.compiler.tvm.build import cuda_source
 
 SHAPE = ir.Shape(32, 8, 128, 16, "float16")
@@ -160,3 +162,21 @@ def test_nvcc_attend_staging_footprint(tmp_path):
     for arch in ("sm_80", "sm_90"):
         assert fig["smem", arch]["spill"] <= fig["none", arch]["spill"]
         assert fig["smem", arch]["stack"] <= fig["none", arch]["stack"]
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 16, 32])
+def test_attend_reduce_plan_sums_each_vector_into_its_lane(n):
+    """``attend.reduce_plan``: the shuffle tree that turns a block's ``n`` partial dot-product
+    vectors into its ``n`` logits — lane ``j`` holds vector ``j``'s sum, with ``n - 1`` adds."""
+    gen = torch.Generator().manual_seed(n)
+    v = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    red, adds = v.clone(), 0
+    for seg, x, y in reduce_plan(n):
+        new = red.clone()
+        for j in range(seg):
+            cat = torch.cat([red[j], red[j + seg]])
+            new[j] = cat[x] + cat[y]
+            adds += 1
+        red = new
+    torch.testing.assert_close(red[0], v.sum(1))
+    assert adds == n - 1
