@@ -24,6 +24,7 @@ The tile holds the query in its own dtype; the block shrinks (by halves) until i
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 
 from .build import KernelSource
 from .context import StageCtx, f32, fast_exp, softcap_text
@@ -167,9 +168,7 @@ def _logits_transposed(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int) -> None
     s.local("dv", (gh, bn, vw))
     s.local("red", (bn, vw))
     with s.block(f"for j in range({bn}):"):
-        s(f"i = lo + blk * {bn} + j")
-        with s.block("if i < hi:"):
-            s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
+        with _kept_token(ctx, s, bn):
             _prefetch_rows(ctx, s, bn)
             _load_row(ctx, s, "kp")
             with s.block(f"for g in range({gh}):"):
@@ -195,6 +194,16 @@ def _logits_transposed(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int) -> None
 
 
 _BYTES_LINE = 64
+
+
+@contextmanager
+def _kept_token(ctx: StageCtx, s: Src, bn: int):
+    """Inside ``for j in range(bn)``: token ``j`` of the block, if the row's share holds it —
+    its list position ``i``, token ``t``, page ``phys`` and slot — around the body."""
+    s(f"i = lo + blk * {bn} + j")
+    with s.block("if i < hi:"):
+        s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
+        yield
 
 
 def _prefetch_rows(ctx: StageCtx, s: Src, bn: int) -> None:
@@ -247,9 +256,7 @@ def _logits(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool) -> Non
     else:
         qread, scale = f"qv[g, co * {vw} + v]", ""
     with s.block(f"for j in range({bn}):"):
-        s(f"i = lo + blk * {bn} + j")
-        with s.block("if i < hi:"):
-            s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
+        with _kept_token(ctx, s, bn):
             _load_row(ctx, s, "kp")
             with s.block(f"for g in range({gh}):"):
                 with s.block(f"for v in {s.d.vec(vw)}:"):
@@ -291,9 +298,7 @@ def _rescale_and_values(ctx: StageCtx, s: Src, gh: int, bn: int) -> None:
                 s(f"lg[g, j] = {fast_exp('(lg[g, j] - mb[0])')}")
             s(f"l[g] = l[g] * corr + {lanes_sum(f'lg[g, T.Ramp(0, 1, {bn})]', bn)}")
     with s.block(f"for j in range({bn}):"):
-        s(f"i = lo + blk * {bn} + j")
-        with s.block("if i < hi:"):
-            s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
+        with _kept_token(ctx, s, bn):
             _load_row(ctx, s, "vp")
             with s.block(f"for g in range({gh}):"):
                 with s.block(f"for c in {s.d.vec(d)}:"):
