@@ -49,7 +49,6 @@ def splits(ctx: StageCtx) -> int:
 
 
 SHARED_BYTES = 48 * 1024  # static shared memory a block may declare without opting in
-_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def staged(ctx: StageCtx) -> bool:
@@ -61,7 +60,7 @@ def staged_threads(ctx: StageCtx) -> tuple[int, int]:
     """(threads a block, elements a row of the tile) for the shared query tile: ``cuda_threads``
     halved until ``threads × row`` fits ``SHARED_BYTES``."""
     _, gh = attend_rows(ctx)
-    esz = _BYTES[ctx.dtype]
+    esz = ctx.esize
     row = gh * ctx.D + 16 // esz  # 16 B of padding: rows stay 16 B aligned (vector loads), and
     # a quarter-warp's 16 B loads of one column fall in distinct banks
     th = ctx.dialect.threads
@@ -193,9 +192,6 @@ def _logits_transposed(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int) -> None
             s(f"lg[g, j] = T.Select(lo + blk * {bn} + j < hi, {logit}, {NEG_INF})")
 
 
-_BYTES_LINE = 64
-
-
 @contextmanager
 def _kept_token(ctx: StageCtx, s: Src, bn: int):
     """Inside ``for j in range(bn)``: token ``j`` of the block, if the row's share holds it —
@@ -210,16 +206,10 @@ def _prefetch_rows(ctx: StageCtx, s: Src, bn: int) -> None:
     """Ask for what the block needs next while this token's K row is in flight: its V row (read
     after the block's softmax) and the K row a block ahead (the kept rows are scattered over
     pages, beyond the reach of the hardware prefetcher)."""
-    lines = range(0, ctx.D * _BYTES[ctx.dtype], _BYTES_LINE)
-    per = _BYTES_LINE // _BYTES[ctx.dtype]
-
-    def fetch(buf: str, ph: str, sl: str) -> None:
-        for off in lines:
-            s(f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of('
-              f'{buf}[{ph}, hkv, {sl}, {off // _BYTES[ctx.dtype] // per * per}]), 0, 3, 1))')
-    fetch("vp", "phys", "slot")
+    row = ctx.D * ctx.esize
+    s.prefetch_row("vp[phys, hkv, slot, {}]", row, ctx.esize)
     s(f"tn = kidx[b, h0, T.min(i + {bn}, hi - 1)]")
-    fetch("kp", f"pt[b, tn // {ctx.PS}]", f"tn % {ctx.PS}")
+    s.prefetch_row(f"kp[pt[b, tn // {ctx.PS}], hkv, tn % {ctx.PS}, {{}}]", row, ctx.esize)
 
 
 def _load_row(ctx: StageCtx, s: Src, buf: str) -> None:

@@ -44,6 +44,11 @@ class StageCtx:
         return self.shape.dtype
 
     @property
+    def esize(self) -> int:
+        """Bytes of one element of the cache's dtype."""
+        return 4 if self.shape.dtype == "float32" else 2
+
+    @property
     def vec(self) -> int:
         return int(self.sched.get("vector_width", 16))
 

@@ -25,6 +25,9 @@ POS_INF = 'T.float32("inf")'
 DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
 
+LINE = 64  # bytes of a cache line (what one prefetch asks for)
+
+
 @dataclass(frozen=True)
 class Dialect:
     kind: str = "llvm"  # "llvm" | "cuda"
@@ -57,6 +60,14 @@ class Src(SourceWriter):
         scope = "local" if self.d.cuda else "global"
         self(f'{name} = T.alloc_buffer(({dims}), "{dtype}", scope="{scope}")')
         return name
+
+    def prefetch_row(self, row: str, nbytes: int, esize: int) -> None:
+        """Ask for every cache line of a row of ``nbytes`` (llvm: ``llvm.prefetch``, to read,
+        into every cache level) whose element ``i`` is ``row.format(i)``. A prefetch never
+        faults, so an address past the data costs nothing but the fetch."""
+        for off in range(0, nbytes, LINE):
+            self(f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", '
+                 f"T.address_of({row.format(off // esize)}), 0, 3, 1))")
 
     def shared(self, name: str, shape, dtype: str = "float32") -> str:
         """A buffer in the block's shared memory (cuda only): one ``__shared__`` array."""

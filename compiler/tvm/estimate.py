@@ -227,7 +227,6 @@ def _load_queries(ctx: StageCtx, s: Src, e: Estimator, gh: int, gq: int) -> None
             s("qs[g] = qs[g] + qv[g, c]")
 
 
-_EBITS = {"float16": 16, "bfloat16": 16, "float32": 32}
 
 
 def _packed_side(ctx: StageCtx, e: Estimator) -> int:
@@ -235,7 +234,7 @@ def _packed_side(ctx: StageCtx, e: Estimator) -> int:
     (``per`` values of the cache dtype, channel ``j·per + i`` at bit ``i·ebits`` of word ``j``),
     or 0 when no such word exists (over 64 bits, or ``D`` not a multiple of ``per``)."""
     per = 8 // e.bits
-    w = per * _EBITS[ctx.dtype]
+    w = per * 8 * ctx.esize
     return w if w <= 64 and ctx.D % per == 0 else 0
 
 
@@ -251,7 +250,7 @@ def _word_views(ctx: StageCtx, s: Src, e: Estimator) -> None:
 
 def _side_value(ctx: StageCtx, e: Estimator, name: str, j: str) -> str:
     """float32 ``name[sp, hkv, j·per + pi]`` (``pi`` the plane), through the word view."""
-    w, per, eb = _packed_side(ctx, e), 8 // e.bits, _EBITS[ctx.dtype]
+    w, per, eb = _packed_side(ctx, e), 8 // e.bits, 8 * ctx.esize
     if per == 1:
         return f'T.Cast("float32", {name}[sp, hkv, {j}])'
     word = f'T.shift_right({name}_w[sp, hkv, {j}], T.Cast("uint{w}", pi * {eb}))'

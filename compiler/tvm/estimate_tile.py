@@ -153,7 +153,6 @@ def write_tile(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int, planes: st
 
 
 PREFETCH_TILES = 2  # how far ahead the next tile's codes are fetched (a tile: ~0.1-0.2 µs)
-_LINE = 64
 
 
 def _prefetch(ctx: StageCtx, s: Src, e: Estimator, tl: int, nw: int) -> None:
@@ -165,15 +164,10 @@ def _prefetch(ctx: StageCtx, s: Src, e: Estimator, tl: int, nw: int) -> None:
     s(f"pj = T.min(i + {PREFETCH_TILES * tl}, hi - 1)", "ptok = cidx[b, h0, pj]",
       f"pph = pt[b, ptok // {ctx.PS}]")
     base = f"((pph * {ctx.HKV} + hkv) * {ctx.PS} + ptok % {ctx.PS}) * {nw}"
-    for line in range(0, tl * nw * 4, _LINE):
-        s(f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", '
-          f"T.address_of(cwf[{base} + {line // 4}]), 0, 3, 1))")
+    s.prefetch_row(f"cwf[{base} + {{}}]", tl * nw * 4, 4)
     if e.granularity == "page":  # the next page's min/max (the planes' inputs)
-        esz = {"float32": 4}.get(ctx.dtype, 2)
         for name in ("klo", "khi"):
-            for line in range(0, ctx.D * esz, _LINE):
-                s(f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", '
-                  f"T.address_of({name}[pph, hkv, {line // esz}]), 0, 3, 1))")
+            s.prefetch_row(f"{name}[pph, hkv, {{}}]", ctx.D * ctx.esize, ctx.esize)
 
 
 def tile_buffers(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int) -> None:

@@ -147,7 +147,6 @@ def gen_score(ctx: StageCtx, part: int = 0, covered: bool = False) -> KernelSour
 
 
 PREFETCH_PAGES = 8  # how far ahead the score fetches a page's summaries
-_ESIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 def _prefetch_summaries(ctx: StageCtx, s: Src, summary, units: str) -> None:
@@ -157,12 +156,8 @@ def _prefetch_summaries(ctx: StageCtx, s: Src, summary, units: str) -> None:
     heads × d128, fp16, 4×32k: 7.3 ms, 2.7 ms with 8 pages ahead, 2.8 with 4 or 16). A prefetch
     never faults; the page is clamped to the row's."""
     s(f"pn = pt[b, T.min(n + {PREFETCH_PAGES}, {units} - 1)]")
-    esz = _ESIZE[ctx.dtype]
     for f, width in ctx.summary_widths(summary).items():
-        buf = _sbuf(f)
-        for off in range(0, width * esz, 64):
-            s(f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of('
-              f'{buf}[pn, hkv, {off // esz}]), 0, 3, 1))')
+        s.prefetch_row(f"{_sbuf(f)}[pn, hkv, {{}}]", width * ctx.esize, ctx.esize)
 
 
 def _leaves(ctx: StageCtx, sel):
