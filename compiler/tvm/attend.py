@@ -171,11 +171,7 @@ def _logits_transposed(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int) -> None
             _prefetch_rows(ctx, s, bn)
             _load_row(ctx, s, "kp")
             with s.block(f"for g in range({gh}):"):
-                with s.block(f"for v in {s.d.vec(vw)}:"):
-                    s("dv[g, j, v] = qv[g, v] * kr[v]")
-                with s.block(f"for co in range(1, {d // vw}):"):
-                    with s.block(f"for v in {s.d.vec(vw)}:"):
-                        s(f"dv[g, j, v] = dv[g, j, v] + qv[g, co * {vw} + v] * kr[co * {vw} + v]")
+                _dot_lanes(s, "dv[g, j, v]", f"qv[g, co * {vw} + v]", d, vw)
         with s.block("else:"):
             with s.block(f"for g, v in T.grid({gh}, {vw}):"):
                 s("dv[g, j, v] = T.float32(0)")
@@ -227,6 +223,16 @@ def _load_row(ctx: StageCtx, s: Src, buf: str) -> None:
             s(f'kr[co * {vw} + v] = T.Cast("float32", {row.format(f"co * {vw} + v")})')
 
 
+def _dot_lanes(s: Src, dst: str, qread: str, d: int, vw: int) -> None:
+    """``dst`` (text in lane ``v``) ← the head-dim dot product of the query ``qread`` (text in
+    ``co``, ``v``) and the row ``kr``, left partial over ``vw`` lanes."""
+    with s.block(f"for v in {s.d.vec(vw)}:"):
+        s(f"{dst} = T.float32(0)")
+    with s.block(f"for co in range({d // vw}):"):
+        with s.block(f"for v in {s.d.vec(vw)}:"):
+            s(f"{dst} = {dst} + {qread} * kr[co * {vw} + v]")
+
+
 def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool = False) -> None:
     """One block of ``bn`` kept tokens: logits, then a rescale, then ``acc += p · V``."""
     if transposed(s, bn, vw, smem):
@@ -249,11 +255,7 @@ def _logits(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool) -> Non
         with _kept_token(ctx, s, bn):
             _load_row(ctx, s, "kp")
             with s.block(f"for g in range({gh}):"):
-                with s.block(f"for v in {s.d.vec(vw)}:"):
-                    s("dot[v] = T.float32(0)")
-                with s.block(f"for co in range({d // vw}):"):
-                    with s.block(f"for v in {s.d.vec(vw)}:"):
-                        s(f"dot[v] = dot[v] + {qread} * kr[co * {vw} + v]")
+                _dot_lanes(s, "dot[v]", qread, d, vw)
                 if smem:
                     logit = f"({tree_sum(s, 'dot', vw)}){scale}"
                 elif s.d.cuda or vw & (vw - 1):
