@@ -192,7 +192,9 @@ def _ntables(src: KernelSource) -> int:
     return sum(1 for p, _, _ in src.params if p.startswith("tbl"))
 
 
-def _run_calls(ctx: StageCtx) -> Iterator[tuple[KernelSource, list[str]]]:
+def _run_calls(ctx: StageCtx) -> Iterator[tuple[KernelSource, list[str] | None]]:
+    """``run``'s subroutines in order with the buffers each is called with; ``None``: a stage
+    kernel the module holds for the stage path only (called by neither entry point)."""
     pc, p = private_ctx(ctx), ctx.p
     yield gen_gather(pc), ["rows", "table", "lengths", "pt", "lens"]
     sel = p.select
@@ -210,6 +212,8 @@ def _run_calls(ctx: StageCtx) -> Iterator[tuple[KernelSource, list[str]]]:
         src = gen_score(pc, covered=covered)  # selector part 0, the only one (``fusable``)
         yield src, ["q", "pt", "lens", *leaves, *(f"tbl{i}" for i in range(_ntables(src))),
                     "scores0", *(["kunits0"] if covered else []), "nsplit"]
+        if covered:  # the stage path's own score: in the module, called by neither entry
+            yield gen_score(pc), None
         yield gen_rank(pc), ["scores0", "lens", "kunits0", "sel0"]
         yield gen_candidates(pc), ["lens", "sel0", "idx0", "cnt0"]
     else:
@@ -314,12 +318,9 @@ def gen_fused(ctx: StageCtx) -> KernelSource:
         step.call(src, wiring)
     for src, wiring in _run_calls(ctx):
         subs.setdefault(src.name, src)
-        run.call(src, wiring)
-        step.call(src, wiring)
-    sel = ctx.p.select
-    if sel is not None and sel.score is not None and sel.rule == "top_k":
-        src = gen_score(private_ctx(ctx))  # the stage path's score (the entries call
-        subs.setdefault(src.name, src)     # score_covered)
+        if wiring is not None:
+            run.call(src, wiring)
+            step.call(src, wiring)
     lines = ["@I.ir_module", "class Mod:"]
     for src in subs.values():
         lines += ["    " + ln if ln else ln for ln in src.text.splitlines()] + [""]
