@@ -297,7 +297,10 @@ def workers():
 
 def _spawn(tmp_path: Path, cache_dir: Path, name: str, mode: str) -> subprocess.Popen:
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(base=BASE, payload=PAYLOAD))
+    if not script.exists():  # once, and whole: rewriting it could truncate it under a starting worker
+        part = tmp_path / "worker.py.part"
+        part.write_text(WORKER.format(base=BASE, payload=PAYLOAD))
+        os.replace(part, script)
     (tmp_path / "sync").mkdir(exist_ok=True)
     return subprocess.Popen([sys.executable, "-X", "faulthandler", str(script), str(cache_dir),
                              str(tmp_path / "builds.txt"), str(tmp_path / "sync"), name, mode],
