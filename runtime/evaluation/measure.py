@@ -29,7 +29,7 @@ from .reference import reference
 from .reference_stages import ref_estimate, ref_select
 
 __all__ = ["DenseBaseline", "GateResult", "Problem", "correctness_gate", "dense_baseline",
-           "dense_baseline_ms", "fastest_sdpa", "interleaved_ms", "make_problem", "median_time",
+           "dense_baseline_ms", "fastest_sdpa", "make_problem", "median_time",
            "sdpa_variants", "served_ms", "snapshot_bucket", "snapshot_problem"]
 
 SDPA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,24 +55,6 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
         if time.perf_counter() - start > max_seconds and len(times) >= 3:
             break
     return statistics.median(times)
-
-
-def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int = 10,
-                   warmup: int = 1) -> dict[str, float]:
-    """Median ms of each function, timed in turns (a, b, a, b, ...) so that a busy machine's
-    slow moments fall on all of them alike: what an A/B comparison on a shared CPU needs."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync()
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ---- the dense baseline ------------------------------------------------------------------------

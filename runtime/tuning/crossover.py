@@ -5,7 +5,8 @@ attention does not; at short contexts, or in a layer whose attention is flat (to
 quarter of the tokens), dense attention is faster. :func:`measure_crossover` times, on a ladder
 of contexts (powers of two from 128 up to the bucket's), the tuned pipeline through the served
 path and each dense implementation a loaded pipeline can fall back to
-(:mod:`twilight.runtime.serving.dense`), all reading the same paged cache, in turns. The result:
+(:mod:`twilight.runtime.serving.dense`), all reading the same paged cache, each timed as
+the trials and ``eval`` time a served pipeline (``served_ms``). The result:
 
 * ``impl`` — the faster dense implementation over the ladder (measured, not assumed);
 * ``dense_below`` — the context from which the pipeline beats ``impl`` at every larger ladder
@@ -26,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..evaluation.measure import Problem, interleaved_ms
+from ..evaluation.measure import Problem, served_ms
 from ..serving.load import DecodePipeline, dense_fallback, load
 from ..store.tuning_log import ShapeBucket
 from .tuner import TuneConfig
@@ -142,9 +143,12 @@ def measure_crossover(cfg: TuneConfig, schedule: dict, contexts: list[int],
 
 def _time_problem(sparse: DecodePipeline, dense: dict[str, DecodePipeline], prob: Problem,
                   repeats: int) -> dict[str, float]:
-    """ms per step of the sparse pipeline and each dense fallback on ``prob``, in turns."""
-    runs = {"sparse": sparse, **dense}
-    for dp in runs.values():
-        dp.plan(prob.batch, prob.max_context, prob.q.device)
-    return interleaved_ms({name: (lambda dp=dp: dp.run(prob.q, prob.cache, prob.ids))
-                           for name, dp in runs.items()}, repeats=repeats)
+    """ms per step of the sparse pipeline and each dense fallback on ``prob``, each timed as
+    ``served_ms`` times a trial and ``eval`` (plan, then call after call), one after the other.
+
+    Not call by call in turns: a call right after another implementation's pays for what that
+    one left behind. On a 2-core VM a fused decode step that takes 1.75 ms call after call took
+    2.5 ms right after an SDPA fallback's call, and about six calls to come back down; in turns
+    the series read ~1.5x slower than the trials and ``eval`` that timed the same problem."""
+    return {name: served_ms(dp, prob, repeats)
+            for name, dp in {"sparse": sparse, **dense}.items()}

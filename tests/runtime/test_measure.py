@@ -4,7 +4,6 @@ wins and says how it ran), snapshot problems as eval builds them, and the served
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from twilight.runtime.evaluation.measure import (
     DenseBaseline,
     dense_baseline,
     fastest_sdpa,
-    interleaved_ms,
     sdpa_variants,
     snapshot_problem,
 )
@@ -74,11 +72,3 @@ def test_snapshot_problem_is_each_querys_causal_context():
     assert short.cache.lengths[short.ids].tolist() == [32, 32, 32]
     assert short.max_context == 32 and "first 32" in short.label
     assert torch.equal(short.cache.gather(short.ids)[0][0], snap.k[0][:, :32])
-
-
-def test_interleaved_ms_times_each_function_in_turns():
-    calls = []
-    res = interleaved_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                         repeats=3, warmup=1)
-    assert calls == ["a", "b"] + ["a", "b"] * 3
-    assert set(res) == {"a", "b"} and all(math.isfinite(x) and x >= 0 for x in res.values())

@@ -1,6 +1,6 @@
 """`twilightc tune --snapshot` tunes on the snapshot's real q/k/v through the served path, and
 `twilightc eval --backend` then reports the same figure for the same data: same problems, same
-DecodePipeline.run, and (generously, on a noisy machine) the same milliseconds."""
+DecodePipeline.run, timed the same way, so the same milliseconds within the noise."""
 
 from __future__ import annotations
 
@@ -73,7 +73,10 @@ def test_tune_on_a_snapshot_and_eval_agree(small, queries_run, capsys):
         dense = T < rec["dense_below_layers"][str(row["layer"])]
         assert row["path"].startswith("dense") == dense, (row, rec)
     ratio = data["overall"]["latency_ms"] / rec["served_latency_ms"]
-    assert 1 / 3 < ratio < 3, (data["overall"], rec)  # a 2-core machine shared by many
+    # within 15%: measured 0.97-1.02, with another test file running beside it too. The
+    # crossover timed call by call in turns with the dense fallbacks read 0.77-0.89 here (0.7
+    # on the 2k fixture), each call paying for what the one before left behind
+    assert 1 / 1.15 < ratio < 1.15, (data["overall"], rec)
 
 
 def test_tune_rejects_shapes_with_snapshots_and_layers_without(small, capsys):
