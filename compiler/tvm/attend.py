@@ -1,17 +1,20 @@
 """The attend stage: exact attention over ragged kept lists in the paged cache, split-KV.
 
-A row is (request, head, split): ``split`` takes an equal share of the row's kept list, so a
-batch of few heads still fills every core. When the heads of a GQA group share one list
-(``StageCtx.uniform_after``), a row carries the whole group and loads each K/V row once for its
-``G`` queries. Tokens go in blocks of ``attend_block_n``: the block's logits first, then one
-online-softmax rescale per block rather than per token; on llvm, with the block as wide as a
-vector, a block's logits come out of one shuffle tree per head (``reduce_plan``) rather than a
-horizontal sum per token, and the V rows and the next block's K rows are prefetched (kept rows
-are scattered over pages). At SmolLM2's layout, fp16, 16 × 2048 tokens dense: 5.3 ms before,
-2.1 ms after (with rows converted a vector at a time, ``_load_row``). With one split the kernel writes the
-output directly; otherwise it writes ``(acc, max, sum)`` partials and ``combine`` merges them.
-With ``attention(mean_value=True)`` a last kernel, ``reallocate``, mixes in the mean value
-(SparQ), reading the selector's scores from the same step.
+A row is (request, head, split): ``split`` takes an equal share of the row's kept list (a whole
+number of pages' worth of positions), so a batch of few heads still fills every core. When the
+heads of a GQA group share one list (``StageCtx.uniform_after``), a row carries the whole group
+and loads each K/V row once for its ``G`` queries. Tokens go in blocks of ``attend_block_n``: the
+block's logits first, then one online-softmax rescale per block rather than per token; on llvm,
+with the block as wide as a vector, a block's logits come out of one shuffle tree per head
+(``reduce_plan``) rather than a horizontal sum per token, and the V rows and the next block's K
+rows are prefetched (kept rows are scattered over pages). At SmolLM2's layout, fp16, 16 × 2048
+tokens dense: 5.3 ms before, 2.1 ms after (with rows converted a vector at a time,
+``_load_row``). With ``identity`` lists (a dense pipeline's fused step: what a loaded pipeline
+falls back to) it walks the pages instead of the list, a block's page looked up once: 1.93 →
+1.74 ms there. With one split the kernel writes the output directly; otherwise it writes
+``(acc, max, sum)`` partials and ``combine`` merges them. With ``attention(mean_value=True)``
+a last kernel, ``reallocate``, mixes in the mean value (SparQ), reading the selector's scores
+from the same step.
 
 cuda, ``cuda_attend_staging="smem"``: the block's threads first copy the queries of all its rows
 into one ``__shared__`` tile together (consecutive threads read consecutive elements, so the load
@@ -112,8 +115,10 @@ def gen_attend(ctx: StageCtx) -> KernelSource:
             s(f"b = r // ({rows} * {nst})", f"hr = r % ({rows} * {nst}) // {nst}",
               f"sp = r % {nst}")
             s(f"h0 = hr * {gh}", f"hkv = h0 // {ctx.G}", "n = kcnt[b, h0]")
-            s(f"chunk = (n + {nst} - 1) // {nst}", "lo = T.min(sp * chunk, n)",
-              "hi = T.min(lo + chunk, n)")
+            # a split's share: a whole number of pages' worth of list positions (with
+            # ``identity`` lists, whole pages)
+            s(f"chunk = ((n + {nst} - 1) // {nst} + {ctx.PS - 1}) // {ctx.PS} * {ctx.PS}",
+              "lo = T.min(sp * chunk, n)", "hi = T.min(lo + chunk, n)")
             if not smem:
                 s.local("qv", (gh, d))
             s.local("acc", (gh, d))
@@ -188,23 +193,59 @@ def _logits_transposed(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int) -> None
             s(f"lg[g, j] = T.Select(lo + blk * {bn} + j < hi, {logit}, {NEG_INF})")
 
 
+def identity(ctx: StageCtx) -> bool:
+    """Is the kept list every token in order, so that attention walks the pages instead of the
+    list? In the fused module (which makes its own lists) of a pipeline with no selector and no
+    pruner — a dense pipeline, what a loaded pipeline falls back to — on llvm. Not the stage
+    path's ``attend``, which takes whatever lists it is given."""
+    return ctx.dialect.private and not ctx.dialect.cuda and ctx.p.select is None \
+        and not ctx.p.prune
+
+
+def _in_page(ctx: StageCtx, bn: int) -> bool:
+    """Does each block of ``bn`` tokens lie in one page (``identity`` lists, splits a whole
+    number of pages, ``bn`` dividing the page)?"""
+    return identity(ctx) and ctx.PS % bn == 0
+
+
+def _block_start(ctx: StageCtx, s: Src, bn: int) -> None:
+    """Before a block's token loops, with ``identity`` lists: its first token ``tb``; where the
+    block lies in one page, that page (``physb``, from slot ``sb``) and the next block's
+    (``physn`` from slot ``sn``), looked up once a block rather than once a token."""
+    if not identity(ctx):
+        return
+    s(f"tb = lo + blk * {bn}")
+    if _in_page(ctx, bn):
+        s(f"physb = pt[b, tb // {ctx.PS}]", f"sb = tb % {ctx.PS}",
+          f"tn = T.min(tb + {bn}, hi - 1)", f"physn = pt[b, tn // {ctx.PS}]",
+          f"sn = tn % {ctx.PS} // {bn} * {bn}")
+
+
 @contextmanager
 def _kept_token(ctx: StageCtx, s: Src, bn: int):
     """Inside ``for j in range(bn)``: token ``j`` of the block, if the row's share holds it —
     its list position ``i``, token ``t``, page ``phys`` and slot — around the body."""
     s(f"i = lo + blk * {bn} + j")
     with s.block("if i < hi:"):
-        s("t = kidx[b, h0, i]", f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
+        if _in_page(ctx, bn):
+            s("phys = physb", "slot = sb + j")
+        else:
+            s("t = i" if identity(ctx) else "t = kidx[b, h0, i]",
+              f"phys = pt[b, t // {ctx.PS}]", f"slot = t % {ctx.PS}")
         yield
 
 
 def _prefetch_rows(ctx: StageCtx, s: Src, bn: int) -> None:
     """Ask for what the block needs next while this token's K row is in flight: its V row (read
-    after the block's softmax) and the K row a block ahead (the kept rows are scattered over
-    pages, beyond the reach of the hardware prefetcher)."""
+    after the block's softmax) and the K row a block ahead (kept rows are scattered over pages,
+    and every block of a dense walk starts a new page: beyond the hardware prefetcher)."""
     row = ctx.D * ctx.esize
     s.prefetch_row("vp[phys, hkv, slot, {}]", row, ctx.esize)
-    s(f"tn = kidx[b, h0, T.min(i + {bn}, hi - 1)]")
+    if _in_page(ctx, bn):
+        s.prefetch_row("kp[physn, hkv, sn + j, {}]", row, ctx.esize)
+        return
+    s(f"tn = {'' if identity(ctx) else 'kidx[b, h0, '}T.min(i + {bn}, hi - 1)"
+      f"{'' if identity(ctx) else ']'}")
     s.prefetch_row(f"kp[pt[b, tn // {ctx.PS}], hkv, tn % {ctx.PS}, {{}}]", row, ctx.esize)
 
 
@@ -235,6 +276,7 @@ def _dot_lanes(s: Src, dst: str, qread: str, d: int, vw: int) -> None:
 
 def _block(ctx: StageCtx, s: Src, gh: int, bn: int, vw: int, smem: bool = False) -> None:
     """One block of ``bn`` kept tokens: logits, then a rescale, then ``acc += p · V``."""
+    _block_start(ctx, s, bn)
     if transposed(s, bn, vw, smem):
         _logits_transposed(ctx, s, gh, bn, vw)
     else:

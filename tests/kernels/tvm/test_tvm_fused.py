@@ -83,6 +83,21 @@ def test_fused_head_dims_and_splits(d, split, fill_cache):
     check_run(lower(pipe, 4, 1, d, split_kv=split), pipe, f, 4)
 
 
+@pytest.mark.parametrize(("bn", "split", "page", "dtype"),
+                         [(16, 1, 16, "float32"), (4, 4, 16, "float16"), (16, 0, 8, "float32"),
+                          (32, 2, 16, "float32"), (8, 1, 32, "bfloat16")])
+def test_fused_dense_walks_the_pages(bn, split, page, dtype, fill_cache):
+    """A dense pipeline's fused attention walks the pages, not its lists (``attend.identity``):
+    a block in one page where ``attend_block_n`` divides the page, token by token where it
+    does not; splits of whole pages. Lengths at page edges, one token, several splits: equal
+    to the stage path (which reads the lists) and to the reference."""
+    pipe = tw.Pipeline(name="dense", page_size=page)
+    f = fill_cache(pipe, 2, 64, [1, page - 1, page, page + 1, 150], dtype=getattr(torch, dtype),
+                   grid=True)
+    check_run(lower(pipe, 6, 2, 64, dtype, attend_block_n=bn, split_kv=split), pipe, f, 6,
+              dtype)
+
+
 @pytest.mark.parametrize("strategy", ["bisect", "radix"])
 def test_fused_ties_and_one_token(strategy, fill_cache):
     """All-equal keys (every weight ties) next to a one-token request."""
