@@ -14,6 +14,7 @@ are unrolled.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -116,9 +117,10 @@ class Src(SourceWriter):
             self(f'{p} = {call.format(p=p)}({dims}), "{dtype}"{tail.format(p=p)})')
 
     def source(self, stage: str, name: str) -> KernelSource:
-        """The written kernel as a ``KernelSource``, with its signature (buffers, dims)."""
+        """The written kernel as a ``KernelSource``, with its signature (buffers, dims); its
+        scalars bound once (``bind_once``)."""
         params, sym = self.signature
-        return KernelSource(stage, name, self.text(), params, sym)
+        return KernelSource(stage, name, bind_once(self.text()), params, sym)
 
     @contextmanager
     def rows(self, var: str, extent: str, prologue=None):
@@ -140,6 +142,40 @@ class Src(SourceWriter):
         else:
             with self.block(f"for {var} in T.parallel({extent}):"):
                 yield
+
+
+_ASSIGN = re.compile(r"^( *)([A-Za-z_]\w*) = (.+)$")
+# a buffer, or a symbolic dim's declaration (``N = T.int32()``): left as they are
+_NOT_SCALAR = re.compile(r"^T\.((alloc_buffer|decl_buffer|match_buffer|alloc_local)\(|\w+\(\)$)")
+
+
+def bind_once(text: str) -> str:
+    """``x = e`` as ``x: T.let = e`` wherever no other assignment of ``x`` is in its scope or
+    has it in theirs: an immutable binding, which TVM keeps in a register.
+
+    TVM 0.27's parser turns a plain scalar assignment into a one-element buffer
+    (``T.local_scalar``, "local" scope) so that it could be assigned again; on llvm TVM serves
+    every such buffer from its workspace pool, a runtime call to allocate and one to free per
+    row of a parallel loop, and reads and writes it through memory. The generated kernels
+    assign most scalars once (mutable state lives in ``buf[0]`` buffers), so those become
+    bindings; a name assigned again where the first is visible keeps the buffer."""
+    lines = text.split("\n")
+    found: dict[str, list[tuple[int, int]]] = {}  # name -> (line, end of its scope)
+    for i, line in enumerate(lines):
+        m = _ASSIGN.match(line)
+        if not m or _NOT_SCALAR.match(m.group(3)):
+            continue
+        indent, end = len(m.group(1)), len(lines)
+        for j in range(i + 1, len(lines)):
+            if lines[j].strip() and len(lines[j]) - len(lines[j].lstrip(" ")) < indent:
+                end = j
+                break
+        found.setdefault(m.group(2), []).append((i, end))
+    for name, spans in found.items():
+        for i, end in spans:
+            if all(not (i < k < end or k < i < e) for k, e in spans if k != i):
+                lines[i] = lines[i].replace(f"{name} = ", f"{name}: T.let = ", 1)
+    return "\n".join(lines)
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -123,7 +123,9 @@ def test_attend_smem_staging_source():
     none, smem = attend_source("none"), attend_source("smem")
     assert "__shared__" not in none and "__syncthreads" not in none and "qv" in none
     assert "__shared__" in smem and "__syncthreads" in smem and "qv_ptr" not in smem
-    assert smem.index("__syncthreads") < smem.index("if (r_ptr[0] <")  # outside the row guard
+    # outside the row guard: before the row is named (``r``), the guard, and its first use
+    guard = re.search(r"int r = (.*);\n\s*if \(\1 < ", smem)
+    assert guard and smem.index("__syncthreads") < guard.start()
 
 
 def test_attend_staging_is_cuda_only():
