@@ -40,23 +40,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-WARM_S = 0.05  # warm-up time before every timed series (see median_time)
+WARM_CALLS, WARM_S = 8, 0.05  # warm-up before every timed series (see median_time)
 
 
 def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
-                max_seconds: float = 5.0, warm_s: float = WARM_S) -> float:
+                max_seconds: float = 5.0, warm_calls: int = WARM_CALLS,
+                warm_s: float = WARM_S) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA-synchronized when a GPU is in use), after
-    at least ``warmup`` untimed calls and ``warm_s`` seconds of them.
+    ``warmup`` untimed calls and more, up to ``warm_calls`` of them while they take less than
+    ``warm_s`` seconds in all.
 
-    The warm-up is by time, not only by count: on a small shared VM a call made right after
-    other heavy work (the torch reference a tuning trial checks against, another kernel's
-    series) runs slow for a while. A fused decode step of 1.7 ms at SmolLM2's layout took
-    5 ms, then about 2.5 ms, for its first ~8 calls after the correctness gate: with two
-    warm-up calls those slow calls were most of a 10-call median, so a trial's figure was
-    mostly the gate's aftermath, and noise picked the tuner's winner."""
+    On a small shared VM a call made right after other heavy work (the torch reference a
+    tuning trial checks against, another kernel's series) runs slow for a while. A fused
+    decode step of 1.7 ms at SmolLM2's layout took 5 ms, then about 2.5 ms, for its first ~8
+    calls after the correctness gate: with two warm-up calls those slow calls were most of a
+    10-call median, so a trial's figure was mostly the gate's aftermath, and noise picked the
+    tuner's winner."""
     start = time.perf_counter()
     n = 0
-    while n < warmup or time.perf_counter() - start < warm_s:
+    while n < warmup or (n < warm_calls and time.perf_counter() - start < warm_s):
         fn()
         _sync()
         n += 1
