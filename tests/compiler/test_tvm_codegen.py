@@ -182,3 +182,40 @@ def test_attend_reduce_plan_sums_each_vector_into_its_lane(n):
         red = new
     torch.testing.assert_close(red[0], v.sum(1))
     assert adds == n - 1
+
+
+def test_scalars_assigned_once_are_bound_not_buffers():
+    """``bind_once``: a name assigned once in its scope, or in sibling scopes, becomes an
+    immutable ``T.let`` binding (a register); one assigned again where the first is visible,
+    buffers and symbolic dims stay as written."""
+    from twilight.compiler.tvm.dialect import bind_once
+    text = "\n".join([
+        "def f(x_h: T.handle):",
+        "    N = T.int32()",
+        "    buf = T.alloc_buffer((4,), \"float32\", scope=\"global\")",
+        "    for r in T.parallel(N):",
+        "        b = r // 2",
+        "        m = b + 1",
+        "        if b > 0:",
+        "            t = b * 3",
+        "            m = t",
+        "        else:",
+        "            t = b - 1",
+        "        buf[0] = m",
+    ])
+    got = bind_once(text).split("\n")
+    assert got[1] == "    N = T.int32()" and got[2].startswith("    buf = T.alloc_buffer(")
+    assert got[4] == "        b: T.let = r // 2"
+    assert got[5] == "        m = b + 1" and got[8] == "            m = t"  # assigned again
+    assert got[7] == "            t: T.let = b * 3" and got[10] == "            t: T.let = b - 1"
+
+
+def test_generated_kernels_bind_their_row_scalars():
+    """The attend kernel (llvm) names its row's request, head and count by bindings: none of
+    them is a one-element buffer, which TVM would take from its workspace pool per row."""
+    k = get_backend("tvm").lower(tw.builtins.quest_twilight().ir, SHAPE, {},
+                                 Target.parse("llvm"))
+    text = k.kernels["attend"].source.text
+    for name in ("b", "hkv", "n", "lo", "hi"):
+        assert re.search(rf"^\s+{name}: T.let = ", text, re.M), name
+        assert not re.search(rf"^\s+{name} = ", text, re.M), name
