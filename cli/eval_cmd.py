@@ -72,7 +72,8 @@ def register(sub) -> None:
                         "step against the fastest torch SDPA (auto: triton on a GPU, tvm on "
                         "the CPU)")
     p.add_argument("--repeats", type=count(1), default=10,
-                   help="timed runs per layer (--backend) (default: %(default)s)")
+                   help="timed runs per layer (--backend; median), after as many untimed "
+                        "ones (2 to 8) (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(run=run)
 

@@ -119,7 +119,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=args.count(0), default=0,
                    help="seeds the measured problem and, mixed with the process, the sampler")
     p.add_argument("--repeats", type=args.count(1), default=10,
-                   help="timed runs per trial (median) (default: %(default)s)")
+                   help="timed runs per trial and problem (median), after as many untimed ones "
+                        "(2 to 8) (default: %(default)s)")
     p.add_argument("--workers", type=args.count(1), default=1,
                    help="trials run at once in this process (compiles overlap; on the CPU "
                         "timings then disturb each other). Many machines: share --storage.")

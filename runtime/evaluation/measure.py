@@ -47,8 +47,8 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
                 max_seconds: float = 5.0, warm_calls: int = WARM_CALLS,
                 warm_s: float = WARM_S) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA-synchronized when a GPU is in use), after
-    ``warmup`` untimed calls and more, up to ``warm_calls`` of them while they take less than
-    ``warm_s`` seconds in all.
+    ``warmup`` untimed calls and more, up to ``warm_calls`` of them (and no more than it times:
+    a quick, rough series stays quick) while they take less than ``warm_s`` seconds in all.
 
     On a small shared VM a call made right after other heavy work (the torch reference a
     tuning trial checks against, another kernel's series) runs slow for a while. A fused
@@ -58,7 +58,7 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
     tuner's winner."""
     start = time.perf_counter()
     n = 0
-    while n < warmup or (n < warm_calls and time.perf_counter() - start < warm_s):
+    while n < warmup or (n < min(warm_calls, repeats) and time.perf_counter() - start < warm_s):
         fn()
         _sync()
         n += 1
