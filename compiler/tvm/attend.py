@@ -244,8 +244,8 @@ def _prefetch_rows(ctx: StageCtx, s: Src, bn: int) -> None:
     if _in_page(ctx, bn):
         s.prefetch_row("kp[physn, hkv, sn + j, {}]", row, ctx.esize)
         return
-    s(f"tn = {'' if identity(ctx) else 'kidx[b, h0, '}T.min(i + {bn}, hi - 1)"
-      f"{'' if identity(ctx) else ']'}")
+    nxt = f"T.min(i + {bn}, hi - 1)"  # the list position a block ahead
+    s(f"tn = {nxt}" if identity(ctx) else f"tn = kidx[b, h0, {nxt}]")
     s.prefetch_row(f"kp[pt[b, tn // {ctx.PS}], hkv, tn % {ctx.PS}, {{}}]", row, ctx.esize)
 
 
