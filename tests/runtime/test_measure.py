@@ -4,6 +4,7 @@ wins and says how it ran), snapshot problems as eval builds them, and the served
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from twilight.runtime.evaluation.measure import (
     DenseBaseline,
     dense_baseline,
     fastest_sdpa,
+    median_time,
     sdpa_variants,
     snapshot_problem,
 )
@@ -72,3 +74,15 @@ def test_snapshot_problem_is_each_querys_causal_context():
     assert short.cache.lengths[short.ids].tolist() == [32, 32, 32]
     assert short.max_context == 32 and "first 32" in short.label
     assert torch.equal(short.cache.gather(short.ids)[0][0], snap.k[0][:, :32])
+
+
+def test_median_time_warms_up_as_many_calls_as_it_times_up_to_eight():
+    """Untimed calls first: at least ``warmup``, then up to 8 — no more than it times — within
+    50 ms (the slow calls right after other work on a shared machine stay out of the median)."""
+    for repeats, warm in ((10, 8), (3, 3), (1, 2)):
+        calls = []
+        median_time(lambda calls=calls: calls.append(1), repeats=repeats)
+        assert len(calls) == warm + repeats, (repeats, len(calls))
+    slow = []
+    median_time(lambda: (slow.append(1), time.sleep(0.03)), repeats=10)
+    assert len(slow) == 2 + 10  # two calls pass 50 ms: the warm-up stops at its minimum
