@@ -24,7 +24,8 @@ TVM_KERNELS = Space("tvm", (
               "rows; a combine merges attention's): 0 = as many as fill the cores when batch × "
               "kv_heads cannot (llvm; 1 on cuda)"),
     Param("threads", (0, 1, 2, 4, 8, 16, 32), 0,
-          doc="llvm: CPU worker threads (0 = TVM's default, one per core)"),
+          doc="llvm: CPU worker threads (0 = the whole pool: torch's thread count, or "
+              "TVM_NUM_THREADS / OMP_NUM_THREADS where set; more than the pool run on the pool)"),
     Param("cuda_threads", (32, 64, 128, 256), 64, doc="cuda: rows (threads) per block"),
     Param("cuda_attend_staging", ("none", "smem"), "none",
           doc="cuda: attention's queries from a per-thread fp32 copy (none) or a block-wide "

@@ -10,6 +10,7 @@ symbolic ``T.int32`` vars).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass, field
 from functools import cache
@@ -218,8 +219,41 @@ def cuda_source(k: Kernel) -> str:
     return k.executable.mod.imports[0].inspect_source()
 
 
+def pool_threads() -> int:
+    """The workers of TVM's CPU thread pool: ``TVM_NUM_THREADS`` or ``OMP_NUM_THREADS`` when
+    the user set one, else torch's intra-op thread count (what the dense baseline runs on)."""
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").strip().isdigit() and int(os.environ[var]) > 0:
+            return int(os.environ[var])
+    return torch.get_num_threads()
+
+
+def size_pool() -> None:
+    """Give TVM's thread pool ``pool_threads()`` workers; called when this module is imported,
+    before any TVM kernel runs.
+
+    TVM sizes a thread's pool once, at its first parallel loop, from ``TVM_NUM_THREADS`` or
+    ``OMP_NUM_THREADS``, else *half* the logical CPUs on x86 (it assumes two hyper-threads a
+    core). On a machine without SMT that halves the cores: on this project's 2-vCPU CI machine
+    every TVM kernel ran on one thread while torch's SDPA ran on two. So, without either
+    variable, ``TVM_NUM_THREADS`` is set to torch's thread count. The pool never grows after
+    its first loop; ``runtime.config_threadpool`` only uses fewer of its workers."""
+    if not any(os.environ.get(v) for v in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")):
+        os.environ["TVM_NUM_THREADS"] = str(pool_threads())
+
+
+_used = [0]  # the workers set_threads last asked for (0: the whole pool)
+
+
 def set_threads(n: int) -> None:
-    """Size TVM's CPU thread pool (0: leave it as TVM chose)."""
-    if n:
+    """Run TVM's parallel loops on ``n`` of the pool's workers (a schedule's ``threads``; more
+    than the pool runs on the pool), or on the whole pool (0). Called before every kernel call:
+    it costs a comparison unless ``n`` changes (a reconfiguration sets every worker's
+    affinity)."""
+    if n != _used[0]:
         import tvm_ffi
         tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)
+        _used[0] = n
+
+
+size_pool()

@@ -1,0 +1,61 @@
+"""TVM's CPU thread pool: as many workers as torch's threads, unless the user says otherwise.
+
+TVM sizes the pool at its first parallel loop, from ``TVM_NUM_THREADS``/``OMP_NUM_THREADS`` or
+else half the logical CPUs (on x86): one worker on a 2-core machine without SMT, where torch's
+SDPA runs on two. Each case is a fresh process, since a process sizes its pool once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+import tvm_ffi
+import twilight as tw
+from twilight.compiler import ir
+
+pipe, shape = tw.builtins.quest_twilight(32, p=0.9), ir.Shape(4, 2, 32, 16, "float32")
+workers = []
+for schedule in json.loads(sys.argv[2]):  # one served step a schedule, in turn
+    dec = tw.load(pipe, device="cpu", shape=shape, backend="tvm", schedule=schedule)
+    cache = dec.make_cache(initial_pages=8)
+    ids = cache.add_requests(2)
+    cache.append(torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32), ids)
+    assert dec.run(torch.randn(2, 4, 32), cache, ids).isfinite().all()
+    workers.append(tvm_ffi.get_global_func("runtime.NumThreads")())
+print(json.dumps(workers))
+"""
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    """One kernel cache for every process of this file (one compile per schedule)."""
+    return str(tmp_path_factory.mktemp("kernels"))
+
+
+def _workers(kernels: str, torch_threads: int, schedules: list[dict], **env) -> list[int]:
+    """The pool's workers in use after each schedule's step, in a fresh process."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(torch_threads),
+                           json.dumps(schedules)],
+                          env={**clean, "TWILIGHT_CACHE_DIR": kernels, **env},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_pool_has_torchs_threads_and_a_schedule_uses_fewer(kernels):
+    # TVM's own default would be 1 on this project's 2-core machine, whatever torch runs on
+    assert _workers(kernels, 2, [{}, {"threads": 1}, {}, {"threads": 8}]) == [2, 1, 2, 2]
+
+
+def test_the_users_variable_wins(kernels):
+    assert _workers(kernels, 2, [{}], TVM_NUM_THREADS="1") == [1]
+    assert _workers(kernels, 1, [{}], OMP_NUM_THREADS="2") == [2]
