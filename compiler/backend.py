@@ -18,6 +18,7 @@ import abc
 import importlib
 import re
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -25,9 +26,15 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import TwilightError
 from . import ir
 
-__all__ = ["Artifact", "Backend", "BackendUnavailableError", "ExportMismatch", "StageKernels",
-           "Target", "UnknownBackendError", "backend_for", "backends", "get_backend",
+__all__ = ["CPU_THREADS", "Artifact", "Backend", "BackendUnavailableError", "ExportMismatch",
+           "StageKernels", "Target", "UnknownBackendError", "backend_for", "backends", "get_backend",
            "register_backend"]
+
+
+CPU_THREADS: ContextVar[int] = ContextVar("twilight_cpu_threads", default=0)
+"""Threads the CPU kernels called in this context run on, over a schedule's own ``threads``
+(0: the schedule's; a backend without CPU threads ignores it). The transformers attention
+backend sets it around its decode calls (``runtime/serving/hf_attention.py``: ``install``)."""
 
 
 @dataclass(frozen=True)

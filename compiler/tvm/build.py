@@ -237,9 +237,17 @@ def size_pool() -> None:
     core). On a machine without SMT that halves the cores: on this project's 2-vCPU CI machine
     every TVM kernel ran on one thread while torch's SDPA ran on two. So, without either
     variable, ``TVM_NUM_THREADS`` is set to torch's thread count. The pool never grows after
-    its first loop; ``runtime.config_threadpool`` only uses fewer of its workers."""
+    its first loop; ``runtime.config_threadpool`` only uses fewer of its workers.
+
+    TVM's workers also spin (300,000 ``sched_yield`` calls, ~0.1 s) after each task before they
+    sleep, which slows whatever torch runs next on those cores: SDPA timed right after a block
+    of twilight calls took 5.5 ms instead of 1.6 (a baseline slowed so flatters twilight), and in
+    a model the decode ran at 0.83x dense instead of 1.48x. So, unless the user set
+    ``TVM_THREAD_POOL_SPIN_COUNT``, they sleep at once (0); waking them costs a fused step
+    ~0.2 ms at 1×8k (32/8 heads × 128) on 2 cores."""
     if not any(os.environ.get(v) for v in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")):
         os.environ["TVM_NUM_THREADS"] = str(pool_threads())
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 _used = [0]  # the workers set_threads last asked for (0: the whole pool)

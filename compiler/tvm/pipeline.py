@@ -16,7 +16,7 @@ import torch
 
 from ... import knobs
 from .. import stages
-from ..backend import Artifact
+from ..backend import CPU_THREADS, Artifact
 from ..keycodes import KeyCodeSpec
 from ..passes import budget_units, list_widths
 from ..stages import PagedCache
@@ -207,7 +207,7 @@ class TVMCompiled(AppendMixin):
             p.bufs["rows"].copy_(torch.tensor(ids, dtype=torch.int64))
             p.ids = list(ids)
         out = torch.empty_like(q) if out is None else out
-        set_threads(int(self.ctx.sched.get("threads", 0)))
+        set_threads(CPU_THREADS.get() or int(self.ctx.sched.get("threads", 0)))
         call, bufs = self.tier(p, need)
         if grow:
             cache.reserve(ids)
@@ -233,7 +233,7 @@ class TVMCompiled(AppendMixin):
         p = self.plan_
         if p is None or p.batch != b or p.tokens < t:
             p = self.plan(b, t)
-        set_threads(int(self.ctx.sched.get("threads", 0)))
+        set_threads(CPU_THREADS.get() or int(self.ctx.sched.get("threads", 0)))
         return p.bufs
 
     def select(self, x: stages.StageInputs):

@@ -14,22 +14,26 @@ import sys
 import pytest
 
 SCRIPT = r"""
-import json, sys, torch
+import json, os, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 import tvm_ffi
 import twilight as tw
 from twilight.compiler import ir
+from twilight.compiler.backend import CPU_THREADS
 
 pipe, shape = tw.builtins.quest_twilight(32, p=0.9), ir.Shape(4, 2, 32, 16, "float32")
 workers = []
 for schedule in json.loads(sys.argv[2]):  # one served step a schedule, in turn
+    ctx = schedule.pop("context_threads", 0)  # CPU_THREADS around the step
     dec = tw.load(pipe, device="cpu", shape=shape, backend="tvm", schedule=schedule)
     cache = dec.make_cache(initial_pages=8)
     ids = cache.add_requests(2)
     cache.append(torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32), ids)
+    token = CPU_THREADS.set(ctx)
     assert dec.run(torch.randn(2, 4, 32), cache, ids).isfinite().all()
+    CPU_THREADS.reset(token)
     workers.append(tvm_ffi.get_global_func("runtime.NumThreads")())
-print(json.dumps(workers))
+print(json.dumps({"workers": workers, "spin": os.environ.get("TVM_THREAD_POOL_SPIN_COUNT")}))
 """
 
 
@@ -39,10 +43,11 @@ def kernels(tmp_path_factory):
     return str(tmp_path_factory.mktemp("kernels"))
 
 
-def _workers(kernels: str, torch_threads: int, schedules: list[dict], **env) -> list[int]:
-    """The pool's workers in use after each schedule's step, in a fresh process."""
+def _run(kernels: str, torch_threads: int, schedules: list[dict], **env) -> dict:
+    """The pool's workers in use after each schedule's step, in a fresh process, and TVM's
+    spin count there."""
     clean = {k: v for k, v in os.environ.items()
-             if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+             if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(torch_threads),
                            json.dumps(schedules)],
                           env={**clean, "TWILIGHT_CACHE_DIR": kernels, **env},
@@ -51,11 +56,19 @@ def _workers(kernels: str, torch_threads: int, schedules: list[dict], **env) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_pool_has_torchs_threads_and_a_schedule_uses_fewer(kernels):
+def _workers(kernels: str, torch_threads: int, schedules: list[dict], **env) -> list[int]:
+    return _run(kernels, torch_threads, schedules, **env)["workers"]
+
+
+def test_the_pool_has_torchs_threads_and_a_schedule_or_the_context_uses_fewer(kernels):
     # TVM's own default would be 1 on this project's 2-core machine, whatever torch runs on
-    assert _workers(kernels, 2, [{}, {"threads": 1}, {}, {"threads": 8}]) == [2, 1, 2, 2]
+    got = _run(kernels, 2, [{}, {"threads": 1}, {}, {"threads": 8},
+                            {"context_threads": 1}, {"threads": 1, "context_threads": 2}, {}])
+    assert got["workers"] == [2, 1, 2, 2, 1, 2, 2]
+    assert got["spin"] == "0"  # workers sleep when done: they never hold a core torch needs
 
 
-def test_the_users_variable_wins(kernels):
-    assert _workers(kernels, 2, [{}], TVM_NUM_THREADS="1") == [1]
+def test_the_users_variables_win(kernels):
+    got = _run(kernels, 2, [{}], TVM_NUM_THREADS="1", TVM_THREAD_POOL_SPIN_COUNT="5000")
+    assert got == {"workers": [1], "spin": "5000"}
     assert _workers(kernels, 1, [{}], OMP_NUM_THREADS="2") == [2]
