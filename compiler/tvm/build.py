@@ -228,6 +228,9 @@ def pool_threads() -> int:
     return torch.get_num_threads()
 
 
+SPIN_COUNT = 300  # sched_yield calls a TVM worker makes before it sleeps (see size_pool)
+
+
 def size_pool() -> None:
     """Give TVM's thread pool ``pool_threads()`` workers; called when this module is imported,
     before any TVM kernel runs.
@@ -239,15 +242,17 @@ def size_pool() -> None:
     variable, ``TVM_NUM_THREADS`` is set to torch's thread count. The pool never grows after
     its first loop; ``runtime.config_threadpool`` only uses fewer of its workers.
 
-    TVM's workers also spin (300,000 ``sched_yield`` calls, ~0.1 s) after each task before they
-    sleep, which slows whatever torch runs next on those cores: SDPA timed right after a block
-    of twilight calls took 5.5 ms instead of 1.6 (a baseline slowed so flatters twilight), and in
-    a model the decode ran at 0.83x dense instead of 1.48x. So, unless the user set
-    ``TVM_THREAD_POOL_SPIN_COUNT``, they sleep at once (0); waking them costs a fused step
-    ~0.2 ms at 1×8k (32/8 heads × 128) on 2 cores."""
+    TVM's workers also spin after each task before they sleep: 300,000 ``sched_yield`` calls
+    by default, long enough to slow whatever torch runs next on those cores (SDPA timed right
+    after a block of twilight calls took 5.5 ms a call instead of 1.6 over its first ten
+    calls: a slowed baseline flatters twilight). Sleeping at once (0) costs a fused step a wake-up per parallel phase (the main
+    job's 3 layers: 3.4–3.7 ms instead of 2.8–2.9). So, unless the user set
+    ``TVM_THREAD_POOL_SPIN_COUNT``, they spin ``SPIN_COUNT`` times: through the gaps between
+    a step's phases, asleep before the next torch op (SDPA after twilight: 1.6–1.7 ms).
+    Measured on 2 cores, 1×8k at 32/8 heads × 128 and the 2k fixture."""
     if not any(os.environ.get(v) for v in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")):
         os.environ["TVM_NUM_THREADS"] = str(pool_threads())
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
 
 
 _used = [0]  # the workers set_threads last asked for (0: the whole pool)

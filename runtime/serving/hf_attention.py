@@ -344,8 +344,10 @@ def install(model, pipeline="auto", *, dense_layers: int | None = None, name: st
     ``torch.get_num_threads()``). The default is half of torch's threads (at least one): between
     the model's own ops torch's OpenMP workers spin on the same cores, and a kernel's workers
     sharing a core with one wait on it. Measured on 2 cores (SmolLM2-135M, 8k prompt,
-    ``benchmarks/e2e.py``): 1.95x dense decode speed with one thread, 1.48x with two, although
-    alone (no torch op between calls) two threads run the attention ~1.8x faster.
+    ``benchmarks/e2e.py``): 1.95x dense decode speed with one thread; with two, 1.48x when
+    TVM's workers sleep at once and 0.72x when they spin 300 yields first (the default:
+    ``compiler/tvm/build.py``), although alone (no torch op between calls) two threads run the
+    attention ~1.8x faster.
     Raises :class:`UnsupportedModel` naming the feature where the model's attention cannot be
     reproduced exactly."""
     from transformers import AttentionInterface  # noqa: PLC0415
