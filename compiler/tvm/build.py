@@ -255,7 +255,8 @@ def size_pool() -> None:
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
 
 
-_used = [0]  # the workers set_threads last asked for (0: the whole pool)
+_used = threading.local()  # .n: the workers set_threads last asked for in this thread (TVM's
+# pools, and their configurations, are per calling thread)
 
 
 def set_threads(n: int) -> None:
@@ -263,10 +264,10 @@ def set_threads(n: int) -> None:
     than the pool runs on the pool), or on the whole pool (0). Called before every kernel call:
     it costs a comparison unless ``n`` changes (a reconfiguration sets every worker's
     affinity)."""
-    if n != _used[0]:
+    if n != getattr(_used, "n", 0):
         import tvm_ffi
         tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)
-        _used[0] = n
+        _used.n = n
 
 
 size_pool()

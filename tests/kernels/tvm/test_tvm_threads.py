@@ -33,6 +33,16 @@ for schedule in json.loads(sys.argv[2]):  # one served step a schedule, in turn
     assert dec.run(torch.randn(2, 4, 32), cache, ids).isfinite().all()
     CPU_THREADS.reset(token)
     workers.append(tvm_ffi.get_global_func("runtime.NumThreads")())
+if len(sys.argv) > 3:  # then a step from another Python thread: its own pool, configured too
+    import threading
+    def other():
+        token = CPU_THREADS.set(int(sys.argv[3]))
+        assert dec.run(torch.randn(2, 4, 32), cache, ids).isfinite().all()
+        CPU_THREADS.reset(token)
+        workers.append(tvm_ffi.get_global_func("runtime.NumThreads")())
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
 print(json.dumps({"workers": workers, "spin": os.environ.get("TVM_THREAD_POOL_SPIN_COUNT")}))
 """
 
@@ -43,13 +53,13 @@ def kernels(tmp_path_factory):
     return str(tmp_path_factory.mktemp("kernels"))
 
 
-def _run(kernels: str, torch_threads: int, schedules: list[dict], **env) -> dict:
+def _run(kernels: str, torch_threads: int, schedules: list[dict], *extra: str, **env) -> dict:
     """The pool's workers in use after each schedule's step, in a fresh process, and TVM's
     spin count there."""
     clean = {k: v for k, v in os.environ.items()
              if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")}
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(torch_threads),
-                           json.dumps(schedules)],
+                           json.dumps(schedules), *extra],
                           env={**clean, "TWILIGHT_CACHE_DIR": kernels, **env},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -63,8 +73,11 @@ def _workers(kernels: str, torch_threads: int, schedules: list[dict], **env) -> 
 def test_the_pool_has_torchs_threads_and_a_schedule_or_the_context_uses_fewer(kernels):
     # TVM's own default would be 1 on this project's 2-core machine, whatever torch runs on
     got = _run(kernels, 2, [{}, {"threads": 1}, {}, {"threads": 8},
-                            {"context_threads": 1}, {"threads": 1, "context_threads": 2}, {}])
-    assert got["workers"] == [2, 1, 2, 2, 1, 2, 2]
+                            {"context_threads": 1}, {"threads": 1, "context_threads": 2}, {},
+                            {"context_threads": 1}], "1")
+    # the last: a step from another Python thread, which has a pool of its own (its whole pool
+    # until configured), asking for 1 as this thread's last step did
+    assert got["workers"] == [2, 1, 2, 2, 1, 2, 2, 1, 1]
     assert got["spin"] == "300"  # not TVM's 300,000: asleep before torch's next op
 
 
