@@ -20,12 +20,6 @@ import sys
 # same session launch compiled kernels all the same (see compiler/triton/loader.py).
 if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Test processes side by side (pytest-xdist, ``-n 2`` on 2 cores) already fill the cores: each
-# one's TVM kernels run on one thread, not on a pool of torch's size (``compiler/tvm/build.py``:
-# size_pool), which oversubscribed them (CI's tests: 18.2 min, against ~15). The pool's own
-# sizing is tested in fresh processes without this variable (``test_tvm_threads.py``).
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 import math
 from collections.abc import Sequence
