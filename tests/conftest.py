@@ -32,29 +32,6 @@ from hypothesis import settings
 from twilight.runtime.serving.paged_cache import PagedKVCache
 from twilight.runtime.serving.pipeline_cache import make_cache
 
-# The test files that take about a minute or more on 2 cores (``pytest --durations``, Nov 2026).
-# pytest-xdist hands out whole files (``--dist loadfile``) in collection order
-# (``--no-loadscope-reorder`` in pyproject's addopts), so these go first: the short files then
-# fill the gaps and the two processes end together, not one waiting minutes on a long file
-# handed out last.
-HEAVY_FILES = (
-    "schedules/test_tune_e2e.py", "kernels/tvm/test_tvm_pipelines.py",
-    "kernels/tvm/test_tvm_append.py", "runtime/test_hf_attention.py",
-    "kernels/tvm/test_tvm_top_p.py", "schedules/test_distributed_tune.py", "runtime/test_load.py",
-    "kernels/tvm/test_tvm_fused.py", "compiler/test_tvm_codegen.py", "runtime/test_hf_families.py",
-    "runtime/test_calibration.py", "kernels/test_estimator_head_dims.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    here = os.path.dirname(os.path.abspath(__file__))
-    missing = [f for f in HEAVY_FILES if not os.path.exists(os.path.join(here, f))]
-    if missing:  # a renamed file would quietly lose its place
-        raise pytest.UsageError(f"tests/conftest.py HEAVY_FILES names missing files: {missing}")
-    rank = {os.path.join(here, f): i for i, f in enumerate(HEAVY_FILES)}
-    items.sort(key=lambda item: rank.get(str(item.path), len(rank)))  # stable: files stay whole
-
-
 # CI runs the same examples every time (a red CI then means a real regression, reproducible
 # locally with HYPOTHESIS_PROFILE=ci); a developer's run explores new ones.
 settings.register_profile("ci", derandomize=True, print_blob=True)
