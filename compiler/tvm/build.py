@@ -245,11 +245,11 @@ def size_pool() -> None:
     TVM's workers also spin after each task before they sleep: 300,000 ``sched_yield`` calls
     by default, long enough to slow whatever torch runs next on those cores (SDPA timed right
     after a block of twilight calls took 5.5 ms a call instead of 1.6 over its first ten
-    calls: a slowed baseline flatters twilight). Sleeping at once (0) costs a fused step a wake-up per parallel phase (the main
-    job's 3 layers: 3.4–3.7 ms instead of 2.8–2.9). So, unless the user set
-    ``TVM_THREAD_POOL_SPIN_COUNT``, they spin ``SPIN_COUNT`` times: through the gaps between
-    a step's phases, asleep before the next torch op (SDPA after twilight: 1.6–1.7 ms).
-    Measured on 2 cores, 1×8k at 32/8 heads × 128 and the 2k fixture."""
+    calls: a slowed baseline flatters twilight). Sleeping at once (0) costs a fused step a
+    wake-up per parallel phase (the main job's 3 layers: 3.4–3.7 ms instead of 2.8–2.9). So,
+    unless the user set ``TVM_THREAD_POOL_SPIN_COUNT``, they spin ``SPIN_COUNT`` times: through
+    the gaps between a step's phases, asleep before the next torch op (SDPA after twilight:
+    1.6–1.7 ms). Measured on 2 cores, 1×8k at 32/8 heads × 128 and the 2k fixture."""
     if not any(os.environ.get(v) for v in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")):
         os.environ["TVM_NUM_THREADS"] = str(pool_threads())
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
