@@ -220,8 +220,8 @@ def cuda_source(k: Kernel) -> str:
 
 
 def pool_threads() -> int:
-    """The workers of TVM's CPU thread pool: ``TVM_NUM_THREADS`` or ``OMP_NUM_THREADS`` when
-    the user set one, else torch's intra-op thread count (what the dense baseline runs on)."""
+    """The workers of TVM's CPU thread pool, as TVM reads them: ``TVM_NUM_THREADS``, else
+    ``OMP_NUM_THREADS``, else (``size_pool`` sets the first) torch's intra-op thread count."""
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
         if os.environ.get(var, "").strip().isdigit() and int(os.environ[var]) > 0:
             return int(os.environ[var])
@@ -251,7 +251,7 @@ def size_pool() -> None:
     the gaps between a step's phases, asleep before the next torch op (SDPA after twilight:
     1.6–1.7 ms). Measured on 2 cores, 1×8k at 32/8 heads × 128 and the 2k fixture."""
     if not any(os.environ.get(v) for v in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")):
-        os.environ["TVM_NUM_THREADS"] = str(pool_threads())
+        os.environ["TVM_NUM_THREADS"] = str(torch.get_num_threads())
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
 
 

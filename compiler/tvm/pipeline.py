@@ -9,7 +9,6 @@ up to a multiple of ``_ROUND`` tokens, so a growing context re-plans rarely.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +21,7 @@ from ..passes import budget_units, list_widths
 from ..stages import PagedCache
 from .append import AppendMixin, append_sources, gen_summaries, gen_token_summaries
 from .attend import attend_rows, gen_attend, gen_combine, gen_reallocate, splits
-from .build import Kernel, aligned, build, member, set_threads
+from .build import Kernel, aligned, build, member, pool_threads, set_threads
 from .context import StageCtx
 from .estimate import gen_estimate
 from .expr import channel_tables, matrices, matrix_rows, table_rows
@@ -343,8 +342,8 @@ def splits_for(ctx: StageCtx, batch: int) -> int:
     fixed = int(ctx.sched.get("split_kv", 0))
     if fixed:
         return fixed
-    cores = int(ctx.sched.get("threads", 0)) or int(os.environ.get("TVM_NUM_THREADS", 0)) \
-        or os.cpu_count() or 1
+    pool = pool_threads()  # what the loops run on: a schedule's threads past it run on it
+    cores = min(int(ctx.sched.get("threads", 0)) or pool, pool)
     rows = batch * ctx.HKV
     return max(1, min(MAX_SPLITS, -(-2 * cores // rows)))
 

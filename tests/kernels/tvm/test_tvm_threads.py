@@ -85,3 +85,20 @@ def test_the_users_variables_win(kernels):
     got = _run(kernels, 2, [{}], TVM_NUM_THREADS="1", TVM_THREAD_POOL_SPIN_COUNT="5000")
     assert got == {"workers": [1], "spin": "5000"}
     assert _workers(kernels, 1, [{}], OMP_NUM_THREADS="2") == [2]
+
+
+@pytest.mark.parametrize(("env", "threads", "want"), [
+    ({"TVM_NUM_THREADS": "2"}, 0, 2),  # 2 rows (1 request × 2 KV heads): two a thread
+    ({"TVM_NUM_THREADS": "2"}, 8, 2),  # a schedule's threads past the pool run on the pool
+    ({"TVM_NUM_THREADS": "4"}, 1, 1),
+    ({"OMP_NUM_THREADS": "3"}, 0, 3),  # the pool TVM sizes from OMP_NUM_THREADS
+])
+def test_splits_fill_the_pool_the_loops_run_on(monkeypatch, env, threads, want):
+    from types import SimpleNamespace
+
+    from twilight.compiler.tvm.pipeline import splits_for
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert splits_for(SimpleNamespace(sched={"threads": threads}, HKV=2), 1) == want
