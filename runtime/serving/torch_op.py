@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...compiler.backend import CPU_THREADS
 from ...errors import InputError
 from .load import DecodePipeline
 from .paged_cache import PagedKVCache
@@ -45,6 +46,7 @@ class Binding:
     pipeline: DecodePipeline
     cache: PagedKVCache
     req: list[int] | None
+    cpu_threads: int = 0  # CPU threads of its kernels (0: the schedule's; see ``bind``)
 
 
 _BOUND: dict[str, Binding] = {}
@@ -52,12 +54,20 @@ _COUNTER = itertools.count()
 
 
 def bind(pipeline: DecodePipeline, cache: PagedKVCache, req: int | Sequence[int] | None = None,
-         name: str | None = None) -> str:
+         name: str | None = None, cpu_threads: int | None = None) -> str:
     """A handle for ``torch.ops.twilight.decode``: ``pipeline`` over ``cache`` for the
-    requests ``req`` (None: every live request at call time). Re-binding a name replaces it."""
+    requests ``req`` (None: every live request at call time). Re-binding a name replaces it.
+
+    ``cpu_threads``: the threads the op's CPU kernels run on. The op runs inside a model, between
+    its torch ops, so by default on half of ``torch.get_num_threads()`` (at least one), as
+    ``hf_attention.install`` does and for the same measured reason (torch's OpenMP workers spin
+    on the cores between ops); 0 runs them on the tuned schedule's threads (the whole pool)."""
+    threads = max(1, torch.get_num_threads() // 2) if cpu_threads is None else int(cpu_threads)
+    if threads < 0:
+        raise ValueError(f"cpu_threads={cpu_threads}: a count of threads, or 0 for the schedule's")
     name = name or f"{pipeline.ir.name}#{next(_COUNTER)}"
     ids = None if req is None else cache.resolve_ids(req)
-    _BOUND[name] = Binding(pipeline, cache, ids)
+    _BOUND[name] = Binding(pipeline, cache, ids, threads)
     return name
 
 
@@ -79,6 +89,14 @@ def decode(q: Tensor, handle: str, k: Tensor | None = None, v: Tensor | None = N
     b = bound(handle)
     if (k is None) != (v is None):
         raise InputError("twilight::decode: pass both k and v, or neither")
+    token = CPU_THREADS.set(b.cpu_threads)
+    try:
+        return _decode(b, q, k, v)
+    finally:
+        CPU_THREADS.reset(token)
+
+
+def _decode(b: Binding, q: Tensor, k: Tensor | None, v: Tensor | None) -> Tensor:
     if k is not None:  # append and attend: one compiled call where the backend fuses them
         ids = b.req if b.req is not None else b.cache.request_ids
         if k.dim() == 4 and k.shape[2] != 1:

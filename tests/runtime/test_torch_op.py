@@ -9,6 +9,7 @@ import torch
 
 import twilight as tw
 from twilight import knobs
+from twilight.compiler.backend import CPU_THREADS
 from twilight.runtime.serving import torch_op
 
 PIPE = tw.builtins.quest_twilight(budget=64, p=0.9)
@@ -38,6 +39,29 @@ def test_eager_matches_reference(setup):
                                req=1), atol=2e-5, rtol=0)
     with pytest.raises(tw.InputError, match="no pipeline bound"):
         torch.ops.twilight.decode(q, "nobody")
+
+
+def test_cpu_threads_around_the_call(setup, monkeypatch):
+    """The op runs inside a model: its kernels on half of torch's threads by default (as
+    ``hf_attention.install``), the schedule's with ``cpu_threads=0``; restored after the call."""
+    dec, cache = setup
+    seen = []
+    run = type(dec).run
+
+    def spy(self, *a, **k):
+        seen.append(CPU_THREADS.get())
+        return run(self, *a, **k)
+    monkeypatch.setattr(type(dec), "run", spy)
+    q = torch.randn(1, 8, 64)
+    for kw, want in (({}, max(1, torch.get_num_threads() // 2)), ({"cpu_threads": 0}, 0),
+                     ({"cpu_threads": 3}, 3)):
+        seen.clear()
+        out = torch.ops.twilight.decode(q, torch_op.bind(dec, cache, req=[1], **kw))
+        assert seen == [want] and CPU_THREADS.get() == 0
+        torch.testing.assert_close(out, tw.reference(PIPE).run(q, cache, req=1), atol=2e-5,
+                                   rtol=0)
+    with pytest.raises(ValueError, match="cpu_threads=-1"):
+        torch_op.bind(dec, cache, cpu_threads=-1)
 
 
 def test_inside_torch_compile_fullgraph(setup):
