@@ -338,12 +338,16 @@ def pipeline_sources(ctx: StageCtx):
 
 def splits_for(ctx: StageCtx, batch: int) -> int:
     """Splits of each row's candidates over the threads: ``split_kv`` when the schedule fixes
-    it, else enough rows (two a thread) to fill the cores when ``batch × kv_heads`` cannot."""
+    it, else enough rows (two a thread) to fill the cores when ``batch × kv_heads`` cannot.
+    The cores are the threads the kernels will run on: ``CPU_THREADS`` where the caller set it
+    (inside a model, ``hf_attention``, the torch op), else the schedule's, at most the pool.
+    A plan made under one setting and run under another is still right, only split for other
+    cores."""
     fixed = int(ctx.sched.get("split_kv", 0))
     if fixed:
         return fixed
     pool = pool_threads()  # what the loops run on: a schedule's threads past it run on it
-    cores = min(int(ctx.sched.get("threads", 0)) or pool, pool)
+    cores = min(CPU_THREADS.get() or int(ctx.sched.get("threads", 0)) or pool, pool)
     rows = batch * ctx.HKV
     return max(1, min(MAX_SPLITS, -(-2 * cores // rows)))
 

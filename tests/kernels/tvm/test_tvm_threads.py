@@ -92,13 +92,23 @@ def test_the_users_variables_win(kernels):
     ({"TVM_NUM_THREADS": "2"}, 8, 2),  # a schedule's threads past the pool run on the pool
     ({"TVM_NUM_THREADS": "4"}, 1, 1),
     ({"OMP_NUM_THREADS": "3"}, 0, 3),  # the pool TVM sizes from OMP_NUM_THREADS
+    ({"TVM_NUM_THREADS": "4", "cpu": 1}, 0, 1),  # inside a model: the threads it runs on
+    ({"TVM_NUM_THREADS": "4", "cpu": 2}, 8, 2),  # ... over the schedule's
+    ({"TVM_NUM_THREADS": "2", "cpu": 3}, 0, 2),  # ... at most the pool
 ])
 def test_splits_fill_the_pool_the_loops_run_on(monkeypatch, env, threads, want):
     from types import SimpleNamespace
 
+    from twilight.compiler.backend import CPU_THREADS
     from twilight.compiler.tvm.pipeline import splits_for
+    env = dict(env)
+    cpu = env.pop("cpu", 0)
     for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
-    assert splits_for(SimpleNamespace(sched={"threads": threads}, HKV=2), 1) == want
+    token = CPU_THREADS.set(cpu)
+    try:
+        assert splits_for(SimpleNamespace(sched={"threads": threads}, HKV=2), 1) == want
+    finally:
+        CPU_THREADS.reset(token)
