@@ -13,6 +13,7 @@ import torch
 
 from twilight import knobs
 from twilight.cli import main
+from twilight.compiler.backend import CPU_THREADS
 from twilight.runtime.evaluation.snapshot import load_snapshot, save_snapshot
 from twilight.runtime.serving.load import DecodePipeline
 from twilight.runtime.store.tuning_log import read_log
@@ -61,7 +62,23 @@ def _eval(path, capsys):
     return json.loads(capsys.readouterr().out)
 
 
-def test_tune_on_a_snapshot_and_eval_agree(small, queries_run, capsys):
+@pytest.fixture
+def one_thread():
+    """torch and twilight's kernels on one thread each: CI runs two test processes on two
+    cores, and two-thread pools oversubscribed that way made single calls 20-100x slower at
+    random (a tune/eval pair read 26x, then 0.73x, then 25x), which is the machine, not what
+    this test asks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    token = CPU_THREADS.set(1)
+    try:
+        yield
+    finally:
+        CPU_THREADS.reset(token)
+        torch.set_num_threads(threads)
+
+
+def test_tune_on_a_snapshot_and_eval_agree(small, queries_run, capsys, one_thread):
     path, snap = small
     printed, rec = _tune(path, capsys)
     assert "measured on snapshot: small.npz layers [2, 15]" in printed
