@@ -115,9 +115,9 @@ def fast_exp(x: str) -> str:
     repeated in the text (no scalar binding: see TOOLCHAIN.md).
 
     Why 0 below ``FLUSH``: x86 computes with subnormal floats ~100x slower than with normal
-    ones. A softmax row with an attention sink (real models have them) put ~47% of its
-    weights in the subnormal range, and the estimate took 1.97 ms where flushing them took
-    1.01 ms (32/8 heads × d128, 8k tokens, one thread). At ``FLUSH`` nothing a softmax makes
+    ones. On keys with a strong attention sink (the synthetic problem the tuner used until
+    2026-12) ~47% of the estimate's weights were subnormal, and it took 1.97 ms where flushing
+    them took 1.01 ms (32/8 heads × d128, 8k tokens, one thread). At ``FLUSH`` nothing a softmax makes
     of the result (a weight, that weight over a sum of up to 2^32 of them, a weight times a
     value) is subnormal, and what is dropped is below float32's resolution of the mass
     (``1 + 1.6e-28 == 1``)."""

@@ -34,14 +34,11 @@ def lower(pipe, hq=8, hkv=2, d=64, dtype="float32", **sched):
                                     sched, LLVM)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_stages_match_reference(name, fill_cache):
-    pipe = builtin(name)
-    f = fill_cache(pipe, 2, 64, [100, 37, 161], grid=True)
-    q = f.query(8, seed=1)
-    k = lower(pipe)
-    x = k.inputs(q, f.cache)
-    ref_x = stages.stage_inputs(q, f.cache)
+def check_stages(pipe, k, q, cache, on_weights=None) -> None:
+    """Every stage of ``k`` against its torch reference, in order: select, then each prune's
+    estimate (``on_weights(w, reference weights)`` first, when given) and prune, then attend."""
+    x = k.inputs(q, cache)
+    ref_x = stages.stage_inputs(q, cache)
     t = x.max_len
     idx, cnt = k.select(x)
     cand = stages.lists_to_mask(idx, cnt, t)
@@ -51,6 +48,8 @@ def test_stages_match_reference(name, fill_cache):
         w = k.estimate(i, x, idx, cnt)
         wd = stages.rows_to_dense(w, idx, cnt, t)
         wr = RS.ref_estimate(pipe.ir, i, ref_x, cand)
+        if on_weights:
+            on_weights(w, wr)
         torch.testing.assert_close(wd, wr, atol=2e-6, rtol=1e-4)
         idx, cnt = k.prune(i, x, w, idx, cnt)
         kept = stages.lists_to_mask(idx, cnt, t)
@@ -58,6 +57,13 @@ def test_stages_match_reference(name, fill_cache):
         cand = kept
     out = k.attend(x, idx, cnt)
     torch.testing.assert_close(out, RS.ref_attend(pipe.ir, ref_x, cand), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stages_match_reference(name, fill_cache):
+    pipe = builtin(name)
+    f = fill_cache(pipe, 2, 64, [100, 37, 161], grid=True)
+    check_stages(pipe, lower(pipe), f.query(8, seed=1), f.cache)
 
 
 @pytest.mark.parametrize("split", [2, 4])
@@ -112,27 +118,14 @@ def test_artifacts_have_tir_lowered_and_llvm():
 @pytest.mark.parametrize("name", ["quest_twilight", "dense"])
 def test_no_subnormal_weights(name, fill_cache):
     """Softmax weights far below the row's heaviest are 0, never subnormal floats (x86 computes
-    with those ~100x slower; an attention sink put half a real row there): the estimate's
+    with those ~100x slower; a strong attention sink put half a row there): the estimate's
     weights have none, and they and the attention still match the torch reference."""
     pipe = tw.builtins.quest_twilight(budget=1024) if name != "dense" else builtin(name)
     f = fill_cache(pipe, 2, 64, [400, 257], scale=2.0)
     q = f.query(8, seed=3, scale=12.0)  # logits spread over hundreds: many below 1e-38
-    k = lower(pipe)
-    x, ref_x = k.inputs(q, f.cache), stages.stage_inputs(q, f.cache)
-    t = x.max_len
-    idx, cnt = k.select(x)
-    cand = stages.lists_to_mask(idx, cnt, t)
     tiny = torch.finfo(torch.float32).tiny
-    for i, _ in enumerate(pipe.ir.prune):
-        w = k.estimate(i, x, idx, cnt)
-        wd = stages.rows_to_dense(w, idx, cnt, t)
-        wr = RS.ref_estimate(pipe.ir, i, ref_x, cand)
+
+    def no_subnormals(w, wr):
         assert int(((wr > 0) & (wr < tiny)).sum()) > 100  # the data reaches the range
         assert int(((w > 0) & (w < tiny)).sum()) == 0
-        torch.testing.assert_close(wd, wr, atol=2e-6, rtol=1e-4)
-        idx, cnt = k.prune(i, x, w, idx, cnt)
-        kept = stages.lists_to_mask(idx, cnt, t)
-        assert torch.equal(kept, RS.ref_prune(pipe.ir, i, ref_x, wd, cand))
-        cand = kept
-    out = k.attend(x, idx, cnt)
-    torch.testing.assert_close(out, RS.ref_attend(pipe.ir, ref_x, cand), atol=1e-5, rtol=1e-4)
+    check_stages(pipe, lower(pipe), q, f.cache, no_subnormals)
