@@ -117,10 +117,10 @@ def fast_exp(x: str) -> str:
     Why 0 below ``FLUSH``: x86 computes with subnormal floats ~100x slower than with normal
     ones. On keys with a strong attention sink (the synthetic problem the tuner used until
     2026-12) ~47% of the estimate's weights were subnormal, and it took 1.97 ms where flushing
-    them took 1.01 ms (32/8 heads × d128, 8k tokens, one thread). At ``FLUSH`` nothing a softmax makes
-    of the result (a weight, that weight over a sum of up to 2^32 of them, a weight times a
-    value) is subnormal, and what is dropped is below float32's resolution of the mass
-    (``1 + 1.6e-28 == 1``)."""
+    them took 1.01 ms (32/8 heads × d128, 8k tokens, one thread). At ``FLUSH`` nothing a
+    softmax makes of the result (a weight, that weight over a sum of up to 2^32 of them, a
+    weight times a value) is subnormal, and what is dropped is below float32's resolution of
+    the mass (``1 + 1.6e-28 == 1``)."""
     xc = f"T.max(T.min({x}, T.float32(88.3762626647949)), T.float32({FLUSH}))"
     n = f"T.floor({xc} * T.float32(1.44269504088896341) + T.float32(0.5))"
     r = f"({xc} - {n} * T.float32(0.693359375) - {n} * T.float32(-2.12194440e-4))"

@@ -9,9 +9,9 @@ problems here so that "the same data" means the same cache, built the same way.
   logit ~ N(0, 1 + SPREAD²): log-normal weights, a heavy tail), and token 0 is an attention
   sink holding ``SINK_SHARE`` of the mass. ``quest_twilight``'s top-p at 0.9 then keeps 6–21%
   of the tokens (by head layout, at 512–8k tokens), where SmolLM2's layers keep 4–25% at 2k
-  (64% in its flat layer 0). Uniform random
-  keys would keep nearly the whole context; the mix of a few keys with a 4x sink this replaced
-  gave the sink ~all the mass, so top-p kept 1 token of 4096 and tuned for a trivial search.
+  (64% in its flat layer 0). Uniform random keys would keep nearly the whole context; the mix
+  of a few keys with a 4x sink this replaced gave the sink ~all the mass, so top-p kept 1 token
+  of 4096 and the tuner timed a trivial search.
 * :func:`snapshot_problem` — one layer of an attention snapshot, each query a request of its
   own causal context (``q_pos[i] + 1`` tokens): exactly what ``twilightc eval`` runs. With
   ``context=c`` every request keeps only its first ``min(q_pos[i] + 1, c)`` tokens (real keys

@@ -31,7 +31,20 @@ from .checks import (
 from .paged_cache import DTYPES, PagedKVCache
 from .pipeline_cache import make_cache
 
-__all__ = ["DecodePipeline"]
+__all__ = ["DecodePipeline", "in_model_threads"]
+
+
+def in_model_threads(cpu_threads: int | None) -> int:
+    """The CPU threads a pipeline's kernels run on inside a model (``hf_attention.install``,
+    the torch op; the ``CPU_THREADS`` they set around a call): ``cpu_threads`` as given (0: the
+    tuned schedule's, the whole pool by default), or by default half of
+    ``torch.get_num_threads()``, at least one. Between the model's own ops torch's OpenMP
+    workers spin on the cores, and a kernel worker sharing a core with one waits on it
+    (measured: ``hf_attention.install``)."""
+    threads = max(1, torch.get_num_threads() // 2) if cpu_threads is None else int(cpu_threads)
+    if threads < 0:
+        raise ValueError(f"cpu_threads={cpu_threads}: a count of threads, or 0 for the schedule's")
+    return threads
 
 
 @dataclass

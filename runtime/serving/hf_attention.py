@@ -51,6 +51,7 @@ from torch import Tensor
 from ...compiler import ir
 from ...compiler.backend import CPU_THREADS
 from ...errors import InputError, UnsupportedModel
+from .decode_pipeline import in_model_threads
 from .hf_cache import make_cache_class, make_layer_class
 from .hf_semantics import (
     LayerSemantics,
@@ -364,9 +365,7 @@ def install(model, pipeline="auto", *, dense_layers: int | None = None, name: st
     if dtype not in _DTYPE_NAMES:
         raise UnsupportedModel(f"model dtype {dtype}: twilight caches float32, float16 or "
                                "bfloat16")
-    threads = max(1, torch.get_num_threads() // 2) if cpu_threads is None else int(cpu_threads)
-    if threads < 0:
-        raise ValueError(f"cpu_threads={cpu_threads}: a count of threads, or 0 for the schedule's")
+    threads = in_model_threads(cpu_threads)
     loaded: dict[tuple, DecodePipeline] = {}
     sparse = {}
     for s in run:

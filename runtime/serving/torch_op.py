@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ...compiler.backend import CPU_THREADS
 from ...errors import InputError
+from .decode_pipeline import in_model_threads
 from .load import DecodePipeline
 from .paged_cache import PagedKVCache
 
@@ -59,12 +60,9 @@ def bind(pipeline: DecodePipeline, cache: PagedKVCache, req: int | Sequence[int]
     requests ``req`` (None: every live request at call time). Re-binding a name replaces it.
 
     ``cpu_threads``: the threads the op's CPU kernels run on. The op runs inside a model, between
-    its torch ops, so by default on half of ``torch.get_num_threads()`` (at least one), as
-    ``hf_attention.install`` does and for the same measured reason (torch's OpenMP workers spin
-    on the cores between ops); 0 runs them on the tuned schedule's threads (the whole pool)."""
-    threads = max(1, torch.get_num_threads() // 2) if cpu_threads is None else int(cpu_threads)
-    if threads < 0:
-        raise ValueError(f"cpu_threads={cpu_threads}: a count of threads, or 0 for the schedule's")
+    its torch ops, so by default on half of torch's threads, as ``hf_attention.install`` does
+    (``decode_pipeline.in_model_threads``); 0 runs them on the tuned schedule's threads."""
+    threads = in_model_threads(cpu_threads)
     name = name or f"{pipeline.ir.name}#{next(_COUNTER)}"
     ids = None if req is None else cache.resolve_ids(req)
     _BOUND[name] = Binding(pipeline, cache, ids, threads)
