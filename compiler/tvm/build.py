@@ -9,6 +9,7 @@ symbolic ``T.int32`` vars).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -255,6 +256,12 @@ def size_pool() -> None:
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
 
 
+@functools.cache
+def _pool_size() -> int:
+    """``pool_threads()`` once: TVM sizes its pool once, at its first parallel loop."""
+    return pool_threads()
+
+
 _used = threading.local()  # .n: the workers set_threads last asked for in this thread (TVM's
 # pools, and their configurations, are per calling thread)
 
@@ -263,7 +270,10 @@ def set_threads(n: int) -> None:
     """Run TVM's parallel loops on ``n`` of the pool's workers (a schedule's ``threads``; more
     than the pool runs on the pool), or on the whole pool (0). Called before every kernel call:
     it costs a comparison unless ``n`` changes (a reconfiguration sets every worker's
-    affinity)."""
+    affinity). ``n`` at or past the pool is the whole pool, 0: a model whose layers alternate
+    a schedule of ``threads=4`` and one of 0 on a 2-worker pool reconfigured it on every call."""
+    if n >= _pool_size():
+        n = 0
     if n != getattr(_used, "n", 0):
         import tvm_ffi
         tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)

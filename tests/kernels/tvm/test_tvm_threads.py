@@ -112,3 +112,29 @@ def test_splits_fill_the_pool_the_loops_run_on(monkeypatch, env, threads, want):
         assert splits_for(SimpleNamespace(sched={"threads": threads}, HKV=2), 1) == want
     finally:
         CPU_THREADS.reset(token)
+
+
+def test_threads_at_or_past_the_pool_do_not_reconfigure_it(monkeypatch):
+    """A schedule's ``threads`` at or past the pool runs on the whole pool, as 0 does: layers
+    alternating such schedules must not reconfigure TVM's pool on every call."""
+    import threading
+
+    import tvm_ffi
+
+    from twilight.compiler.tvm import build
+    calls, real = [], tvm_ffi.get_global_func
+
+    def spy(name, *a, **k):
+        if name == "runtime.config_threadpool":
+            return lambda *args: calls.append(args)
+        return real(name, *a, **k)
+    monkeypatch.setattr(tvm_ffi, "get_global_func", spy)
+    pool = build._pool_size()
+
+    def steps():  # a fresh Python thread: its own TVM pool, last asked for 0
+        for n in (0, pool + 2, 0, pool, pool + 6, 0, 1, 1, 0):
+            build.set_threads(n)
+    t = threading.Thread(target=steps)
+    t.start()
+    t.join()
+    assert calls == ([(1, 1), (1, 0)] if pool > 1 else [])
