@@ -33,6 +33,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import optuna
 from optuna.trial import TrialState
@@ -129,19 +130,39 @@ def study_name(cfg: TuneConfig, bucket: ShapeBucket) -> str:
 # ---- samplers -----------------------------------------------------------------------------------
 def make_sampler(kind: str, seed: int, space: Space):
     """``tpe`` (default), ``random``, or ``grid``: every schedule of a space small enough to
-    enumerate, once (``ValueError`` for a larger one — the Triton space has millions)."""
+    enumerate, once (``ValueError`` for a larger one — the Triton space has millions). Each
+    marks a new trial with its worker first thing (``_MarksWorker``)."""
     if kind == "grid":
         return ScheduleGridSampler(space, seed)
     if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max(2, space.size() // 4)))
+        return _RandomSampler(seed=seed)
+    return _TPESampler(seed=seed, n_startup_trials=min(8, max(2, space.size() // 4)))
+
+
+class _MarksWorker:
+    """Sampler mixin: write the trial's worker (``host:pid``) as soon as Optuna has created
+    (or popped) the trial — ``before_trial`` is the first code of ours that sees it — so a
+    process killed while a trial starts leaves the smallest window in which the trial is
+    RUNNING with no worker to check (``recover_stale_trials`` then waits ``UNMARKED_GRACE_S``)."""
+
+    def before_trial(self, study, trial) -> None:
+        study._storage.set_trial_user_attr(trial._trial_id, "worker", _WORKER)
+        super().before_trial(study, trial)
+
+
+class _TPESampler(_MarksWorker, optuna.samplers.TPESampler):
+    pass
+
+
+class _RandomSampler(_MarksWorker, optuna.samplers.RandomSampler):
+    pass
 
 
 def _key(schedule: dict) -> str:
     return json.dumps(schedule, sort_keys=True, default=str)
 
 
-class ScheduleGridSampler(optuna.samplers.BaseSampler):
+class ScheduleGridSampler(_MarksWorker, optuna.samplers.BaseSampler):
     """Grid search over a space's distinct schedules (conditional parameters respected, unlike
     ``optuna.samplers.GridSampler``'s full product), in a seeded order; each trial takes the
     first schedule no trial of the study holds, so processes sharing a study split the grid."""
@@ -160,6 +181,7 @@ class ScheduleGridSampler(optuna.samplers.BaseSampler):
         return {}
 
     def before_trial(self, study, trial) -> None:
+        super().before_trial(study, trial)
         taken = {_key(s) for s in taken_schedules(study)}
         with self._lock:
             taken |= {_key(s) for s in self._picked.values()}
@@ -202,17 +224,37 @@ def _alive(worker: str | None) -> bool:
         return False
 
 
+# A RUNNING trial with no worker was created by a process that died before it could write
+# one (a window of one storage write, see ``_MarksWorker``) — or is being created right now.
+# Past this age it is the former, even across machines whose clocks disagree by a minute.
+UNMARKED_GRACE_S = 120.0
+
+
+def _dead(t: optuna.trial.FrozenTrial) -> bool:
+    worker = t.user_attrs.get("worker")
+    if worker is not None:
+        return not _alive(worker)
+    start = t.datetime_start
+    if start is None:
+        return False
+    now = datetime.now(start.tzinfo) if start.tzinfo else datetime.now()  # storages: local time
+    return (now - start).total_seconds() > UNMARKED_GRACE_S
+
+
 def recover_stale_trials(study: optuna.Study) -> int:
-    """Fail the RUNNING trials whose local worker process is gone and enqueue their schedules
-    again (journal storage has no heartbeat). Returns how many were recovered."""
+    """Fail the RUNNING trials whose local worker process is gone (or that never recorded a
+    worker, after ``UNMARKED_GRACE_S``) and enqueue their schedules again (journal storage has
+    no heartbeat). A trial killed before it drew its schedule is retried with the schedule it
+    was enqueued with, if any. Returns how many were recovered."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _alive(t.user_attrs.get("worker")):
+        if not _dead(t):
             continue
         study._storage.set_trial_user_attr(t._trial_id, "error", RETRIED)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        if t.params:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        params = t.params or t.system_attrs.get("fixed_params")
+        if params:
+            study.enqueue_trial(params, user_attrs={"retry_of": t.number})
         n += 1
     return n
 

@@ -175,3 +175,51 @@ def test_running_trial_of_a_live_worker_is_left_alone(tmp_path):
     import socket
     t.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     assert recover_stale_trials(study) == 0
+
+
+_KILLED_AT_START = """
+import sys, optuna
+from optuna.storages.journal import JournalFileBackend
+s = optuna.storages.JournalStorage(JournalFileBackend(sys.argv[1]))
+study = optuna.load_study(study_name="u", storage=s)
+study._pop_waiting_trial_id()  # what ``ask`` does first; killed before anything more
+sys.exit(0)
+"""
+
+
+def test_trial_killed_before_it_named_its_worker_is_recovered_after_the_grace(tmp_path,
+                                                                              monkeypatch):
+    """A tune killed between Optuna creating (here: popping an enqueued) trial and the trial
+    recording its worker leaves a RUNNING trial with no worker and no params: it was left
+    RUNNING forever, and its enqueued schedule lost. Past ``UNMARKED_GRACE_S`` it is failed and
+    its enqueued schedule queued again; younger, it may be another process's trial being
+    created, and is left alone."""
+    from twilight.runtime.tuning import tuner
+    path = str(tmp_path / "u.journal")
+    study = optuna.create_study(study_name="u", storage=open_storage(path, tmp_path / "x"))
+    study.enqueue_trial({"x": 2})
+    subprocess.run([sys.executable, "-c", _KILLED_AT_START, path], check=True)
+    study = optuna.load_study(study_name="u", storage=open_storage(path, tmp_path / "x"))
+    (orphan,) = study.get_trials(states=(TrialState.RUNNING,))
+    assert orphan.params == {} and "worker" not in orphan.user_attrs
+    assert recover_stale_trials(study) == 0  # young: perhaps being created right now
+    monkeypatch.setattr(tuner, "UNMARKED_GRACE_S", 0.0)
+    assert recover_stale_trials(study) == 1
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    study.optimize(lambda t: t.suggest_categorical("x", [1, 2, 3]), n_trials=1)
+    assert study.trials[-1].params == {"x": 2}  # the enqueued schedule, not lost
+    assert study.trials[-1].user_attrs["retry_of"] == orphan.number
+
+
+@pytest.mark.parametrize("kind", ["tpe", "random", "grid"])
+def test_samplers_mark_the_worker_before_the_objective_runs(tmp_path, kind):
+    """The worker is written when the trial is created (the sampler's ``before_trial``), not
+    when the objective gets round to it, so the window above is one storage write wide."""
+    from twilight.runtime.tuning.tuner import _WORKER, make_sampler
+    from twilight.schedules.space import Param, Space
+    space = Space("s", (Param("x", (1, 2, 3), 1),))
+    study = optuna.create_study(study_name="m", sampler=make_sampler(kind, 0, space),
+                                storage=open_storage(str(tmp_path / "m.journal"), tmp_path))
+    trial = study.ask()
+    assert study.trials[-1].user_attrs["worker"] == _WORKER
+    assert trial.suggest_categorical("x", [1, 2, 3]) in (1, 2, 3)
