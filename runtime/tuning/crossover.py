@@ -14,7 +14,8 @@ the trials and ``eval`` time a served pipeline (``served_ms``). The result:
   everywhere, the bucket's context + 1 when it loses at the bucket's context): ``load()`` runs
   dense below it;
 * ``layers`` — the same per model layer on a snapshot (real keys; below a snapshot's own
-  context each request keeps the first ``c`` tokens of its context).
+  context each request keeps its attention sink and its last tokens, ``c`` in all:
+  ``problems.window``).
 
 Example::
 

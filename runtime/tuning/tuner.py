@@ -414,8 +414,8 @@ def _fail_stale(study: optuna.Study) -> None:
 def bucket_problems(cfg: TuneConfig, bucket: ShapeBucket,
                     context: int | None = None) -> list[Problem]:
     """The decode problems a bucket is measured on, on the target's device: every chosen layer
-    of the snapshots of this bucket (``context``: each request's first ``context`` tokens), or
-    the synthetic problem (at ``context`` tokens)."""
+    of the snapshots of this bucket (``context``: each request's sink and last tokens,
+    ``problems.window``), or the synthetic problem (at ``context`` tokens)."""
     device = "cuda" if cfg.target.kind == "cuda" else "cpu"
     if not cfg.snapshots:
         at = bucket if context is None else ShapeBucket(bucket.batch, context)

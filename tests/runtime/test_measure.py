@@ -72,8 +72,13 @@ def test_snapshot_problem_is_each_querys_causal_context():
     assert torch.equal(prob.q, snap.q[1])
     short = snapshot_problem(PIPE.ir, snap, 0, context=32)
     assert short.cache.lengths[short.ids].tolist() == [32, 32, 32]
-    assert short.max_context == 32 and "first 32" in short.label
-    assert torch.equal(short.cache.gather(short.ids)[0][0], snap.k[0][:, :32])
+    assert short.max_context == 32 and "(sink + last tokens, 32)" in short.label
+    k, v, _ = short.cache.gather(short.ids)
+    for j, pos in enumerate(snap.q_pos.tolist()):  # the sink, then the tokens just before it
+        want = torch.cat([torch.arange(4), torch.arange(pos + 1 - 28, pos + 1)])
+        assert torch.equal(k[j], snap.k[0][:, want]) and torch.equal(v[j], snap.v[0][:, want])
+    assert snapshot_problem(PIPE.ir, snap, 0, context=70).cache.lengths.tolist()[:3] == \
+        [68, 69, 70]  # requests within the context keep all of it
 
 
 def test_median_time_warms_up_as_many_calls_as_it_times_up_to_eight():
