@@ -6,12 +6,15 @@ problems here so that "the same data" means the same cache, built the same way.
 
 * :func:`make_problem` — synthetic, made to look like real attention rather than white noise:
   a GQA group's queries share a direction, every key leans along it by a Gaussian amount (its
-  logit ~ N(0, 1 + SPREAD²): log-normal weights, a heavy tail), and token 0 is an attention
-  sink holding ``SINK_SHARE`` of the mass. ``quest_twilight``'s top-p at 0.9 then keeps 6–21%
-  of the tokens (by head layout, at 512–8k tokens), where SmolLM2's layers keep 4–25% at 2k
-  (64% in its flat layer 0). Uniform random keys would keep nearly the whole context; the mix
-  of a few keys with a 4x sink this replaced gave the sink ~all the mass, so top-p kept 1 token
-  of 4096 and the tuner timed a trivial search.
+  logit ~ N(0, σ²): log-normal weights, a heavy tail), and token 0 is an attention sink holding
+  ``SINK_SHARE`` of the mass. σ grows with the context so that the tokens holding 90% of the
+  mass number ``KEEP_8K · (t / 8192) ** KEEP_GROWTH`` — fitted to SmolLM2-135M's 8k snapshot
+  (30 layers, Python source), where top-p at 0.9 keeps a median 86, 110, 120 and 130 tokens of
+  sink-and-recent windows of 1k, 2k, 4k and 8k (quartiles 53–137 at 1k, 68–274 at 8k): on real
+  text the kept tokens barely grow with the context, so their fraction falls (8% at 1k, 1.6% at
+  8k; extrapolated, 0.5% at 32k). A synthetic with a fixed spread keeps a fixed fraction
+  (the one this replaced: 6–21% at every context, ~4000 tokens of 32k, where no real layer but
+  the flat first one comes near), and uniform random keys keep nearly everything.
 * :func:`snapshot_problem` — one layer of an attention snapshot, each query a request of its
   own causal context (``q_pos[i] + 1`` tokens): exactly what ``twilightc eval`` runs. With
   ``context=c`` a longer request keeps its first ``SINK_TOKENS`` tokens (the attention sink) and
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from pathlib import Path
 
 import torch
@@ -59,8 +63,28 @@ class Problem:
         return int(self.cache.lengths[self.ids].max())
 
 
-SPREAD = 2.5  # std of the keys' logits along their group's query direction (see make_problem)
 SINK_SHARE = 0.3  # the attention sink's share of a group's mass
+KEEP_8K = 130.0  # tokens holding 90% of the mass at 8k tokens (see the module doc)
+KEEP_GROWTH = 0.19  # ... times (context / 8192) ** this (least squares over 1k-8k, log-log)
+_KEEP_MASS = 0.9
+# Each head's own query and the INT4 estimate top-p runs on flatten the weights top-p sees:
+# with the spread as derived, quest_twilight kept ~2x the target at 1k-8k. Scaled by this it
+# keeps a median ~88, ~75, ~92 and ~133 tokens at 1k, 2k, 4k and 8k over four head layouts
+# (32/8 x 128, 9/3 x 64, 12/4 x 80, 14/2 x 64; fewer at 32k, where Quest's budget of 8192 cuts
+# the candidates first).
+FLATTENING = 1.3
+
+
+def spread(context: int) -> float:
+    """The std σ of the synthetic logits at ``context`` tokens: with log-normal weights
+    ``exp(σZ)``, the tokens with ``Z > z`` hold ``1 - Φ(z - σ)`` of the non-sink mass, so the
+    top ``φ = 1 - Φ(z)`` of them hold the share that, with the sink, makes ``_KEEP_MASS``
+    when ``σ = z - Φ⁻¹(1 - share)``; ``φ`` is the target count over the context."""
+    nd = NormalDist()
+    share = (_KEEP_MASS - SINK_SHARE) / (1 - SINK_SHARE)
+    keep = KEEP_8K * (max(context, 2) / 8192) ** KEEP_GROWTH
+    phi = min(max((keep - 1) / max(context - 1, 1), 1e-6), 0.5)
+    return max(nd.inv_cdf(1 - phi) - nd.inv_cdf(1 - share), 1.0)
 
 
 def make_problem(p: ir.PipelineIR, shape: ir.Shape, bucket: ShapeBucket, seed: int = 0,
@@ -68,8 +92,8 @@ def make_problem(p: ir.PipelineIR, shape: ir.Shape, bucket: ShapeBucket, seed: i
     """A paged cache of ``bucket.batch`` requests of ``bucket.context`` tokens, and queries:
     each GQA group's queries share a direction ``u`` (80% of each query), every key is noise
     plus ``a_t·u`` with ``a_t`` Gaussian, scaled so the logits ``q·k/√d`` spread with std
-    ``SPREAD`` beyond the noise's 1, and token 0's ``a_0`` makes it a sink with ``SINK_SHARE``
-    of the group's mean-query mass."""
+    ``spread(context)`` (the noise's 1 included), and token 0's ``a_0`` makes it a sink with
+    ``SINK_SHARE`` of the group's mean-query mass."""
     gen = torch.Generator().manual_seed(seed)
     dtype = DTYPES[shape.dtype]
     b, t, hkv, d = bucket.batch, bucket.context, shape.kv_heads, shape.head_dim
@@ -81,7 +105,8 @@ def make_problem(p: ir.PipelineIR, shape: ir.Shape, bucket: ShapeBucket, seed: i
     q = 0.8 * common + 0.6 * torch.randn(b, hkv, g, d, generator=gen)  # unit variance a channel
     u = common / common.norm(dim=-1, keepdim=True)  # [B, Hkv, 1, D]
     along = 0.8 * common.norm(dim=-1, keepdim=True) / math.sqrt(d)  # q·u/√d, ~0.8
-    a = SPREAD * torch.randn(b, hkv, t, 1, generator=gen) / along
+    sigma = FLATTENING * math.sqrt(spread(t) ** 2 - 1)  # beyond the noise's unit logit spread
+    a = sigma * torch.randn(b, hkv, t, 1, generator=gen) / along
     k = torch.randn(b, hkv, t, d, generator=gen) + a * u
     logits = (k @ q.mean(2, keepdim=True).transpose(-1, -2))[..., 0] / math.sqrt(d)  # [B, Hkv, T]
     if t > 1:  # the sink: token 0 takes SINK_SHARE of the mass of the group's mean query
@@ -91,7 +116,7 @@ def make_problem(p: ir.PipelineIR, shape: ir.Shape, bucket: ShapeBucket, seed: i
     v = torch.randn(b, hkv, t, d, generator=gen)
     cache.append(k.to(dtype).to(device), v.to(dtype).to(device), ids)
     q = q.reshape(b, shape.q_heads, d).to(dtype).to(device)
-    return Problem(q, cache, ids, f"synthetic (peaked random keys, seed {seed})")
+    return Problem(q, cache, ids, f"synthetic (log-normal attention, seed {seed})")
 
 
 def snapshot_bucket(snap: Snapshot) -> ShapeBucket:

@@ -101,7 +101,7 @@ class TuneConfig:
     def describe_data(self, bucket: ShapeBucket) -> str:
         """What a bucket is measured on, for the tuning log and the printout."""
         if not self.snapshots:
-            return f"synthetic: peaked random keys, seed {self.seed}"
+            return f"synthetic: log-normal attention, seed {self.seed}"
         parts = [f"{os.path.basename(s.path)} layers {[s.layers[i] for i in ls]}"
                  for s, ls in self.snapshots if snapshot_bucket(s) == bucket]
         return "snapshot: " + "; ".join(parts)

@@ -14,11 +14,14 @@ from twilight.runtime.evaluation.measure import (
     DenseBaseline,
     dense_baseline,
     fastest_sdpa,
+    make_problem,
     median_time,
     sdpa_variants,
     snapshot_problem,
 )
+from twilight.runtime.evaluation.problems import SINK_SHARE
 from twilight.runtime.evaluation.snapshot import Snapshot
+from twilight.runtime.store.tuning_log import ShapeBucket
 
 PIPE = tw.builtins.quest_twilight(budget=64, p=0.9)
 
@@ -91,3 +94,27 @@ def test_median_time_warms_up_as_many_calls_as_it_times_up_to_eight():
     slow = []
     median_time(lambda: (slow.append(1), time.sleep(0.03)), repeats=10)
     assert len(slow) == 2 + 10  # two calls pass 50 ms: the warm-up stops at its minimum
+
+
+def _mass_90(prob, shape):
+    """Per query head: the tokens holding 90% of its exact attention mass, and the sink's
+    share."""
+    k, _, _ = prob.cache.gather(prob.ids)
+    q = prob.q.float().reshape(prob.batch, shape.kv_heads, -1, shape.head_dim)
+    w = torch.softmax(q @ k.float().transpose(-1, -2) / shape.head_dim ** 0.5, -1)
+    s, _ = w.sort(-1, descending=True)
+    return ((s.cumsum(-1) < 0.9).sum(-1) + 1).float(), w[..., 0]
+
+
+def test_synthetic_attention_keeps_about_as_many_tokens_at_8k_as_at_1k():
+    """Real attention's heavy tokens barely grow in number with the context (SmolLM2's 8k
+    snapshot: 86 at 1k, 130 at 8k, median over 30 layers), so their fraction falls; the
+    synthetic problem follows that, with a sink, instead of keeping a fixed fraction (which
+    grew 8x from 1k to 8k) or one token."""
+    shape = tw.Shape(8, 2, 64, 16, "float32")
+    (n1, sink1), (n8, sink8) = (_mass_90(make_problem(PIPE.ir, shape, ShapeBucket(2, t)), shape)
+                                for t in (1024, 8192))
+    assert 8 <= n1.median() and n8.median() < 3 * n1.median()
+    assert n8.median() / 8192 < n1.median() / 1024 / 3  # the fraction falls
+    for sink in (sink1, sink8):  # SINK_SHARE is the group's mean query's; each head's varies
+        assert SINK_SHARE / 3 < sink.median() < 2 * SINK_SHARE
