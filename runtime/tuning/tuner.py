@@ -52,6 +52,7 @@ from ..evaluation.measure import (
     snapshot_bucket,
     snapshot_problem,
 )
+from ..evaluation.problems import SYNTHETIC_VERSION
 from ..evaluation.snapshot import Snapshot
 from ..serving.load import DecodePipeline
 from ..store.tuning_log import ShapeBucket
@@ -93,7 +94,7 @@ class TuneConfig:
         """What the trials measure on, short: ``synthetic`` or ``snap<hash of names, shapes
         and layers>`` (studies of different data never mix)."""
         if not self.snapshots:
-            return "synthetic"
+            return f"synthetic{SYNTHETIC_VERSION}"
         desc = repr([(os.path.basename(s.path), tuple(s.q.shape), s.context, list(ls))
                      for s, ls in self.snapshots])
         return "snap" + hashlib.sha256(desc.encode()).hexdigest()[:8]
@@ -122,7 +123,7 @@ class TuneConfig:
 
 def study_name(cfg: TuneConfig, bucket: ShapeBucket) -> str:
     s = cfg.shape
-    data = "" if not cfg.snapshots else f"-{cfg.data_tag}"  # synthetic studies keep old names
+    data = f"-{cfg.data_tag}"  # trials measured on other data never join the study
     return (f"{cfg.pipeline.name}-{cfg.pipeline.key()[:12]}-{cfg.device.name}-{cfg.backend}-"
             f"h{s.q_heads}x{s.kv_heads}d{s.head_dim}p{s.page_size}{s.dtype}-{bucket.name}{data}")
 

@@ -223,3 +223,18 @@ def test_samplers_mark_the_worker_before_the_objective_runs(tmp_path, kind):
     trial = study.ask()
     assert study.trials[-1].user_attrs["worker"] == _WORKER
     assert trial.suggest_categorical("x", [1, 2, 3]) in (1, 2, 3)
+
+
+def test_a_synthetic_study_is_named_by_the_synthetic_problems_version(monkeypatch):
+    """Trials timed on an older synthetic problem (other keys, other kept counts) must not be
+    resumed as if measured on today's: the study name carries ``SYNTHETIC_VERSION``."""
+    import twilight as tw
+    from twilight.runtime.store.tuning_log import ShapeBucket
+    from twilight.runtime.tuning import tuner
+    from twilight.schedules.devices import PROFILES
+    cfg = tuner.TuneConfig(tw.builtins.quest_twilight().ir, tw.Shape(4, 2, 32), [],
+                           "tvm", PROFILES["cpu"])
+    name = tuner.study_name(cfg, ShapeBucket(1, 4096))
+    assert name.endswith(f"b1_t4096-synthetic{tuner.SYNTHETIC_VERSION}")
+    monkeypatch.setattr(tuner, "SYNTHETIC_VERSION", tuner.SYNTHETIC_VERSION + 1)
+    assert tuner.study_name(cfg, ShapeBucket(1, 4096)) != name
