@@ -4,7 +4,11 @@ For quest_twilight and quest_top_k at contexts 4k–32k, batch 1 and 4, 32 query
 head_dim 128, fp16 cache: medians over repeats of
 
 * ``tvm``       — the whole pipeline in one compiled call (``TVMCompiled.call_fused``, what
-  ``DecodePipeline.run`` does on the CPU); ``stages`` — the same stage by stage;
+  ``DecodePipeline.run`` does on the CPU) with the default schedule; ``stages`` — the same stage
+  by stage;
+* ``served``    — what a user gets: ``twilight.load(pipe, "cpu", shape, "tvm", batch=,
+  context=)`` with the shipped (or your) tuning logs — the nearest bucket's schedule and its
+  dense crossover — timed as ``tune`` and ``eval`` time (``measure.served_ms``);
 * ``sdpa``      — the one dense baseline (``measure.fastest_sdpa``): the fastest torch
   ``scaled_dot_product_attention`` over the same contiguous K/V among float32, bfloat16 and
   float16 and both GQA layouts, converted before the timing (column ``sdpa`` says which);
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import time
+import warnings
 
 import roofline  # a sibling script (benchmarks/ is on sys.path when run)
 import torch
@@ -41,7 +46,7 @@ import twilight as tw
 from twilight.compiler import ir
 from twilight.compiler.backend import Target, get_backend
 from twilight.compiler.stages import lists_to_mask
-from twilight.runtime.evaluation.measure import fastest_sdpa
+from twilight.runtime.evaluation.measure import Problem, fastest_sdpa, served_ms
 from twilight.runtime.serving.pipeline_cache import make_cache
 
 HQ, HKV, D, PS = 32, 8, 128, 16
@@ -102,6 +107,7 @@ def bench_one(name: str, pipe, batch: int, context: int, repeats: int, mach, fle
     row = {"pipeline": name, "context": context, "batch": batch, "compile_s": round(compile_s, 2),
            "kept_mean": round(cnt.float().mean().item(), 1), "max_err_vs_ref": err}
     row["tvm_ms"] = median_ms(lambda: kern.call_fused(q, cache, ids), repeats)
+    row.update(served_row(pipe, shape, cache, q, batch, context, repeats))
     row["stages_ms"] = median_ms(lambda: kern.run(q, cache), repeats)
     row.update(stage_rows(kern, pipe, q, cache, batch, context, repeats, mach))
     base = fastest_sdpa(q, k, v, timer=lambda fn: median_ms(fn, repeats))
@@ -117,7 +123,19 @@ def bench_one(name: str, pipe, batch: int, context: int, repeats: int, mach, fle
     for base in ("sdpa", "reference", "flex"):
         if f"{base}_ms" in row:
             row[f"x_vs_{base}"] = row[f"{base}_ms"] / row["tvm_ms"]
+    row["served_x_vs_sdpa"] = row["sdpa_ms"] / row["served_ms"]
     return row
+
+
+def served_row(pipe, shape, cache, q, batch: int, context: int, repeats: int) -> dict:
+    """``twilight.load``'s pipeline for this bucket on the same cache: its ms per step and
+    which tuning-log bucket (or ``"default"``) its schedule came from."""
+    with warnings.catch_warnings():  # a layout nothing was tuned for: reported as "default"
+        warnings.simplefilter("ignore")
+        dp = tw.load(pipe, "cpu", shape, "tvm", batch=batch, context=context)
+    prob = Problem(q, cache, list(cache.request_ids))
+    return {"served_ms": served_ms(dp, prob, repeats), "served_from": dp.schedule_source,
+            "served_dense_below": dp.dense_below}
 
 
 def stage_rows(kern, pipe, q, cache, batch: int, context: int, repeats: int, mach) -> dict:
@@ -149,8 +167,9 @@ def pipelines():
 
 
 def print_table(rows: list[dict], mach) -> None:
-    cols = ["pipeline", "context", "batch", "kept_mean", "tvm_ms", "stages_ms", "sdpa_ms",
-            "sdpa", "reference_ms", "flex_ms", "x_vs_sdpa", "x_vs_reference", "x_vs_flex"]
+    cols = ["pipeline", "context", "batch", "kept_mean", "tvm_ms", "served_ms", "stages_ms",
+            "sdpa_ms", "sdpa", "reference_ms", "flex_ms", "x_vs_sdpa", "served_x_vs_sdpa",
+            "x_vs_reference", "x_vs_flex"]
     fmt = {c: (lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)) for c in cols}
     title = f"twilight tvm (llvm) vs torch — machine: {mach.describe()}"
     try:
@@ -164,6 +183,8 @@ def print_table(rows: list[dict], mach) -> None:
         Console(width=220).print(t)
         print("sdpa: the fastest torch SDPA per row: " +
               ", ".join(sorted({r["sdpa"] for r in rows if "sdpa" in r})))
+        print("served: twilight.load's pipeline, from " +
+              "; ".join(sorted({str(r.get("served_from")) for r in rows})))
     except ImportError:
         print(title)
         print(" | ".join(cols))
