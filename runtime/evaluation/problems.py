@@ -7,14 +7,17 @@ problems here so that "the same data" means the same cache, built the same way.
 * :func:`make_problem` — synthetic, made to look like real attention rather than white noise:
   a GQA group's queries share a direction, every key leans along it by a Gaussian amount (its
   logit ~ N(0, σ²): log-normal weights, a heavy tail), and token 0 is an attention sink holding
-  ``SINK_SHARE`` of the mass. σ grows with the context so that the tokens holding 90% of the
-  mass number ``KEEP_8K · (t / 8192) ** KEEP_GROWTH`` — fitted to SmolLM2-135M's 8k snapshot
-  (30 layers, Python source), where top-p at 0.9 keeps a median 86, 110, 120 and 130 tokens of
+  ``SINK_SHARE`` of the mass. σ grows with the context so that ``quest_twilight``'s top-p at
+  0.9 (on its INT4 estimate) keeps ``KEEP_8K · (t / 8192) ** KEEP_GROWTH`` tokens, as it does on
+  SmolLM2-135M's 8k snapshot (30 layers, Python source): a median 86, 110, 120 and 130 tokens of
   sink-and-recent windows of 1k, 2k, 4k and 8k (quartiles 53–137 at 1k, 68–274 at 8k): on real
   text the kept tokens barely grow with the context, so their fraction falls (8% at 1k, 1.6% at
   8k; extrapolated, 0.5% at 32k). A synthetic with a fixed spread keeps a fixed fraction
   (the one this replaced: 6–21% at every context, ~4000 tokens of 32k, where no real layer but
-  the flat first one comes near), and uniform random keys keep nearly everything.
+  the flat first one comes near), and uniform random keys keep nearly everything. The target
+  is what that pipeline keeps, estimate and all, on both data; by exact weights far fewer
+  tokens hold 90% of the synthetic mass (~25–70 at 8k), so a selector with an exact or finer
+  estimator keeps fewer here than ``KEEP_8K`` says.
 * :func:`snapshot_problem` — one layer of an attention snapshot, each query a request of its
   own causal context (``q_pos[i] + 1`` tokens): exactly what ``twilightc eval`` runs. With
   ``context=c`` a longer request keeps its first ``SINK_TOKENS`` tokens (the attention sink) and
@@ -67,7 +70,7 @@ class Problem:
 # timed on an older synthetic problem are not resumed as if measured on this one.
 SYNTHETIC_VERSION = 3
 SINK_SHARE = 0.3  # the attention sink's share of a group's mass
-KEEP_8K = 130.0  # tokens holding 90% of the mass at 8k tokens (see the module doc)
+KEEP_8K = 130.0  # tokens quest_twilight's top-p keeps at 8k tokens (see the module doc)
 KEEP_GROWTH = 0.19  # ... times (context / 8192) ** this (least squares over 1k-8k, log-log)
 _KEEP_MASS = 0.9
 # Each head's own query and the INT4 estimate top-p runs on flatten the weights top-p sees:
@@ -82,7 +85,9 @@ def spread(context: int) -> float:
     """The std σ of the synthetic logits at ``context`` tokens: with log-normal weights
     ``exp(σZ)``, the tokens with ``Z > z`` hold ``1 - Φ(z - σ)`` of the non-sink mass, so the
     top ``φ = 1 - Φ(z)`` of them hold the share that, with the sink, makes ``_KEEP_MASS``
-    when ``σ = z - Φ⁻¹(1 - share)``; ``φ`` is the target count over the context."""
+    when ``σ = z - Φ⁻¹(1 - share)``; ``φ`` is the target count over the context. (The weights
+    the pipeline's top-p sees are flatter than these: ``make_problem`` scales by
+    ``FLATTENING``.)"""
     nd = NormalDist()
     share = (_KEEP_MASS - SINK_SHARE) / (1 - SINK_SHARE)
     keep = KEEP_8K * (max(context, 2) / 8192) ** KEEP_GROWTH

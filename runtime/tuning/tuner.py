@@ -287,8 +287,7 @@ class Objective:
     check: Callable[[dict], str | None] = lambda s: None
     rng: random.Random = field(default_factory=random.Random)
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", _WORKER)
+    def __call__(self, trial: optuna.Trial) -> float:  # the sampler named the worker
         schedule = suggest(trial, self.space)
         refused = claim(trial, schedule, self.cfg.trials)
         if refused is not None:  # held by another trial, or the budget is full: measure nothing
