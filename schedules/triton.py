@@ -12,7 +12,7 @@ Every parameter here is read by a stage generator in ``twilight.compiler.triton`
 * ``num_stages`` — software pipelining depth of the GEMV/attention loops;
 * ``fuse_prune_compact`` — a fusion choice: fold each pruner's kept-list compaction into its
   decide kernel (one launch per pruner instead of two; a ``union`` group stays unfused);
-* the shared top-p space (``schedules.common.TOP_P``): sort / bisect (eps or iters) / radix.
+* the shared top-p space (``schedules.common.TOP_P``): sort / bisect (mass, eps or iters) / radix.
 
 The default is what the AOT test checks for spills at head_dim 128, fp16, on sm_80 and sm_90.
 """

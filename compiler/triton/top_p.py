@@ -9,9 +9,10 @@ writes one flag per candidate. The top-p strategies, each a schedule choice:
   cumsum, keep the prefix whose mass *before* each element is < p·total; the last kept key is
   the threshold on the unsorted row.
 * ``bisect`` — threshold ``t`` in ``[0, 2·max w]``: ``lo`` always holds mass ≥ p, ``hi`` never;
-  stop when the bracket is < eps or every weight in ``[lo, hi)`` is one value (``eps`` stop),
-  or after a fixed count (``iters``); keep ``w ≥ lo``. Extra tokens over the minimal set all lie
-  within the bracket of the threshold.
+  stop when the bracket ``[lo, hi)`` holds at most ``bisect_mass`` of the row's mass (``mass``
+  stop, the default), is < eps (``eps``), or after a fixed count (``iters``); the first two also
+  stop when every weight in the bracket is one value. Keep ``w ≥ lo``. Extra tokens over the
+  minimal set all lie within the bracket of the threshold.
 * ``radix`` — the exact threshold key by mass histograms over the weights' float32 bits,
   ``radix_bits`` per pass (fixed pass count); ties at the threshold resolved lowest index first
   with the count ``ceil((p·total - mass above) / t)``.
@@ -115,9 +116,11 @@ def top_p_decision(w: SourceWriter, strategy: str, p: float) -> None:
 
 def _bisect(w: SourceWriter, keep_all: bool) -> None:
     """Bisection on a threshold in ``[0, 2·wmax]`` until the bracket holds a single weight
-    value (``EARLY``), is below ``EPS``, or ``ITERS`` rounds ran; keep ``w >= lo``."""
+    value (``EARLY``), at most ``MASS`` of the row's mass, is below ``EPS``, or ``ITERS`` rounds
+    ran; keep ``w >= lo``. ``mlo``/``mhi``: the mass at or above each end."""
     w("lo = tl.zeros([1], tl.float32).sum(0)",
       "hi = wmax * 2.0 + 1e-30",  # strictly above every weight: hi never holds mass p
+      "mlo = tot64 + 0.0", "mhi = tot64 * 0.0",
       "go = hi < lo" if keep_all else "go = hi > lo",
       "it = tl.zeros([1], tl.int32).sum(0)")
     with w.block("while go:"):
@@ -137,9 +140,10 @@ def _bisect(w: SourceWriter, keep_all: bool) -> None:
               "vmax_b = tl.maximum(vmax_b, tl.max(tl.where(inb, v, float('-inf')), 0))")
         w("up = mass >= P",
           "lo = tl.where(up, mid, lo)", "hi = tl.where(up, hi, mid)",
+          "mlo = tl.where(up, mass, mlo)", "mhi = tl.where(up, mhi, mass)",
           "single = tl.where(up, vmin_b >= vmax_b, vmin_a >= vmax_a)",
           "it += 1",
-          "go = (hi - lo > EPS) & (it < ITERS)")
+          "go = (hi - lo > EPS) & (mlo - mhi > tot64 * MASS) & (it < ITERS)")
         with w.block("if EARLY:"):
             w("go = go & (single == 0)")
     with w.block("for start in range(0, n, BLOCK):"):
@@ -185,13 +189,14 @@ def gen_decide(c: Ctx, stage: int, row_block: int) -> KernelSpec:
                 _compact(w, "(pid % ROWS) * G + gi", "pid", False)
         else:
             _compact(w, "pid % ROWS", "pid", False)
-    stop = sc.get("bisect_stop", "eps")
+    stop = sc.get("bisect_stop", "mass")
     consts = dict(HQ=sh.q_heads, G=sh.group_size, ROWS=prune_rows(pr, sh),
                   SINK=c.p.keep.sink, WINDOW=c.p.keep.window,
                   PMASS=float(pr.p or 1.0),
                   EPS=float(sc.get("bisect_eps", 0.0)) if stop == "eps" else 0.0,
+                  MASS=float(sc.get("bisect_mass", 1e-3)) if stop == "mass" else -1.0,
                   ITERS=int(sc.get("bisect_iters", 64)) if stop == "iters" else 64,
-                  EARLY=int(stop == "eps"), BITS=bits, NPASS=npass, PAD=pad,
+                  EARLY=int(stop != "iters"), BITS=bits, NPASS=npass, PAD=pad,
                   BLOCK=sc["scan_block"], ROWB=row_block)
     return make_kernel("prune", f"prune{stage}_decide", args, consts, w, sc["scan_warps"], 1)
 

@@ -8,8 +8,9 @@ Top-p strategies (``schedules.common.TOP_P``), one row per (request, head or KV 
 * ``radix``  — radix select of the cut on the weights' float32 bits (``radix_bits`` a pass,
   float64 mass per bucket), then the ties at the cut in index order: a fixed pass count;
 * ``bisect`` — bisection on a threshold in ``[0, max w]``: keep ``w ≥ lo`` while the mass there is
-  ≥ p; stop when the bracket is below ``eps`` or after ``iters`` steps. Never less than p;
-  at most the minimal set plus weights within the bracket.
+  ≥ p; stop when the bracket holds at most ``bisect_mass`` of the row's mass (the default), is
+  below ``eps`` wide, or after ``iters`` steps (:func:`bisect_cond`). Never less than p; at most
+  the minimal set plus weights within the bracket.
 
 ``top_k`` ranks the positive weights (radix select, as the selector's top-k), ``threshold`` keeps
 ``w ≥ value``. GQA: ``none``/``union`` decide per query head (``union`` ORs a group's decisions
@@ -23,9 +24,7 @@ from .context import StageCtx, f32, keep_text
 from .dialect import Src
 from .lists import write_kept
 from .select import order_key, write_top_k
-from .top_p_vec import bisect_vec
-
-MAX_BISECT = 100  # safety bound of the eps loop (float32 brackets halve to nothing long before)
+from .top_p_vec import bisect_cond, bisect_vec
 
 
 def decision_rows(ctx: StageCtx, stage: int) -> tuple[int, int]:
@@ -107,8 +106,10 @@ def _bisect(ctx: StageCtx, s: Src, p: float, wt, out) -> None:
     s.local("lo", 1)
     s.local("hi", 1)
     s.local("mass", 1, "float64")
+    s.local("mlo", 1, "float64")
+    s.local("mhi", 1, "float64")
     s.local("it", 1, "int32")
-    s("lo[0] = T.float32(0)", "hi[0] = T.float32(0)")
+    s("lo[0] = T.float32(0)", "hi[0] = T.float32(0)", "mlo[0] = tot[0]")
     with s.block("for i in range(n):"):
         s(f"hi[0] = T.max(hi[0], {wt('i')})")
 
@@ -118,20 +119,17 @@ def _bisect(ctx: StageCtx, s: Src, p: float, wt, out) -> None:
             with s.block(f"if {wt('i')} >= {t}:"):
                 s(f'mass[0] = mass[0] + T.Cast("float64", {wt("i")})')
     mass_at("hi[0]")
+    s("mhi[0] = mass[0]")
     with s.block("if mass[0] >= goal:"):
-        s("lo[0] = hi[0]")
+        s("lo[0] = hi[0]", "mlo[0] = mass[0]")
     s("it[0] = 0")
-    if ctx.sched.get("bisect_stop", "eps") == "iters":
-        cond = f"it[0] < {int(ctx.sched.get('bisect_iters', 16))}"
-    else:
-        cond = f"hi[0] - lo[0] >= {f32(ctx.sched.get('bisect_eps', 1e-5))} and it[0] < {MAX_BISECT}"
-    with s.block(f"while {cond}:"):
+    with s.block(f"while {bisect_cond(ctx, 'tot[0]')}:"):
         s("mid = (lo[0] + hi[0]) * T.float32(0.5)")
         mass_at("mid")
         with s.block("if mass[0] >= goal:"):
-            s("lo[0] = mid")
+            s("lo[0] = mid", "mlo[0] = mass[0]")
         with s.block("else:"):
-            s("hi[0] = mid")
+            s("hi[0] = mid", "mhi[0] = mass[0]")
         s("it[0] = it[0] + 1")
     with s.block("for i in range(n):"):
         out("i", f'T.Cast("int32", {wt("i")} >= lo[0] and {wt("i")} > T.float32(0))')

@@ -19,7 +19,7 @@ from twilight.schedules.space import Param, Space
 
 def test_default_fills_only_active_params():
     d = TOP_P.default()
-    assert d == {"top_p_strategy": "bisect", "bisect_stop": "eps", "bisect_eps": 1e-5}
+    assert d == {"top_p_strategy": "bisect", "bisect_stop": "mass", "bisect_mass": 1e-3}
 
 
 def test_complete_drops_inactive_and_checks_choices():
@@ -34,7 +34,7 @@ def test_complete_drops_inactive_and_checks_choices():
 def test_grid_is_distinct_complete_schedules():
     grid = list(TOP_P.grid())
     # sort: 1; bisect: 3 eps + 5 iteration counts; radix: 3 bit widths
-    assert len(grid) == TOP_P.size() == 1 + 3 + 5 + 3
+    assert len(grid) == TOP_P.size() == 1 + 3 + 2 + 3 + 3
     assert len({tuple(sorted(g.items())) for g in grid}) == len(grid)
     assert all(TOP_P.complete(g) == g for g in grid)
 

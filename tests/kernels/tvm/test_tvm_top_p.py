@@ -17,6 +17,8 @@ SCHEDULES = [{"top_p_strategy": "sort"}, {"top_p_strategy": "radix", "radix_bits
              {"top_p_strategy": "radix", "radix_bits": 8},
              {"top_p_strategy": "radix", "radix_bits": 11},
              {"top_p_strategy": "bisect", "bisect_stop": "eps", "bisect_eps": 1e-6},
+             {"top_p_strategy": "bisect", "bisect_stop": "mass", "bisect_mass": 1e-2},
+             {"top_p_strategy": "bisect", "bisect_stop": "mass", "bisect_mass": 1e-4},
              {"top_p_strategy": "bisect", "bisect_stop": "iters", "bisect_iters": 24}]
 
 
@@ -66,7 +68,49 @@ def test_top_p_strategies(sched, kind, seed, n, p):
         assert torch.equal(kept, ref)
     else:  # bisection: a superset, extra weights only within the final bracket of the cut
         assert bool((kept | ~ref).all())
-        cut = torch.where(ref, w, torch.inf).amin(-1, keepdim=True)
         extra = kept & ~ref
+        if sched["bisect_stop"] == "mass":
+            assert_extra_mass(w, ref, extra, sched["bisect_mass"])
+            return
+        cut = torch.where(ref, w, torch.inf).amin(-1, keepdim=True)
         tol = sched.get("bisect_eps", 0) or 2.0 ** -sched.get("bisect_iters", 0)
         assert bool((w[extra] >= (cut.expand_as(w)[extra] - tol - 1e-7)).all())
+
+
+def assert_extra_mass(w, ref, extra, bound):
+    """The ``mass`` stop: what is kept beyond the minimal set holds at most ``bound`` of the
+    row's mass, except weights tied with the cut (a bracket of one value cannot be split)."""
+    cut = torch.where(ref, w, torch.inf).amin(-1, keepdim=True)
+    untied = extra & (w != cut)
+    over = (w.double() * untied).sum(-1) / w.double().sum(-1)
+    assert bool((over <= bound + 1e-6).all()), f"extra mass {over.max():.3g} > {bound}"
+
+
+@pytest.mark.parametrize("n", [512, 8192, 32768])
+def test_mass_stop_bounds_the_extra_mass_at_any_context(n):
+    """A long flat tail (as real attention at 8k-32k): the absolute eps of 1e-4 keeps far more
+    than the minimal set once the weights near the cut are ~1e-4 themselves; the mass stop's
+    excess is bounded by a fraction of the row's mass whatever the length."""
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(1, HQ, n, generator=g) * 1.5
+    logits[..., :8] += 6.0  # a few heavy tokens over the tail
+    w = logits.softmax(-1)
+    pipe = tw.Pipeline(prune=tw.top_p(0.9, estimate=tw.exact_keys(), group="none"))
+    ref = top_p_mask(w, 0.9)
+    for sched in ({"top_p_strategy": "bisect", "bisect_stop": "mass", "bisect_mass": 1e-3},):
+        k = get_backend("tvm").lower(pipe.ir, ir.Shape(HQ, HQ, 64, 16, "float32"), sched,
+                                     Target.parse("llvm"))
+        kept = decide_n(k, w, n)
+        assert bool((kept | ~ref).all()), "dropped a token of the minimal set"
+        assert_extra_mass(w, ref, kept & ~ref, 1e-3)
+
+
+def decide_n(k, w: torch.Tensor, n: int):
+    class X:
+        q = torch.zeros(1, HQ, 64)
+        lengths = torch.full((1,), n, dtype=torch.int32)
+        max_len = n
+    idx = torch.arange(n, dtype=torch.int32).expand(1, HQ, n).contiguous()
+    cnt = torch.full((1, HQ), n, dtype=torch.int32)
+    kidx, kcnt = k.prune(0, X(), w.contiguous(), idx, cnt)
+    return tw.compiler.stages.lists_to_mask(kidx, kcnt, n)
