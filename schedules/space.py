@@ -9,6 +9,7 @@ schedules; nothing here knows about Optuna or kernels.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -45,6 +46,13 @@ class Space:
             if p.name == name:
                 return p
         raise KeyError(f"space {self.name} has no parameter {name!r}")
+
+    def fingerprint(self) -> str:
+        """8 hex digits of the parameters' names, choices and conditions: Optuna refuses a
+        study whose categorical choices changed, and a trial of another space is not one of
+        this space's, so the tuner names studies by it."""
+        desc = repr([(p.name, p.choices, p.when) for p in self.params])
+        return hashlib.sha256(desc.encode()).hexdigest()[:8]
 
     def default(self) -> dict:
         return self.complete({})

@@ -122,10 +122,15 @@ class TuneConfig:
 
 
 def study_name(cfg: TuneConfig, bucket: ShapeBucket) -> str:
+    """Pipeline, device, backend, head layout, bucket, data and the schedule space's
+    fingerprint: trials measured on other data, or drawn from another space (a knob's choices
+    changed with a release), never join the study."""
     s = cfg.shape
-    data = f"-{cfg.data_tag}"  # trials measured on other data never join the study
+    data = f"-{cfg.data_tag}"
+    space = get_backend(cfg.backend).space(cfg.pipeline, cfg.shape, cfg.target).fingerprint()
     return (f"{cfg.pipeline.name}-{cfg.pipeline.key()[:12]}-{cfg.device.name}-{cfg.backend}-"
-            f"h{s.q_heads}x{s.kv_heads}d{s.head_dim}p{s.page_size}{s.dtype}-{bucket.name}{data}")
+            f"h{s.q_heads}x{s.kv_heads}d{s.head_dim}p{s.page_size}{s.dtype}-{bucket.name}{data}"
+            f"-s{space}")
 
 
 # ---- samplers -----------------------------------------------------------------------------------

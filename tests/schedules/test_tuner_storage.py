@@ -235,6 +235,29 @@ def test_a_synthetic_study_is_named_by_the_synthetic_problems_version(monkeypatc
     cfg = tuner.TuneConfig(tw.builtins.quest_twilight().ir, tw.Shape(4, 2, 32), [],
                            "tvm", PROFILES["cpu"])
     name = tuner.study_name(cfg, ShapeBucket(1, 4096))
-    assert name.endswith(f"b1_t4096-synthetic{tuner.SYNTHETIC_VERSION}")
+    assert f"b1_t4096-synthetic{tuner.SYNTHETIC_VERSION}-s" in name
     monkeypatch.setattr(tuner, "SYNTHETIC_VERSION", tuner.SYNTHETIC_VERSION + 1)
+    assert tuner.study_name(cfg, ShapeBucket(1, 4096)) != name
+
+
+def test_a_study_is_named_by_its_schedule_space(monkeypatch):
+    """Optuna refuses to resume a study whose categorical choices changed ("does not support
+    dynamic value space"), so a release that changes a knob's choices starts new studies."""
+    import twilight as tw
+    from twilight.compiler.tvm import TVMBackend
+    from twilight.runtime.store.tuning_log import ShapeBucket
+    from twilight.runtime.tuning import tuner
+    from twilight.schedules.devices import PROFILES
+    from twilight.schedules.space import Param, Space
+    cfg = tuner.TuneConfig(tw.builtins.quest_twilight().ir, tw.Shape(4, 2, 32), [],
+                           "tvm", PROFILES["cpu"])
+    name = tuner.study_name(cfg, ShapeBucket(1, 4096))
+    assert name == tuner.study_name(cfg, ShapeBucket(1, 4096))
+    real = TVMBackend.space
+
+    def fewer(self, *a):
+        sp = real(self, *a)
+        return Space(sp.name, tuple(Param(p.name, p.choices[:1], p.choices[0], p.when)
+                                    if p.name == "vector_width" else p for p in sp.params))
+    monkeypatch.setattr(TVMBackend, "space", fewer)
     assert tuner.study_name(cfg, ShapeBucket(1, 4096)) != name
