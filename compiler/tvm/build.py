@@ -229,7 +229,7 @@ def pool_threads() -> int:
     return torch.get_num_threads()
 
 
-SPIN_COUNT = 300  # sched_yield calls a TVM worker makes before it sleeps (see size_pool)
+SPIN_COUNT = 3000  # sched_yield calls a TVM worker makes before it sleeps (see size_pool)
 
 
 def size_pool() -> None:
@@ -249,8 +249,12 @@ def size_pool() -> None:
     calls: a slowed baseline flatters twilight). Sleeping at once (0) costs a fused step a
     wake-up per parallel phase (the main job's 3 layers: 3.4–3.7 ms instead of 2.8–2.9). So,
     unless the user set ``TVM_THREAD_POOL_SPIN_COUNT``, they spin ``SPIN_COUNT`` times: through
-    the gaps between a step's phases, asleep before the next torch op (SDPA after twilight:
-    1.6–1.7 ms). Measured on 2 cores, 1×8k at 32/8 heads × 128 and the 2k fixture."""
+    the gaps between a step's phases, asleep before the next torch op. 300 was too short for
+    the gap that ``run()``'s finite check of the query (a torch op) and Python leave before a
+    step: the served step at 9/3 heads × 64, 1×8k took 0.285 ms against 0.207 ms with 3000
+    (32/8 × 128, 1×8k: 0.89 against 0.79 ms), while SDPA's first calls right after twilight
+    stayed as fast (0.46–0.47 ms; 1.86 and 1.97 ms at 32/8 × 128, settled 1.56–1.60):
+    ``python benchmarks/pool_spin.py``, 2 cores, 2026-12-01."""
     if not any(os.environ.get(v) for v in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")):
         os.environ["TVM_NUM_THREADS"] = str(torch.get_num_threads())
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))

@@ -78,7 +78,7 @@ def test_the_pool_has_torchs_threads_and_a_schedule_or_the_context_uses_fewer(ke
     # the last: a step from another Python thread, which has a pool of its own (its whole pool
     # until configured), asking for 1 as this thread's last step did
     assert got["workers"] == [2, 1, 2, 2, 1, 2, 2, 1, 1]
-    assert got["spin"] == "300"  # not TVM's 300,000: asleep before torch's next op
+    assert got["spin"] == "3000"  # not TVM's 300,000: asleep before torch's next op
 
 
 def test_the_users_variables_win(kernels):
