@@ -41,6 +41,7 @@ def _sync() -> None:
 
 
 WARM_CALLS, WARM_S = 8, 0.05  # warm-up before every timed series (see median_time)
+SETTLE_S, SETTLE_CALLS = 0.02, 1000  # and at least this long (torch's OpenMP workers' spin)
 
 
 def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
@@ -55,10 +56,19 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
     decode step of 1.7 ms at SmolLM2's layout took 5 ms, then about 2.5 ms, for its first ~8
     calls after the correctness gate: with two warm-up calls those slow calls were most of a
     10-call median, so a trial's figure was mostly the gate's aftermath, and noise picked the
-    tuner's winner."""
+    tuner's winner.
+
+    And at least ``SETTLE_S`` of calls (at most ``SETTLE_CALLS``): after a torch op that ran in
+    parallel, torch's OpenMP workers spin on the cores for ~15 ms here (libgomp's 300,000
+    PAUSEs; ``GOMP_SPINCOUNT``, ``OMP_WAIT_POLICY``), and a TVM step sharing a core with one
+    runs slow: a fused step of 0.19 ms at SmolLM2's layout and 1×8k took 0.35 ms for its first
+    ~42 calls after SDPA, so the crossover, timing the pipeline right after the SDPA fallback,
+    read it at 0.37 ms where its trial had read 0.19 ms, and logged dense attention as faster
+    at 8k."""
     start = time.perf_counter()
     n = 0
-    while n < warmup or (n < min(warm_calls, repeats) and time.perf_counter() - start < warm_s):
+    while n < warmup or (n < min(warm_calls, repeats) and time.perf_counter() - start < warm_s) \
+            or (n < SETTLE_CALLS and time.perf_counter() - start < SETTLE_S):
         fn()
         _sync()
         n += 1
