@@ -252,8 +252,9 @@ def size_pool() -> None:
     the gaps between a step's phases, asleep before the next torch op. 300 was too short for
     the gap that ``run()``'s finite check of the query (a torch op) and Python leave before a
     step: the served step at 9/3 heads × 64, 1×8k took 0.285 ms against 0.207 ms with 3000
-    (32/8 × 128, 1×8k: 0.89 against 0.79 ms), while SDPA's first calls right after twilight
-    stayed as fast (0.46–0.47 ms; 1.86 and 1.97 ms at 32/8 × 128, settled 1.56–1.60):
+    (32/8 × 128, 1×8k: 0.89 against 0.79 ms); SDPA's first calls right after twilight took
+    0.46–0.47 ms at 9/3 × 64 either way, and 1.97 against 1.86 ms at 32/8 × 128 (settled
+    1.56–1.60):
     ``python benchmarks/pool_spin.py``, 2 cores, 2026-12-01."""
     if not any(os.environ.get(v) for v in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")):
         os.environ["TVM_NUM_THREADS"] = str(torch.get_num_threads())

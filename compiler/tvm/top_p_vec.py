@@ -34,7 +34,7 @@ def bisect_cond(ctx: StageCtx, total: str) -> str:
     * ``iters`` — a fixed count of steps (resolution ``max w / 2^iters``)."""
     stop = ctx.sched.get("bisect_stop", "mass")
     if stop == "iters":
-        return f"it[0] < {int(ctx.sched.get('bisect_iters', 16))}"
+        return f"it[0] < {int(ctx.sched.get('bisect_iters', 24))}"
     if stop == "eps":
         return f"hi[0] - lo[0] >= {f32(ctx.sched.get('bisect_eps', 1e-5))} and it[0] < {MAX_BISECT}"
     mid = "(lo[0] + hi[0]) * T.float32(0.5)"
