@@ -13,6 +13,7 @@ of a real attention snapshot.
 from __future__ import annotations
 
 import argparse
+import functools
 import warnings
 
 import torch
@@ -52,11 +53,17 @@ def snapshot_rows(path: str, layers: list[int] | None) -> list[tuple[str, torch.
     return out
 
 
+@functools.cache
+def prune_kernel(stop: tuple, heads: int, p: float):
+    """The TVM kernels of a top-p-only pipeline with the bisection schedule ``dict(stop)``."""
+    pipe = tw.Pipeline(prune=tw.top_p(p, estimate=tw.exact_keys(), group="none"))
+    return get_backend("tvm").lower(pipe.ir, ir.Shape(heads, heads, 64, 16, "float32"),
+                                    dict(stop), Target.parse("llvm"))
+
+
 def decide(sched: dict, w: torch.Tensor, p: float) -> torch.Tensor:
     heads, n = w.shape
-    pipe = tw.Pipeline(prune=tw.top_p(p, estimate=tw.exact_keys(), group="none"))
-    k = get_backend("tvm").lower(pipe.ir, ir.Shape(heads, heads, 64, 16, "float32"), sched,
-                                 Target.parse("llvm"))
+    k = prune_kernel(tuple(sorted(sched.items())), heads, p)
 
     class X:  # what prune() reads of the stage inputs
         q = torch.zeros(1, heads, 64)

@@ -59,8 +59,9 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2,
     tuner's winner.
 
     And at least ``SETTLE_S`` of calls (at most ``SETTLE_CALLS``): after a torch op that ran in
-    parallel, torch's OpenMP workers spin on the cores for ~15 ms here (libgomp's 300,000
-    PAUSEs; ``GOMP_SPINCOUNT``, ``OMP_WAIT_POLICY``), and a TVM step sharing a core with one
+    parallel, torch's OpenMP workers spin on the cores for ~15 ms here (libgomp's wait; with
+    ``GOMP_SPINCOUNT=10000`` or ``OMP_WAIT_POLICY=PASSIVE`` it was gone), and a TVM step sharing
+    a core with one
     runs slow: a fused step of 0.19 ms at SmolLM2's layout and 1×8k took 0.35 ms for its first
     ~42 calls after SDPA, so the crossover, timing the pipeline right after the SDPA fallback,
     read it at 0.37 ms where its trial had read 0.19 ms, and logged dense attention as faster

@@ -33,7 +33,7 @@ def test_complete_drops_inactive_and_checks_choices():
 
 def test_grid_is_distinct_complete_schedules():
     grid = list(TOP_P.grid())
-    # sort: 1; bisect: 3 eps + 5 iteration counts; radix: 3 bit widths
+    # sort: 1; bisect: 3 mass bounds + 2 eps + 3 iteration counts; radix: 3 bit widths
     assert len(grid) == TOP_P.size() == 1 + 3 + 2 + 3 + 3
     assert len({tuple(sorted(g.items())) for g in grid}) == len(grid)
     assert all(TOP_P.complete(g) == g for g in grid)

@@ -43,14 +43,18 @@ def rows(kind: str, seed: int, n: int) -> torch.Tensor:
 
 
 def decide(k, w: torch.Tensor, n: int):
+    """The kept mask of ``k``'s prune on rows ``w [1, HQ, width]`` of ``n`` live candidates."""
+    width = w.shape[-1]
+
     class X:  # what prune() reads of the stage inputs
         q = torch.zeros(1, HQ, 64)
         lengths = torch.full((1,), n, dtype=torch.int32)
         max_len = n
-    idx = torch.where(torch.arange(C) < n, torch.arange(C), -1).int().expand(1, HQ, C).contiguous()
+    pos = torch.arange(width)
+    idx = torch.where(pos < n, pos, -1).int().expand(1, HQ, width).contiguous()
     cnt = torch.full((1, HQ), n, dtype=torch.int32)
     kidx, kcnt = k.prune(0, X(), w.contiguous(), idx, cnt)
-    return tw.compiler.stages.lists_to_mask(kidx, kcnt, C)
+    return tw.compiler.stages.lists_to_mask(kidx, kcnt, width)
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: "-".join(map(str, s.values())))
@@ -88,29 +92,18 @@ def assert_extra_mass(w, ref, extra, bound):
 
 @pytest.mark.parametrize("n", [512, 8192, 32768])
 def test_mass_stop_bounds_the_extra_mass_at_any_context(n):
-    """A long flat tail (as real attention at 8k-32k): the absolute eps of 1e-4 keeps far more
-    than the minimal set once the weights near the cut are ~1e-4 themselves; the mass stop's
-    excess is bounded by a fraction of the row's mass whatever the length."""
+    """A long flat tail (as real attention at 8k-32k): an absolute eps keeps far more than the
+    minimal set once the weights near the cut are as small as it (Twilight's 1e-5: 1.2% and
+    5.8% extra mass at 8k and 32k on these rows); the mass stop's excess is bounded by a share
+    of the row's mass whatever the length."""
     g = torch.Generator().manual_seed(n)
     logits = torch.randn(1, HQ, n, generator=g) * 1.5
     logits[..., :8] += 6.0  # a few heavy tokens over the tail
     w = logits.softmax(-1)
     pipe = tw.Pipeline(prune=tw.top_p(0.9, estimate=tw.exact_keys(), group="none"))
-    ref = top_p_mask(w, 0.9)
-    for sched in ({"top_p_strategy": "bisect", "bisect_stop": "mass", "bisect_mass": 1e-3},):
-        k = get_backend("tvm").lower(pipe.ir, ir.Shape(HQ, HQ, 64, 16, "float32"), sched,
-                                     Target.parse("llvm"))
-        kept = decide_n(k, w, n)
-        assert bool((kept | ~ref).all()), "dropped a token of the minimal set"
-        assert_extra_mass(w, ref, kept & ~ref, 1e-3)
-
-
-def decide_n(k, w: torch.Tensor, n: int):
-    class X:
-        q = torch.zeros(1, HQ, 64)
-        lengths = torch.full((1,), n, dtype=torch.int32)
-        max_len = n
-    idx = torch.arange(n, dtype=torch.int32).expand(1, HQ, n).contiguous()
-    cnt = torch.full((1, HQ), n, dtype=torch.int32)
-    kidx, kcnt = k.prune(0, X(), w.contiguous(), idx, cnt)
-    return tw.compiler.stages.lists_to_mask(kidx, kcnt, n)
+    sched = {"top_p_strategy": "bisect", "bisect_stop": "mass", "bisect_mass": 1e-3}
+    k = get_backend("tvm").lower(pipe.ir, ir.Shape(HQ, HQ, 64, 16, "float32"), sched,
+                                 Target.parse("llvm"))
+    kept, ref = decide(k, w, n), top_p_mask(w, 0.9)
+    assert bool((kept | ~ref).all()), "dropped a token of the minimal set"
+    assert_extra_mass(w, ref, kept & ~ref, 1e-3)
