@@ -26,6 +26,11 @@ TVM_KERNELS = Space("tvm", (
     Param("threads", (0, 1, 2, 4, 8, 16, 32), 0,
           doc="llvm: CPU worker threads (0 = the whole pool: torch's thread count, or "
               "TVM_NUM_THREADS / OMP_NUM_THREADS where set; more than the pool run on the pool)"),
+    Param("estimate_query", ("float32", "int8"), "float32",
+          doc="llvm with AVX-512 VNNI: the query of a quantized-key estimate in float32, or "
+              "rounded to int8 per head (a power-of-two step, at most 1/64 of its largest "
+              "coefficient) so that whole tiles of codes take integer dot products "
+              "(vpdpbusd): a faster, slightly coarser estimate, which the gate judges"),
     Param("cuda_threads", (32, 64, 128, 256), 64, doc="cuda: rows (threads) per block"),
     Param("cuda_attend_staging", ("none", "smem"), "none",
           doc="cuda: attention's queries from a per-thread fp32 copy (none) or a block-wide "
@@ -40,10 +45,16 @@ def default_schedule() -> dict:
     return TVM.default()
 
 
-def space(p, shape, target) -> Space:
+def space(p, shape, target, vnni: bool = False) -> Space:
     """The parameters that matter for ``p`` on ``target``: no CPU thread count on cuda, no
-    thread-block size on llvm, no top-p knobs without a top-p pruner."""
+    thread-block size on llvm, no top-p knobs without a top-p pruner, no ``estimate_query``
+    without a quantized-key estimate on an llvm target with AVX-512 VNNI (``vnni``: the
+    backend asks LLVM)."""
     drop = {"cuda_threads", "cuda_attend_staging"} if target.kind == "llvm" else {"threads"}
     if not any(pr.rule == "top_p" for pr in p.prune):
         drop |= {q.name for q in TOP_P.params}
+    if not (target.kind == "llvm" and vnni
+            and any(pr.estimator is not None and pr.estimator.kind == "quantized"
+                    for pr in p.prune)):
+        drop.add("estimate_query")
     return Space(f"tvm:{target.kind}", tuple(q for q in TVM.params if q.name not in drop))

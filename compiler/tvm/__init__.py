@@ -23,22 +23,34 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from ...schedules.tvm import TVM
+from ...schedules.tvm import space as tvm_space
 from ...version import dist_version, nvcc_version, source_stamp
 from .. import ir
 from ..backend import Backend, Target, register_backend
 from ..verify import verify
 from . import artifacts, nvcc
+from .build import has_vnni
 from .context import StageCtx
 from .dialect import Dialect
 from .pipeline import TVMCompiled
 
 _LOWERED: dict[tuple, object] = {}
 _LOCK = threading.Lock()
+
+
+_TOLD: set[str] = set()
+
+
+def _tell_once(msg: str) -> None:
+    if msg not in _TOLD:
+        _TOLD.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 @register_backend
@@ -59,11 +71,19 @@ class TVMBackend(Backend):
             hit = _LOWERED.get(key)
         if hit is not None:
             return hit
-        dialect = Dialect(target.kind, int(sched["cuda_threads"]))
+        if sched["estimate_query"] == "int8" and target.kind == "llvm" and not has_vnni(target):
+            _tell_once(f"twilight: estimate_query='int8' needs AVX-512 VNNI, which {target} "
+                       "lacks: the estimate keeps its float32 query (exact, slower)")
+        dialect = Dialect(target.kind, int(sched["cuda_threads"]),
+                          vnni=has_vnni(target))
         out = TVMCompiled(StageCtx(p, shape, sched, dialect), target)
         with _LOCK:
             _LOWERED[key] = out
         return out
+
+    def space(self, p: ir.PipelineIR, shape: ir.Shape, target: Target):
+        """``schedules.tvm.space``, told whether the target has AVX-512 VNNI."""
+        return tvm_space(p, shape, target, vnni=has_vnni(target))
 
     preference = 1  # on a GPU Triton serves first; on the CPU only TVM serves
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from ...schedules.tvm import TVM
 from .. import ir
 from ..backend import ExportMismatch, Target
-from .build import Kernel
+from .build import Kernel, has_vnni
 from .context import StageCtx
 from .dialect import Dialect
 from .pipeline import TVMCompiled, pipeline_sources
@@ -58,7 +58,8 @@ class LibraryMismatch(ExportMismatch):
 def stage_ctx(p: ir.PipelineIR, shape: ir.Shape, schedule: dict, target: Target) -> StageCtx:
     """The codegen context ``TVMBackend.lower`` builds for the same arguments."""
     sched = TVM.complete(dict(schedule))
-    return StageCtx(p, shape, sched, Dialect(target.kind, int(sched["cuda_threads"])))
+    return StageCtx(p, shape, sched, Dialect(target.kind, int(sched["cuda_threads"]),
+                                             vnni=has_vnni(target)))
 
 
 def _sha(text: str) -> str:

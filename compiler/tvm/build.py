@@ -34,6 +34,17 @@ def _tvm():
     return tvm, T
 
 
+@cache
+def has_vnni(target: Target) -> bool:
+    """Does the llvm ``target`` (the host CPU when it names no arch) have AVX-512 VNNI, which
+    the estimate's integer tile path needs (``estimate_int8``)? As LLVM sees the CPU."""
+    if target.kind != "llvm":
+        return False
+    tvm, _ = _tvm()
+    from tvm.target import codegen
+    return bool(codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], tvm_target(target)))
+
+
 def is_module(src: KernelSource) -> bool:
     """Is ``src`` a whole IRModule (the fused step) rather than one PrimFunc?"""
     return src.text.startswith("@I.ir_module")

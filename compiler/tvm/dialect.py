@@ -34,6 +34,7 @@ class Dialect:
     kind: str = "llvm"  # "llvm" | "cuda"
     threads: int = 64  # cuda threads per block (rows per block)
     private: bool = False  # kernels as private subroutines of a fused module (``fused.py``)
+    vnni: bool = False  # llvm: the target has AVX-512 VNNI (``build.has_vnni``)
 
     @property
     def cuda(self) -> bool:

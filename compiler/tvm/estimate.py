@@ -32,9 +32,19 @@ from ..ir import Estimator
 from .build import KernelSource
 from .context import StageCtx, f32, softcap_text
 from .dialect import NEG_INF, Src, ceil_div
+from .estimate_int8 import (
+    dequantized_planes,
+    int8_buffers,
+    int8_query,
+    quantize_planes,
+    round_planes,
+    write_tile_int8,
+)
 from .estimate_tile import (
     code_words,
     is_tile,
+    lanes_sum,
+    load_tile,
     natural_planes,
     tile_buffers,
     tile_lanes,
@@ -100,10 +110,15 @@ def gen_estimate(ctx: StageCtx, stage: int) -> KernelSource:
             s(f"chunk = ((n + NS - 1) // NS + {ctx.PS - 1}) // {ctx.PS} * {ctx.PS}",
               "lo = T.min(spl * chunk, n)", "hi = T.min(lo + chunk, n)")
             _load_queries(ctx, s, e, gh, gq)
-            if tl:
+            if int8_query(ctx, e):
+                tile_buffers(ctx, s, e, gq, tl, floats=False)
+                int8_buffers(s, e, gq, tl, ceil_div(ctx.D * e.bits, 8))
+                if not per_channel(e):  # token codes: one query a row
+                    quantize_planes(ctx, s, e, gq, ceil_div(ctx.D * e.bits, 8))
+            elif tl:
                 tile_buffers(ctx, s, e, gq, tl)
             if per_channel(e):
-                if tl:
+                if tl and not int8_query(ctx, e):
                     s.local("qn", (gq, ctx.D))
                     s.local("scn", ctx.D)
                 _per_channel_loop(ctx, s, e, gq, tl)
@@ -151,7 +166,10 @@ def _tiles_or_tokens(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int, star
     with s.block(f"while cur[0] < {end}:"):
         s("i = cur[0]")
         with s.block(f"if {is_tile(tl, end)}:"):
-            write_tile(ctx, s, e, gq, tl, "qn" if per_channel(e) else "qvs")
+            if int8_query(ctx, e):
+                write_tile_int8(ctx, s, e, gq, tl, load_tile(ctx, s, e, tl))
+            else:
+                write_tile(ctx, s, e, gq, tl, "qn" if per_channel(e) else "qvs")
             s(f"cur[0] = i + {tl}")
         with s.block("else:"):
             if planes is not None:
@@ -180,7 +198,11 @@ def _per_channel_loop(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int) -> 
         # the clamped index keeps the (not short-circuited) load in bounds at the list's end
         with s.block(f"while run[1] < hi and cidx[b, h0, T.min(run[1], hi - 1)] // {unit} == u:"):
             s("run[1] = run[1] + 1")
-        if tl:
+        if int8_query(ctx, e):  # the other tokens take the rounded planes, dequantized
+            _side_planes(ctx, s, e, gq, quantize=True)
+            _tiles_or_tokens(ctx, s, e, gq, tl, "run[0]", "run[1]",
+                             lambda: dequantized_planes(s, e, gq, ceil_div(ctx.D * e.bits, 8)))
+        elif tl:
             natural_planes(ctx, s, e, gq)
             _tiles_or_tokens(ctx, s, e, gq, tl, "run[0]", "run[1]",
                              lambda: _side_planes(ctx, s, e, gq))
@@ -262,37 +284,48 @@ def _side_value(ctx: StageCtx, e: Estimator, name: str, j: str) -> str:
     return f'T.Cast("float32", T.reinterpret("float16", {bits}))'
 
 
-def _side_planes(ctx: StageCtx, s: Src, e: Estimator, gq: int) -> None:
+def _side_planes(ctx: StageCtx, s: Src, e: Estimator, gq: int, quantize: bool = False) -> None:
     """Per-channel codes: ``qp = q∘scale`` (as planes) and ``qs = Σ q·lo`` for side page ``sp``.
 
     The page's ``lo`` and ``scale`` first go to plane order (``lop``/``scp``, ``D`` values), so
-    the ``gq·D`` products run contiguous and vectorized over bytes."""
+    the ``gq·D`` products run contiguous and vectorized over bytes. ``quantize``: each head's
+    planes then rounded to int8 (``estimate_int8``), their largest magnitude found in the
+    same pass."""
     d, per, nb = ctx.D, 8 // e.bits, ceil_div(ctx.D * e.bits, 8)
-    levels = f32((1 << e.bits) - 1)
+    # times the float32 1/levels, as ``natural_planes`` and the int8 reference do (a division
+    # is not exact anyway: TVM's llvm code divides with fast-math)
+    step = f32(1 / ((1 << e.bits) - 1))
     n, vw = _split(nb, ctx.vec)
     if _packed_side(ctx, e):
         with s.block(f"for pi, jo in T.grid({per}, {n}):"):
             with s.block(f"for v in {s.d.vec(vw)}:"):
                 j = f"(jo * {vw} + v)"
                 lo, hi = _side_value(ctx, e, "klo", j), _side_value(ctx, e, "khi", j)
-                s(f"lop[pi, {j}] = {lo}", f"scp[pi, {j}] = ({hi} - {lo}) / {levels}")
+                s(f"lop[pi, {j}] = {lo}", f"scp[pi, {j}] = ({hi} - {lo}) * {step}")
     else:  # a gather, channel by channel
         c = f"T.min(j * {per} + pi, {d - 1})"
         with s.block(f"for pi, j in T.grid({per}, {nb}):"):
             s(f'lop[pi, j] = T.if_then_else(j * {per} + pi < {d}, T.Cast("float32", '
               f"klo[sp, hkv, {c}]), T.float32(0))")
             s(f'scp[pi, j] = T.if_then_else(j * {per} + pi < {d}, (T.Cast("float32", '
-              f"khi[sp, hkv, {c}]) - lop[pi, j]) / {levels}, T.float32(0))")
+              f"khi[sp, hkv, {c}]) - lop[pi, j]) * {step}, T.float32(0))")
     with s.block(f"for gi in range({gq}):"):
         acc = s.local(s.fresh("lacc"), vw)
+        amx = s.local(s.fresh("amx"), vw) if quantize else None
         with s.block(f"for v in {s.d.vec(vw)}:"):
             s(f"{acc}[v] = T.float32(0)")
+            if amx:
+                s(f"{amx}[v] = T.float32(0)")
         with s.block(f"for pi, jo in T.grid({per}, {n}):"):
             with s.block(f"for v in {s.d.vec(vw)}:"):
                 j = f"(jo * {vw} + v)"
                 s(f"qp[gi, pi, {j}] = qvp[gi, pi, {j}] * scp[pi, {j}]",
                   f"{acc}[v] = {acc}[v] + qvp[gi, pi, {j}] * lop[pi, {j}]")
+                if amx:
+                    s(f"{amx}[v] = T.max({amx}[v], T.fabs(qp[gi, pi, {j}]))")
         s(f"qs[gi] = {_hsum(s, acc, vw)}")
+        if amx:
+            round_planes(s, e, "gi", nb, f"{lanes_sum(f'{amx}[T.Ramp(0, 1, {vw})]', vw, 'max')}")
 
 
 def _dot(ctx: StageCtx, s: Src, e: Estimator, gq: int) -> list[str]:

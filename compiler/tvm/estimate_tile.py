@@ -116,13 +116,20 @@ def _load_words(ctx: StageCtx, s: Src, nw: int, tl: int) -> str:
     return f"tw{len(plan) % 2}"
 
 
+def load_tile(ctx: StageCtx, s: Src, e: Estimator, tl: int) -> str:
+    """The codes of the tile starting at candidate ``i`` (its page ``tph``, slot ``ts``) as
+    ``[nw, tl]`` words, one vector a word across the tile's tokens; the tile ahead prefetched."""
+    nw = ctx.D * e.bits // 32
+    s("tt0 = cidx[b, h0, i]", f"tph = pt[b, tt0 // {ctx.PS}]", f"ts = tt0 % {ctx.PS}")
+    _prefetch(ctx, s, e, tl, nw)
+    return _load_words(ctx, s, nw, tl)
+
+
 def write_tile(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int, planes: str) -> None:
     """Logits of the tile starting at candidate ``i`` (its ``tl`` tokens are consecutive), with
     the query planes ``planes [gq, D]`` in natural channel order."""
     nw, cpw, mask = ctx.D * e.bits // 32, 32 // e.bits, (1 << e.bits) - 1
-    s("tt0 = cidx[b, h0, i]", f"tph = pt[b, tt0 // {ctx.PS}]", f"ts = tt0 % {ctx.PS}")
-    _prefetch(ctx, s, e, tl, nw)
-    words = _load_words(ctx, s, nw, tl)
+    words = load_tile(ctx, s, e, tl)
     with s.block(f"for g, j, t in T.grid({gq}, {ACC}, {tl}):"):
         s("tacc[g, j, t] = T.float32(0)")
     with s.block(f"for wd in range({nw}):"):
@@ -170,14 +177,17 @@ def _prefetch(ctx: StageCtx, s: Src, e: Estimator, tl: int, nw: int) -> None:
             s.prefetch_row(f"{name}[pph, hkv, {{}}]", ctx.D * ctx.esize, ctx.esize)
 
 
-def tile_buffers(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int) -> None:
+def tile_buffers(ctx: StageCtx, s: Src, e: Estimator, gq: int, tl: int,
+                 floats: bool = True) -> None:
     """The tile path's locals (per row): accumulators, the transposed words, and ``qvs``, the
     queries ``qv`` (filled already) times ``2^-(bits·k)`` on the channels at bit ``k·bits`` of
     their word (``write_tile`` masks a code in place, without shifting it down)."""
     nw, cpw = ctx.D * e.bits // 32, 32 // e.bits
-    s.local("tacc", (gq, ACC, tl))
     s.local("tw0", (nw, tl), "uint32")
     s.local("tw1", (nw, tl), "uint32")
+    if not floats:  # the integer path (``estimate_int8``) has its own
+        return
+    s.local("tacc", (gq, ACC, tl))
     s.local("qvs", (gq, ctx.D))
     with s.block(f"for g, c in T.grid({gq}, {ctx.D}):"):  # an exact power of two: 2^-(bits·k)
         s(f'qvs[g, c] = qv[g, c] * T.reinterpret("float32", T.shift_left(T.Cast("int32", 127 - '

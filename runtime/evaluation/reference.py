@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ...compiler import ir
-from ...compiler.keycodes import KeyCodeSpec, dequantize_minmax, dequantize_token
+from ...compiler.keycodes import KeyCodeSpec, dequantize_minmax, dequantize_token, unpack_codes
 from ...compiler.passes import softmax_scale
 from ...compiler.stages import mask_to_lists, v_sum_of
 from ...compiler.torch_expr import evaluate
@@ -257,14 +257,84 @@ def _softmax(logits: Tensor, mask: Tensor) -> Tensor:
 
 
 def estimate_weights(pr: ir.Prune, qg: Tensor, cand: Tensor, cache: PagedKVCache, ids: list[int],
-              k: Tensor, scale: float, softcap: float | None) -> Tensor:
-    """Estimated attention weights ``[B, Hkv, G, T]`` over each head's candidates."""
-    kt = _estimated_keys(pr.estimator, cache, ids, k)
+              k: Tensor, scale: float, softcap: float | None, query: str = "float32") -> Tensor:
+    """Estimated attention weights ``[B, Hkv, G, T]`` over each head's candidates.
+
+    ``query="int8"``: the schedule knob ``estimate_query`` of the TVM backend (quantized keys
+    only): the query rounded to int8 as ``int8_query_logits`` says."""
+    if query == "int8" and pr.estimator.kind == "quantized":
+        def logits(qq):
+            lg = int8_query_logits(pr.estimator, qq, cache, ids) * scale
+            return softcap * torch.tanh(lg / softcap) if softcap else lg
+    else:
+        kt = _estimated_keys(pr.estimator, cache, ids, k)
+
+        def logits(qq):
+            return _logits(qq, kt, scale, softcap)
     if pr.group == "kv":  # one estimate per KV head, from the group's mean query
-        w = _softmax(_logits(qg.mean(2, keepdim=True), kt, scale, softcap), cand.any(2, True))
+        w = _softmax(logits(qg.mean(2, keepdim=True)), cand.any(2, True))
         w = w.expand_as(cand) * cand  # heads may hold different candidates: renormalize each
         return w / w.sum(-1, keepdim=True).clamp(min=1e-30)
-    return _softmax(_logits(qg, kt, scale, softcap), cand)
+    return _softmax(logits(qg), cand)
+
+
+INT8_MAX = 127
+INT8_STEP_BITS = 6  # the int8 query's step: 2^(E - 6) for a largest magnitude in [2^E, 2^(E+1))
+INT8_MIN_EXP = INT8_STEP_BITS + 1  # biased exponent: smaller maxima round the query to 0
+
+
+def int8_query_logits(e: ir.Estimator, qg: Tensor, cache: PagedKVCache, ids: list[int]) -> Tensor:
+    """``q·K̃`` ``float32 [B, Hkv, G, T]`` (before the softmax scale) with the query rounded to
+    int8 against the codes, as the TVM estimate does with ``estimate_query="int8"``.
+
+    The query's coefficients of the codes, ``qc`` (``q·scale`` of the token's side page for
+    page/group codes; ``q`` times the smoothing factors for token codes), are rounded per head
+    and side page (token codes: per head) with a power-of-two step: for ``max|qc|`` in
+    ``[2^E, 2^(E+1))``, ``a = 2^(E-6)`` and ``qi = clamp(round(qc / a), ±127)`` (half to even;
+    0 when ``max|qc| < 2^-120``), so every product is exact and the kernel's rounding is this
+    one bit for bit. The logit is ``a · Σ qi·code`` plus
+    the unrounded offset: ``Σ q·lo`` (page/group), or ``scale · a·Σ qi·code + zero · Σ qc``
+    (token). The page step is ``(hi - lo) · f32(1/levels)``, as the kernel computes it."""
+    spec = KeyCodeSpec.of(e)
+    c = cache.key_codes[spec]
+    d = cache.head_dim
+    codes = unpack_codes(cache.gather_tokens(c.packed, ids)[0], e.bits, d).float()
+    q = qg.float()
+
+    def rounded(qc: Tensor) -> tuple[Tensor, Tensor]:
+        amax = qc.abs().amax(-1, keepdim=True)
+        _, ex = torch.frexp(amax)  # amax = m·2^ex, m in [0.5, 1): E = ex - 1
+        live = amax >= 2.0 ** (INT8_MIN_EXP - 127)
+        one = torch.ones_like(amax)
+        a = torch.where(live, torch.ldexp(one, ex - 1 - INT8_STEP_BITS), 0 * one)
+        inv = torch.where(live, torch.ldexp(one, INT8_STEP_BITS + 1 - ex), 0 * one)
+        return a, torch.round(qc * inv).clamp(-INT8_MAX, INT8_MAX)
+
+    if e.granularity == "token":
+        if e.smooth:
+            q = q * c.smooth[None, :, None, :]
+        a, qi = rounded(q)  # [B, Hkv, G, 1], [B, Hkv, G, D]
+        sc, _ = cache.gather_tokens(c.scale, ids)
+        zr, _ = cache.gather_tokens(c.zero, ids)
+        dot = a * torch.einsum("bhgd,bhtd->bhgt", qi, codes)
+        return sc[:, :, None] * dot + zr[:, :, None] * q.sum(-1, keepdim=True)
+    lo, hi = c.lo, c.hi
+    if e.granularity == "group":
+        pages, _ = cache.gather_pages(ids)
+        lead = pages[:, torch.arange(pages.shape[1], device=pages.device) // e.group_pages
+                     * e.group_pages]
+        live = pages >= 0
+        lo, hi = lo.clone(), hi.clone()
+        lo[pages[live]], hi[pages[live]] = c.lo[lead[live]], c.hi[lead[live]]
+    ps = cache.page_size
+
+    def per_token(x: Tensor) -> Tensor:  # [CAP, Hkv, D] per page -> [B, Hkv, T, D]
+        return cache.gather_tokens(x[:, :, None].expand(-1, -1, ps, -1).contiguous(), ids)[0]
+    lo_t, hi_t = per_token(lo.float()), per_token(hi.float())
+    step = (hi_t - lo_t) * torch.tensor(1 / ((1 << e.bits) - 1), dtype=torch.float32)
+    a, qi = rounded(q[:, :, :, None] * step[:, :, None])  # [B, Hkv, G, T, 1 | D]
+    dot = a[..., 0] * (qi * codes[:, :, None]).sum(-1)
+    return dot + torch.einsum("bhgd,bhtd->bhgt", q, lo_t)
 
 
 def prune_mask(pr: ir.Prune, w: Tensor, cand: Tensor, lengths: Tensor) -> Tensor:

@@ -29,13 +29,15 @@ def ref_select(p: ir.PipelineIR, x: StageInputs) -> Tensor:
     return cand.flatten(1, 2)
 
 
-def ref_estimate(p: ir.PipelineIR, stage: int, x: StageInputs, cand: Tensor) -> Tensor:
-    """Estimated weights ``float32 [B, Hq, T]`` of pruner ``stage`` over candidates ``cand``."""
+def ref_estimate(p: ir.PipelineIR, stage: int, x: StageInputs, cand: Tensor,
+                 query: str = "float32") -> Tensor:
+    """Estimated weights ``float32 [B, Hq, T]`` of pruner ``stage`` over candidates ``cand``
+    (``query``: the schedule's ``estimate_query``)."""
     k, _, _ = x.cache.gather(x.ids)
     qg = _qg(x)
     c = cand.view(*qg.shape[:3], -1)
     w = R.estimate_weights(p.prune[stage], qg, c, x.cache, x.ids, k, softmax_scale(p, qg.shape[-1]),
-                    p.attend.softcap)
+                    p.attend.softcap, query)
     return w.flatten(1, 2)
 
 

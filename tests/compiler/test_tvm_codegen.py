@@ -219,3 +219,29 @@ def test_generated_kernels_bind_their_row_scalars():
     for name in ("b", "hkv", "n", "lo", "hi"):
         assert re.search(rf"^\s+{name}: T.let = ", text, re.M), name
         assert not re.search(rf"^\s+{name} = ", text, re.M), name
+
+
+def test_int8_query_is_offered_where_the_cpu_has_vnni():
+    """``estimate_query`` is in the space of a quantized-key estimate on an llvm target with
+    AVX-512 VNNI (as LLVM sees the CPU), nowhere else; lowered for a CPU without it, an int8
+    schedule keeps the float query and says so."""
+    from twilight.schedules.tvm import space
+    quant, exact = tw.builtins.quest_twilight().ir, tw.builtins.quest_top_k().ir
+    llvm, cuda = Target.parse("llvm"), Target.parse("cuda:sm_90")
+    def names(p, t, vnni):
+        return {q.name for q in space(p, SHAPE, t, vnni=vnni).params}
+    assert "estimate_query" in names(quant, llvm, True)
+    assert "estimate_query" not in names(quant, llvm, False)
+    assert "estimate_query" not in names(quant, cuda, True)
+    assert "estimate_query" not in names(exact, llvm, True)
+    tvm = get_backend("tvm")
+    old, new = Target("llvm", "skylake"), Target("llvm", "sapphirerapids")
+    assert "estimate_query" not in {q.name for q in tvm.space(quant, SHAPE, old).params}
+    assert "estimate_query" in {q.name for q in tvm.space(quant, SHAPE, new).params}
+    text = tvm.lower(quant, SHAPE, {"estimate_query": "int8"}, new).kernels["estimate0"] \
+        .source.text
+    assert "llvm.x86.avx512.vpdpbusd.512" in text and "qi8" in text
+    with pytest.warns(RuntimeWarning, match="needs AVX-512 VNNI"):
+        slow = tvm.lower(quant, SHAPE, {"estimate_query": "int8"}, old)
+    assert slow.kernels["estimate0"].source.text == \
+        tvm.lower(quant, SHAPE, {}, old).kernels["estimate0"].source.text

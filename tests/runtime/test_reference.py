@@ -455,3 +455,48 @@ def test_quest_twilight_exact_keys_matches_naive(fill_cache, masked_attention, s
     assert torch.equal(kept.mask, want)
     torch.testing.assert_close(out.double(), masked_attention(q, f.keys, f.values, want),
                                atol=1e-5, rtol=1e-5)
+
+
+# ---- the int8 query of the TVM estimate (estimate_query="int8") --------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("granularity,smooth", [("token", False), ("token", True), ("page", False)])
+def test_int8_query_logits_stay_within_the_rounding_of_the_query(granularity, smooth, bits):
+    """``reference.int8_query_logits`` against the float ``q·K̃`` of the same codes: each logit
+    moves by at most ``a·Σ code`` (``a ≤ max|qc|/64``, the int8 step, ``qc`` the query's
+    coefficients of the codes), and on average by much less (rounding to nearest, not down)."""
+    from twilight.compiler.keycodes import KeyCodeSpec, unpack_codes
+    from twilight.runtime.evaluation import reference as R
+    from twilight.runtime.serving.pipeline_cache import make_cache
+    e = tw.quantized_keys(bits, granularity, smooth=smooth)
+    pipe = tw.Pipeline(select=tw.top_k(quest, tw.tokens(64)), prune=tw.top_p(0.9, estimate=e),
+                       page_size=16)
+    gen = torch.Generator().manual_seed(bits)
+    hkv, g, d = 2, 3, 64
+    cache = make_cache(pipe, hkv, d, dtype=torch.float16, initial_pages=16)
+    ids = cache.add_requests(2)
+    scale = torch.linspace(0.2, 3.0, d)
+    for rid, n in zip(ids, (150, 37), strict=True):
+        cache.append((torch.randn(hkv, n, d, generator=gen) * scale).half(),
+                     torch.randn(hkv, n, d, generator=gen).half(), rid)
+    q = torch.randn(2, hkv, g, d, generator=gen).half().float()
+    k, _, valid = cache.gather(ids)
+    kt = R._estimated_keys(e, cache, ids, k)
+    want = torch.einsum("bhgd,bhtd->bhgt", q, kt)
+    got = R.int8_query_logits(e, q, cache, ids)
+    c = cache.key_codes[KeyCodeSpec.of(e)]
+    codes = unpack_codes(cache.gather_tokens(c.packed, ids)[0], bits, d).float()
+    if granularity == "token":  # qc = q (times the smoothing factors); the token's scale after
+        amax = (q * c.smooth[None, :, None] if smooth else q).abs().amax(-1)[..., None]
+        step = cache.gather_tokens(c.scale, ids)[0][:, :, None]
+        bound = amax / 64 * step * codes.sum(-1)[:, :, None]
+    else:
+        lo_hi = [cache.gather_tokens(x[:, :, None].expand(-1, -1, 16, -1).contiguous(), ids)[0]
+                 .float() for x in (c.lo, c.hi)]
+        qc = q[:, :, :, None] * ((lo_hi[1] - lo_hi[0]) / (2 ** bits - 1))[:, :, None]
+        bound = qc.abs().amax(-1) / 64 * codes.sum(-1)[:, :, None]
+    live = valid[:, None, None].expand_as(got)
+    err = (got - want).abs()[live]
+    b = bound[live] * (1 + 1e-4) + 1e-4 * want.abs()[live] + 1e-5
+    assert (err <= b).all(), (err - b).max()
+    assert err.mean() < bound[live].mean() / 4
+    assert err.max() > 0  # the query was rounded

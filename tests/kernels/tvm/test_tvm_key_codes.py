@@ -26,7 +26,7 @@ from twilight.compiler import ir, stages
 from twilight.compiler.backend import Target
 from twilight.compiler.keycodes import KeyCodeSpec
 from twilight.compiler.tvm.append import append_sources, gen_summaries
-from twilight.compiler.tvm.build import build
+from twilight.compiler.tvm.build import build, has_vnni
 from twilight.compiler.tvm.context import StageCtx
 from twilight.compiler.tvm.dialect import Dialect
 from twilight.compiler.tvm.estimate import gen_estimate
@@ -68,12 +68,14 @@ def pipeline(fmts=ALL, bits: int = 4, mode: str = "shared", page_size: int = 4,
 @functools.cache
 def compiled(fmts=ALL, bits: int = 4, mode: str = "shared", page_size: int = 4,
              quest: bool = True, hq: int = 8, hkv: int = 2, d: int = 32,
-             dtype: str = "float16", append: bool = False) -> tuple[tw.Pipeline, TVMCompiled]:
+             dtype: str = "float16", append: bool = False,
+             query: str = "float32") -> tuple[tw.Pipeline, TVMCompiled]:
     """The pipeline and a ``TVMCompiled`` holding only its estimate kernels, or (``append``)
-    only its append kernels."""
+    only its append kernels; ``query``: the schedule's ``estimate_query``."""
     pipe = pipeline(fmts, bits, mode, page_size, quest)
     ctx = StageCtx(pipe.ir, ir.Shape(hq, hkv, d, page_size, dtype),
-                   TVM.complete({"top_p_strategy": "sort"}), Dialect())
+                   TVM.complete({"top_p_strategy": "sort", "estimate_query": query}),
+                   Dialect(vnni=has_vnni(LLVM)))
     if append:
         srcs = [gen_summaries(ctx, s) for s in pipe.ir.summaries()] + list(append_sources(ctx))
     else:
@@ -115,8 +117,10 @@ def candidates(cache, ids, hq: int, mode: str, density: float, seed: int) -> tor
     return m & valid[:, None]
 
 
-def check_estimates(pipe, comp, cache, ids, q, cand, atol=2e-6, rtol=1e-4) -> list:
-    """Every pruner's estimate over the candidate lists of ``cand`` against the reference."""
+def check_estimates(pipe, comp, cache, ids, q, cand, atol=2e-6, rtol=1e-4,
+                    query: str = "float32") -> list:
+    """Every pruner's estimate over the candidate lists of ``cand`` against the reference (of
+    the query ``query``: ``estimate_query``)."""
     x, ref_x = comp.inputs(q, cache, ids), stages.stage_inputs(q, cache, ids)
     t = x.max_len
     idx, cnt = stages.mask_to_lists(cand, max(1, int(cand.sum(-1).max())))
@@ -126,7 +130,7 @@ def check_estimates(pipe, comp, cache, ids, q, cand, atol=2e-6, rtol=1e-4) -> li
         live = torch.arange(idx.shape[-1]) < cnt[..., None]
         assert not w[~live].any(), pr.estimator.name  # zero past each row's candidates
         got = stages.rows_to_dense(w, idx, cnt, t)
-        want = RS.ref_estimate(pipe.ir, i, ref_x, cand)
+        want = RS.ref_estimate(pipe.ir, i, ref_x, cand, query)
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol,
                                    msg=lambda m, n=pr.estimator.name: f"{n}: {m}")
         out.append(got)
@@ -200,6 +204,74 @@ def test_estimate_all_equal_keys():
     for w in check_estimates(pipe, comp, cache, ids, query(ids, 8, 32, torch.float16), cand):
         n = cand.sum(-1, keepdim=True)
         torch.testing.assert_close(w, cand / n.clamp(min=1), atol=1e-6, rtol=1e-5)
+
+
+# ---- the int8 query (estimate_query="int8": integer dot products on AVX-512 VNNI) ----------------
+needs_vnni = pytest.mark.skipif(not has_vnni(LLVM), reason="this CPU has no AVX-512 VNNI: the "
+                                "int8 query path is not built for it (the float path serves)")
+
+
+@needs_vnni
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int8_query_estimate_matches_its_reference(mode, bits):
+    """Every format and row layout, tiles of 16 tokens (``vpdpbusd`` on 512 bits), candidates
+    that form tiles and candidates that do not (the per-token path sees the same rounded
+    query): the kernel against ``reference.int8_query_logits``."""
+    pipe, comp = compiled(bits=bits, mode=mode, page_size=16, d=64, query="int8")
+    assert "vpdpbusd.512" in comp.kernels["estimate0"].source.text
+    cache, ids = filled(pipe, 2, 64, [300, 77, 16, 1], seed=bits)
+    q = query(ids, 8, 64, torch.float16, seed=bits)
+    for density in (1.0, 0.5):  # whole pages, then scattered tokens
+        check_estimates(pipe, comp, cache, ids, q, candidates(cache, ids, 8, mode, density, 7),
+                        query="int8")
+
+
+@needs_vnni
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(dtype=st.sampled_from(sorted(DTYPES)), bits=st.sampled_from([2, 4, 8]),
+       d=st.sampled_from([32, 64, 96, 128]),
+       lengths=st.lists(st.integers(1, 90), min_size=1, max_size=3),
+       density=st.sampled_from([0.3, 1.0]), seed=st.integers(0, 2**16))
+def test_int8_query_random_shapes(dtype, bits, d, lengths, density, seed):
+    """Page size 8 (``vpdpbusd`` on 256 bits), every cache dtype, head dims whose codes are
+    whole 32-bit words, ragged lengths."""
+    pipe, comp = compiled(bits=bits, page_size=8, d=d, dtype=dtype, hq=4, query="int8")
+    cache, ids = filled(pipe, 2, d, lengths, dtype=DTYPES[dtype], seed=seed)
+    q = query(ids, 4, d, DTYPES[dtype], seed)
+    check_estimates(pipe, comp, cache, ids, q, candidates(cache, ids, 4, "shared", density, seed),
+                    query="int8")
+
+
+@needs_vnni
+def test_int8_query_edges():
+    """All-equal keys (every scale 0: the page planes are 0, nothing divides by their max), a
+    zero query (``a = 0``), one token."""
+    pipe, comp = compiled(page_size=16, d=64, query="int8")
+    cache, ids = filled(pipe, 2, 64, [40, 1], const=-0.5)
+    cand = candidates(cache, ids, 8, "shared", 1.0, 1)
+    for w in check_estimates(pipe, comp, cache, ids, query(ids, 8, 64, torch.float16), cand,
+                             query="int8"):
+        torch.testing.assert_close(w, cand / cand.sum(-1, keepdim=True).clamp(min=1),
+                                   atol=1e-6, rtol=1e-5)
+    cache, ids = filled(pipe, 2, 64, [70, 1])
+    zero = torch.zeros(len(ids), 8, 64, dtype=torch.float16)
+    check_estimates(pipe, comp, cache, ids, zero, candidates(cache, ids, 8, "shared", 1.0, 2),
+                    query="int8")
+
+
+@needs_vnni
+def test_int8_query_is_not_the_float_estimate():
+    """The schedule takes the integer path: its estimate is the int8 reference's, which the
+    float one is not (``test_reference`` bounds how far apart the two are)."""
+    pipe, comp = compiled(fmts=("page", "token"), page_size=16, d=128, query="int8")
+    _, flt = compiled(fmts=("page", "token"), page_size=16, d=128)
+    cache, ids = filled(pipe, 2, 128, [512, 100])
+    q = query(ids, 8, 128, torch.float16)
+    cand = candidates(cache, ids, 8, "shared", 1.0, 0)
+    got = check_estimates(pipe, comp, cache, ids, q, cand, query="int8")
+    for g, w in zip(got, check_estimates(pipe, flt, cache, ids, q, cand), strict=True):
+        assert not torch.equal(g, w)
 
 
 # ---- append kernels: bit for bit with the torch cache -------------------------------------------
