@@ -36,13 +36,29 @@ def _tvm():
 
 @cache
 def has_vnni(target: Target) -> bool:
-    """Does the llvm ``target`` (the host CPU when it names no arch) have AVX-512 VNNI, which
-    the estimate's integer tile path needs (``estimate_int8``)? As LLVM sees the CPU."""
+    """Does the llvm ``target`` have AVX-512 VNNI (and VL), which the estimate's integer tile
+    path needs (``estimate_int8``)? The host CPU (no arch) by its flags in /proc/cpuinfo, so
+    that a warm process still imports no TVM; else, or off Linux, as LLVM sees the CPU."""
     if target.kind != "llvm":
         return False
+    if not target.arch:
+        flags = _host_cpu_flags()
+        if flags is not None:
+            return {"avx512_vnni", "avx512vl"} <= flags
     tvm, _ = _tvm()
     from tvm.target import codegen
     return bool(codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], tvm_target(target)))
+
+
+def _host_cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
 
 
 def is_module(src: KernelSource) -> bool:

@@ -245,3 +245,14 @@ def test_int8_query_is_offered_where_the_cpu_has_vnni():
         slow = tvm.lower(quant, SHAPE, {"estimate_query": "int8"}, old)
     assert slow.kernels["estimate0"].source.text == \
         tvm.lower(quant, SHAPE, {}, old).kernels["estimate0"].source.text
+
+
+def test_host_vnni_from_cpu_flags_is_what_llvm_sees():
+    """``has_vnni`` answers for the host from /proc/cpuinfo (a warm process imports no TVM);
+    LLVM, which compiles the kernels, must see the same CPU."""
+    from tvm.target import codegen
+
+    from twilight.compiler.tvm.build import has_vnni, tvm_target
+    host = Target("llvm")
+    assert has_vnni(host) == bool(codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"],
+                                                                 tvm_target(host)))
